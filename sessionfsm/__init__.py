@@ -1,0 +1,53 @@
+"""sessionfsm: an explicit, compiled state-machine engine for syncing sessions.
+
+You declare nothing yourself: the session machine is declared once in
+:mod:`sessionfsm.machine`, compiled to a flat table, and driven by the
+sans-IO :class:`Engine`. Everything listed in ``__all__`` is public; anything
+else may change.
+"""
+
+from __future__ import annotations
+
+from . import acks
+from ._errors import (
+    InvalidAck,
+    InvalidPolicy,
+    RemoteError,
+    SessionFSMError,
+    StoreError,
+    TransitionNotAllowed,
+    UnknownSession,
+    UsageError,
+)
+from .engine import Batch, Engine, LinkView, SessionView
+from .machine import Lane, LinkState, SessionState
+from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
+from .store import Change, Delta, Snapshot, Store
+
+__all__ = [
+    "Batch",
+    "Change",
+    "Delta",
+    "Engine",
+    "Exponential",
+    "Fixed",
+    "InvalidAck",
+    "InvalidPolicy",
+    "Lane",
+    "LinkState",
+    "LinkView",
+    "Policy",
+    "ReasonPolicy",
+    "RemoteError",
+    "SessionFSMError",
+    "SessionState",
+    "SessionView",
+    "Snapshot",
+    "Store",
+    "StoreError",
+    "TransitionNotAllowed",
+    "UnknownSession",
+    "UsageError",
+    "acks",
+    "load_policy",
+]

@@ -1,0 +1,3 @@
+from sessionfsm.cli import main
+
+main(prog_name="sessionfsm")

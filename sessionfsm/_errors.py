@@ -1,0 +1,55 @@
+"""The exception hierarchy: one base class, and whose fault it is.
+
+``RemoteError`` means bad input from the wire (the relay's fault).
+``UsageError`` means the API was misused (the caller's fault).
+``StoreError`` means the persisted state cannot be opened or written safely.
+Messages name the value and the state, e.g.
+``cannot apply redriven to session 's1' in state synced``.
+"""
+
+from __future__ import annotations
+
+
+class SessionFSMError(Exception):
+    """Base class of every error sessionfsm raises on purpose."""
+
+
+class RemoteError(SessionFSMError):
+    """Input that came from the relay was malformed. Nothing was changed."""
+
+
+class InvalidAck(RemoteError, ValueError):
+    """An ack could not be decoded or does not describe a known ack reason."""
+
+
+class UsageError(SessionFSMError):
+    """The caller used the API in a way it does not allow. Nothing was changed."""
+
+
+class UnknownSession(UsageError, KeyError):
+    """The session id was never enqueued."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return f"unknown session {self.session_id!r}"
+
+
+class TransitionNotAllowed(UsageError):
+    """The declared machine has no transition for this event in this state."""
+
+    def __init__(self, event: str, session_id: str, state: str) -> None:
+        super().__init__(f"cannot apply {event} to session {session_id!r} in state {state}")
+        self.event = event
+        self.session_id = session_id
+        self.state = state
+
+
+class InvalidPolicy(UsageError, ValueError):
+    """A policy value is out of range or the policy file cannot be read."""
+
+
+class StoreError(SessionFSMError):
+    """The store cannot be opened or written without risking data loss."""

@@ -1,0 +1,778 @@
+"""The sans-IO engine: you pass time and acks in, it hands batches out.
+
+The engine reads no clock, opens no socket, writes no file and never sleeps.
+``tick(now)`` returns the batches to send; ``on_ack(batch_id, ack, now)``
+takes what came back. Every public call follows the same order (h11's
+snapshot -> change -> react):
+
+1. read the record's old state;
+2. fire the declared transition through the runtime (:mod:`sessionfsm.machine`
+   says what it does);
+3. queue the difference; at the end of the call ``_commit`` hands all of it to
+   the logger and the store in one place.
+
+Who is ready, cheaply
+---------------------
+A tick must not scan the queue: a service may hold a million sessions, most
+of them backed off. So readiness is kept in structures keyed on it:
+
+* ``_ready[lane]``: a deque of the ``queued`` sessions of each lane, in
+  order. Sending pops from the left; a bounced batch goes back on the left.
+* ``_retry``: a heap of ``(retry_at, session_id)`` for sessions in
+  ``backoff``. A tick pops only the due ones and fires ``elapsed``, which
+  moves them to their lane's deque.
+* ``_deadlines``: a heap of ``(deadline, batch_id)`` for open batches.
+
+A tick therefore costs O(batch + due · log n), independent of how many
+sessions wait. A session promoted from backfill to incremental leaves a stale
+entry in the backfill deque, skipped when reached (at most one per session,
+since lanes are only ever promoted).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final
+
+import msgspec
+
+from . import acks
+from ._errors import InvalidAck, TransitionNotAllowed, UnknownSession, UsageError
+from ._log import get_logger
+from .machine import (
+    ACK_EVENTS,
+    CHARGED_REASONS,
+    RESTING_STATES,
+    Lane,
+    LinkRecord,
+    LinkState,
+    SessionRecord,
+    SessionState,
+    Step,
+)
+from .policy import Policy
+from .runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, ReferenceRuntime, Runtime
+from .store import Change, Delta, Snapshot, Store
+
+__all__ = ["Batch", "Engine", "LinkView", "SessionView"]
+
+_QUEUED: Final = SessionState.QUEUED
+_IN_FLIGHT: Final = SessionState.IN_FLIGHT
+_BACKOFF: Final = SessionState.BACKOFF
+_DEAD: Final = SessionState.DEAD_LETTERED
+_INCREMENTAL: Final = Lane.INCREMENTAL
+_BACKFILL: Final = Lane.BACKFILL
+# How many closed batch ids to remember, to tell a late ack from a bogus one.
+_CLOSED_MEMORY: Final = 4096
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """Sessions to send together. You send them and pass ``id`` back with the ack."""
+
+    id: int
+    lane: Lane
+    session_ids: tuple[str, ...]
+    sent_at: float
+    #: After this the engine times the batch out itself.
+    deadline: float
+
+
+class SessionView(msgspec.Struct, frozen=True):
+    """A read-only copy of one session."""
+
+    id: str
+    state: SessionState
+    lane: Lane
+    #: Ack type name -> consecutive count since the last success; only
+    #: reasons with a count above zero appear, e.g. ``{"RateLimited": 2}``.
+    counts: dict[str, int]
+    retry_at: float | None
+    dirty: bool
+    attempts: int
+    dead_letter_reason: str | None
+    dead_lettered_at: float | None
+
+
+class LinkView(msgspec.Struct, frozen=True):
+    """A read-only copy of the relay link."""
+
+    state: LinkState
+    failures: int
+    resume_at: float | None
+
+
+class _OpenBatch:
+    __slots__ = ("batch", "pending")
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        # Sessions still awaiting their ack; a dict keeps the batch's order.
+        self.pending: dict[str, None] = dict.fromkeys(batch.session_ids)
+
+
+def _view(rec: SessionRecord) -> SessionView:
+    return SessionView(
+        id=rec.id,
+        state=rec.state,
+        lane=rec.lane,
+        counts={CHARGED_REASONS[i]: n for i, n in enumerate(rec.counts) if n},
+        retry_at=rec.retry_at,
+        dirty=rec.dirty,
+        attempts=rec.attempts,
+        dead_letter_reason=rec.dead_letter_reason,
+        dead_lettered_at=rec.dead_lettered_at,
+    )
+
+
+class Engine:
+    """The session engine. Not thread-safe: drive it from one task or thread.
+
+    You pass a :class:`Policy`, optionally a ``store`` to persist to (the
+    engine recovers from it at once), a ``rng`` for backoff jitter (seed it
+    for reproducible runs), and ``log=False`` to skip logging entirely.
+    ``runtime="reference"`` drives real python-statemachine instances instead
+    of the compiled table; it is for tests and benchmarks only.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        store: Store | None = None,
+        rng: random.Random | None = None,
+        log: bool = True,
+        runtime: str = "compiled",
+    ) -> None:
+        self.policy = policy if policy is not None else Policy()
+        if not isinstance(self.policy, Policy):
+            raise UsageError(f"policy must be a sessionfsm.Policy, got {self.policy!r}")
+        self._rng = rng if rng is not None else random.Random()
+        self._log = get_logger(log)
+        self._runtime: Runtime
+        self._link_runtime: Runtime
+        if runtime == "compiled":
+            self._runtime = CompiledRuntime(SESSION_TABLE)
+            self._link_runtime = CompiledRuntime(LINK_TABLE)
+        elif runtime == "reference":
+            self._runtime = ReferenceRuntime(SESSION_TABLE)
+            self._link_runtime = ReferenceRuntime(LINK_TABLE)
+        else:
+            raise UsageError(f"runtime must be 'compiled' or 'reference', got {runtime!r}")
+        self._step = Step(self.policy, self._rng)
+        self._sessions: dict[str, SessionRecord] = {}
+        self._ready: dict[Lane, deque[str]] = {_INCREMENTAL: deque(), _BACKFILL: deque()}
+        self._retry: list[tuple[float, str]] = []
+        self._batches: dict[int, _OpenBatch] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._closed: dict[int, str] = {}
+        self._next_batch_id = 1
+        self._stamps: dict[Lane, float | None] = {_INCREMENTAL: None, _BACKFILL: None}
+        self._lane_size = {
+            _INCREMENTAL: self.policy.batch_size,
+            _BACKFILL: self.policy.backfill_batch_size,
+        }
+        self._lane_interval = {
+            _INCREMENTAL: self.policy.incremental_interval_s,
+            _BACKFILL: self.policy.backfill_interval_s,
+        }
+        self._now = 0.0
+        self._link = LinkRecord()
+        self._by_state: Counter[SessionState] = Counter()
+        self._dead: dict[str, None] = {}
+        #: Inputs that were ignored or clamped, by kind; see ``anomalies``.
+        self._anomalies: Counter[str] = Counter()
+        # (record, source, event, reason) per applied transition in this call.
+        self._pending: list[tuple[SessionRecord, SessionState | None, str, str | None]] = []
+        self._link_changed = False
+        self._store = store
+        if store is not None:
+            snapshot = store.load()
+            if snapshot is not None:
+                self._recover(snapshot)
+
+    # ------------------------------------------------------------------ input
+
+    def enqueue(
+        self, session_id: str, lane: Lane | str = _INCREMENTAL, *, now: float | None = None
+    ) -> None:
+        """A session is new or changed locally; make sure its latest payload syncs.
+
+        New sessions are ``queued`` in ``lane``. A known session follows the
+        declared ``changed`` event: ``synced`` is re-queued, ``in_flight`` is
+        marked dirty (its pending ``Ok`` will re-queue it), ``backoff`` keeps
+        its backoff, ``dead_lettered`` stays dead until redriven. A backfill
+        session enqueued as incremental is promoted; lanes never demote.
+        ``now`` defaults to the latest time the engine has seen.
+        """
+        if not isinstance(session_id, str) or not session_id:
+            raise UsageError(f"session id must be a non-empty string, got {session_id!r}")
+        try:
+            lane = Lane(lane)
+        except ValueError:
+            raise UsageError(
+                f"lane must be one of {', '.join(Lane)}, got {lane!r} for session {session_id!r}"
+            ) from None
+        if now is not None:
+            self._clock(now)
+        rec = self._sessions.get(session_id)
+        if rec is None:
+            rec = SessionRecord(id=session_id, lane=lane)
+            self._sessions[session_id] = rec
+            self._by_state[_QUEUED] += 1
+            self._ready[lane].append(session_id)
+            self._pending.append((rec, None, "enqueued", None))
+            self._commit()
+            return
+        if lane is _INCREMENTAL and rec.lane is _BACKFILL:
+            rec.lane = _INCREMENTAL
+            if rec.state is _QUEUED:
+                # The backfill entry goes stale and is skipped when reached.
+                self._ready[_INCREMENTAL].append(session_id)
+            self._pending.append((rec, rec.state, "promoted", None))
+        if rec.state is _DEAD:
+            self._anomalies["enqueue_dead_lettered"] += 1
+            self._log.info(
+                "sessionfsm.enqueue_ignored",
+                session_id=session_id,
+                why="dead_lettered",
+                dead_letter_reason=rec.dead_letter_reason,
+            )
+        self._fire(rec, "changed", self._step.load(self._now))
+        self._commit()
+
+    def tick(self, now: float) -> list[Batch]:
+        """Advance to ``now``; return the batches to send now (often none).
+
+        In order: time out overdue batches, resume the link if its pause ran
+        out, move due backoffs to their queue, then form batches while fewer
+        than ``policy.max_in_flight`` are open: incremental first when it has
+        ready sessions and its interval allows, otherwise backfill.
+        """
+        now = self._clock(now)
+        step = self._step.load(now)
+        self._expire(now)
+        link = self._link
+        if link.state is LinkState.PAUSED:
+            self._fire_link("resumed", step)
+        self._release_due(now)
+        formed: list[Batch] = []
+        if link.state is LinkState.UP:
+            while len(self._batches) < self.policy.max_in_flight:
+                lane = self._pick_lane(now)
+                if lane is None:
+                    break
+                formed.append(self._form(lane, now))
+        self._commit()
+        return formed
+
+    def on_ack(
+        self,
+        batch_id: int,
+        ack: acks.Ack | Mapping[str, acks.Ack],
+        now: float,
+    ) -> list[Change]:
+        """Apply the relay's answer to a batch; return the transitions it caused.
+
+        You pass one ack for the whole batch, or a mapping of session id to
+        ack. Sessions of the batch missing from a mapping stay in flight
+        until the rest arrives or the batch times out. Acks for unknown or
+        closed batches, and entries for sessions not (or no longer) pending in
+        the batch, are ignored, counted in ``anomalies`` and logged. A
+        malformed ack raises ``InvalidAck`` before anything changes.
+        """
+        if isinstance(ack, Mapping):
+            entries = [(sid, acks.validate(a)) for sid, a in ack.items()]
+            for sid, _ in entries:
+                if not isinstance(sid, str):
+                    raise InvalidAck(f"session ids in a batch ack must be strings, got {sid!r}")
+        else:
+            entries = None
+            acks.validate(ack)
+        now = self._clock(now)
+        open_batch = self._batches.get(batch_id)
+        if open_batch is None:
+            kind = self._closed.get(batch_id, "unknown_batch")
+            self._anomalies[kind] += 1
+            self._log.warning("sessionfsm.ack_ignored", batch_id=batch_id, why=kind)
+            self._commit()
+            return []
+        pending = open_batch.pending
+        if entries is None:
+            entries = [(sid, ack) for sid in pending]  # type: ignore[misc]
+        start = len(self._pending)
+        requeued: list[str] = []
+        answered = unavailable = False
+        step = self._step
+        sessions = self._sessions
+        for sid, entry in entries:
+            if sid not in pending:
+                kind = "duplicate_entry" if sid in open_batch.batch.session_ids else "not_in_batch"
+                self._anomalies[kind] += 1
+                self._log.warning(
+                    "sessionfsm.ack_entry_ignored", batch_id=batch_id, session_id=sid, why=kind
+                )
+                continue
+            del pending[sid]
+            rec = sessions[sid]
+            event = ACK_EVENTS[type(entry)]
+            self._fire(rec, event, step.load(now, entry), front=requeued)
+            if event == "bounced":
+                unavailable = True
+            else:
+                answered = True
+        if requeued:
+            # Back to the head of the queue, in batch order: they were first
+            # in line, and a relay flap must not send them to the back.
+            ready = self._ready
+            for sid in reversed(requeued):
+                ready[sessions[sid].lane].appendleft(sid)
+        if answered:
+            self._fire_link("answered", step.load(now))
+        if unavailable:
+            self._fire_link("lost", step.load(now))
+        if not pending:
+            self._close(batch_id, "duplicate_ack")
+        changes = self._changes(start)
+        self._commit()
+        return changes
+
+    def on_message(self, message: acks.BatchAck, now: float) -> list[Change]:
+        """Apply a decoded :class:`acks.BatchAck` (see ``acks.decode_message``)."""
+        payload = message.ack if message.ack is not None else message.sessions
+        assert payload is not None  # BatchAck guarantees exactly one is set
+        return self.on_ack(message.batch_id, payload, now)
+
+    def redrive(self, session_id: str, now: float) -> None:
+        """Give a dead letter a fresh start: ``queued`` with every counter cleared."""
+        now = self._clock(now)
+        rec = self._get(session_id)
+        if not self._fire(rec, "redriven", self._step.load(now)):
+            raise TransitionNotAllowed("redriven", session_id, rec.state)
+        self._log.info("sessionfsm.redriven", session_id=session_id)
+        self._commit()
+
+    def redrive_all(
+        self, now: float, *, reason: str | None = None, limit: int | None = None
+    ) -> list[str]:
+        """Redrive dead letters, oldest first; return the ids redriven.
+
+        ``reason`` keeps only those dead-lettered for that ack reason;
+        ``limit`` redrives at most that many, so an operator can pace a
+        recovered relay by calling this once per tick.
+        """
+        if reason is not None and reason not in CHARGED_REASONS:
+            raise UsageError(f"reason must be one of {', '.join(CHARGED_REASONS)}, got {reason!r}")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"limit must be an integer >= 0, got {limit!r}")
+        now = self._clock(now)
+        chosen: list[str] = []
+        for sid in self._dead:
+            if limit is not None and len(chosen) >= limit:
+                break
+            if reason is None or self._sessions[sid].dead_letter_reason == reason:
+                chosen.append(sid)
+        step = self._step.load(now)
+        for sid in chosen:
+            self._fire(self._sessions[sid], "redriven", step)
+        if chosen:
+            self._log.info("sessionfsm.redriven", sessions=len(chosen), reason=reason)
+        self._commit()
+        return chosen
+
+    def relay_ready(self, now: float) -> None:
+        """The transport reports the relay ready: resume sending at once."""
+        self._fire_link("reported_ready", self._step.load(self._clock(now)))
+        self._commit()
+
+    def relay_unavailable(self, now: float) -> None:
+        """The transport reports the relay gone: pause sending, charge nobody."""
+        self._fire_link("lost", self._step.load(self._clock(now)))
+        self._commit()
+
+    # ----------------------------------------------------------------- output
+
+    def state(self, session_id: str) -> SessionState:
+        """The session's state, or ``UnknownSession``."""
+        return self._get(session_id).state
+
+    def session(self, session_id: str) -> SessionView:
+        """A read-only copy of the session, or ``UnknownSession``."""
+        return _view(self._get(session_id))
+
+    def sessions(self) -> Iterator[SessionView]:
+        """Every session, in the order first enqueued."""
+        return (_view(rec) for rec in self._sessions.values())
+
+    def dead_letters(self) -> list[SessionView]:
+        """Every dead-lettered session, oldest first."""
+        return [_view(self._sessions[sid]) for sid in self._dead]
+
+    def counts(self) -> dict[SessionState, int]:
+        """How many sessions are in each state (every state present)."""
+        return {state: self._by_state[state] for state in SessionState}
+
+    def in_flight(self) -> list[Batch]:
+        """The open batches, oldest first."""
+        return [ob.batch for ob in self._batches.values()]
+
+    @property
+    def link(self) -> LinkView:
+        """The relay link's state."""
+        link = self._link
+        return LinkView(state=link.state, failures=link.failures, resume_at=link.resume_at)
+
+    @property
+    def now(self) -> float:
+        """The latest time the engine has seen (0.0 before any)."""
+        return self._now
+
+    @property
+    def anomalies(self) -> dict[str, int]:
+        """Ignored or clamped inputs by kind: ``unknown_batch``, ``late_ack``,
+        ``duplicate_ack``, ``not_in_batch``, ``duplicate_entry``,
+        ``clock_regressed``, ``enqueue_dead_lettered``."""
+        return dict(self._anomalies)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time a tick could do something new, or None if idle.
+
+        A runner may sleep until then (or until an ack or enqueue arrives).
+        """
+        times: list[float] = []
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        if self._retry:
+            times.append(self._retry[0][0])
+        if self._link.state is LinkState.PAUSED and self._link.resume_at is not None:
+            times.append(self._link.resume_at)
+        if any(self._has_ready(lane) for lane in Lane) and len(self._batches) < (
+            self.policy.max_in_flight
+        ):
+            times.append(max(self._now, self._earliest_lane_time()))
+        return min(times) if times else None
+
+    def idle(self) -> bool:
+        """True when every session is at rest (synced or dead-lettered)."""
+        return sum(self._by_state[s] for s in RESTING_STATES) == len(self._sessions)
+
+    def check(self) -> None:
+        """Assert the structural invariants (1, 3, 10) over every session.
+
+        O(n); for tests and debugging, never on a hot path. Raises
+        ``AssertionError`` naming the first broken invariant.
+        """
+        ready: dict[str, Lane] = {}
+        for lane, queue in self._ready.items():
+            for sid in queue:
+                rec = self._sessions[sid]
+                if rec.state is _QUEUED and rec.lane is lane:
+                    assert sid not in ready, f"inv1: {sid!r} queued twice"
+                    ready[sid] = lane
+        heap_ids = [sid for _, sid in self._retry]
+        assert len(heap_ids) == len(set(heap_ids)), "inv1: a session is in the retry heap twice"
+        heap = set(heap_ids)
+        flying: dict[str, int] = {}
+        for bid, ob in self._batches.items():
+            for sid in ob.pending:
+                assert sid not in flying, f"inv1: {sid!r} in batches {flying[sid]} and {bid}"
+                flying[sid] = bid
+        counted: Counter[SessionState] = Counter()
+        for sid, rec in self._sessions.items():
+            counted[rec.state] += 1
+            state = rec.state
+            assert (sid in ready) == (state is _QUEUED), f"inv1: {sid!r} {state} vs ready queue"
+            assert (sid in heap) == (state is _BACKOFF), f"inv1: {sid!r} {state} vs retry heap"
+            assert (sid in flying) == (state is _IN_FLIGHT), f"inv1: {sid!r} {state} vs batches"
+            assert (rec.retry_at is not None) == (state is _BACKOFF), f"inv10: {sid!r} retry_at"
+            assert (sid in self._dead) == (state is _DEAD), f"inv1: {sid!r} dead-letter index"
+            if state is _DEAD:
+                assert not any(rec.counts), f"inv3: {sid!r} dead with counts {rec.counts}"
+                assert rec.dead_letter_reason in CHARGED_REASONS, f"inv7: {sid!r} reason"
+        assert +counted == +self._by_state, "inv1: state counters drifted"
+
+    # --------------------------------------------------------------- internals
+
+    def _get(self, session_id: str) -> SessionRecord:
+        rec = self._sessions.get(session_id)
+        if rec is None:
+            raise UnknownSession(session_id)
+        return rec
+
+    def _clock(self, now: float) -> float:
+        if not isinstance(now, (int, float)) or math.isnan(now) or math.isinf(now):
+            raise UsageError(f"now must be a finite number of seconds, got {now!r}")
+        if now < self._now:
+            self._anomalies["clock_regressed"] += 1
+            self._log.warning("sessionfsm.clock_regressed", now=now, last=self._now)
+            return self._now
+        self._now = float(now)
+        return self._now
+
+    def _fire(
+        self, rec: SessionRecord, event: str, step: Step, front: list[str] | None = None
+    ) -> bool:
+        """Fire one session event and keep the readiness structures in step.
+
+        Placement follows from the target state alone, so a transition added
+        to the declaration is queued, backed off or buried correctly without
+        touching the engine. ``front`` collects sessions that must go back to
+        the head of their queue (their batch came back unsent or stale).
+        """
+        source = rec.state
+        target = self._runtime.fire(rec, event, step)
+        if target is None:
+            return False
+        if target is not source:
+            by_state = self._by_state
+            by_state[source] -= 1
+            by_state[target] += 1
+            if target is _QUEUED:
+                if front is not None:
+                    front.append(rec.id)
+                else:
+                    self._ready[rec.lane].append(rec.id)
+            elif target is _BACKOFF:
+                assert rec.retry_at is not None  # charge always schedules (invariant 10)
+                heapq.heappush(self._retry, (rec.retry_at, rec.id))
+            elif target is _DEAD:
+                self._dead[rec.id] = None
+            elif source is _DEAD:
+                del self._dead[rec.id]
+        reason = CHARGED_REASONS[step.reason] if step.reason >= 0 else None
+        if reason is None and step.ack is not None:
+            reason = type(step.ack).__name__
+        self._pending.append((rec, source, event, reason))
+        return True
+
+    def _fire_link(self, event: str, step: Step) -> None:
+        link = self._link
+        before = (link.state, link.failures, link.resume_at)
+        if self._link_runtime.fire(link, event, step) is None:
+            return
+        after = (link.state, link.failures, link.resume_at)
+        if after == before:
+            return
+        self._link_changed = True
+        if event == "lost":
+            self._log.info(
+                "sessionfsm.link_paused", failures=link.failures, resume_at=link.resume_at
+            )
+        elif before[0] is LinkState.PAUSED and link.state is LinkState.UP:
+            self._log.info("sessionfsm.link_resumed", via=event)
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, batch_id = heapq.heappop(deadlines)
+            open_batch = self._batches.get(batch_id)
+            if open_batch is None:
+                continue  # already answered
+            self._log.info(
+                "sessionfsm.batch_timed_out",
+                batch_id=batch_id,
+                sessions=len(open_batch.pending),
+            )
+            timeout = acks.AckTimeout()
+            step = self._step
+            for sid in open_batch.pending:
+                self._fire(self._sessions[sid], "timed_out", step.load(now, timeout))
+            open_batch.pending.clear()
+            self._close(batch_id, "late_ack")
+
+    def _release_due(self, now: float) -> None:
+        retry = self._retry
+        sessions = self._sessions
+        step = self._step
+        while retry and retry[0][0] <= now:
+            at, sid = heapq.heappop(retry)
+            rec = sessions[sid]
+            if rec.state is not _BACKOFF or rec.retry_at != at:
+                continue  # defensive: an entry from before a recovery
+            self._fire(rec, "elapsed", step.load(now))
+
+    def _has_ready(self, lane: Lane) -> bool:
+        queue = self._ready[lane]
+        sessions = self._sessions
+        while queue:
+            rec = sessions[queue[0]]
+            if rec.state is _QUEUED and rec.lane is lane:
+                return True
+            queue.popleft()  # stale: promoted to incremental, or already sent
+        return False
+
+    def _lane_open(self, lane: Lane, now: float) -> bool:
+        stamp = self._stamps[lane]
+        return stamp is None or now - stamp >= self._lane_interval[lane]
+
+    def _earliest_lane_time(self) -> float:
+        times = []
+        for lane in Lane:
+            if self._has_ready(lane):
+                stamp = self._stamps[lane]
+                times.append(-math.inf if stamp is None else stamp + self._lane_interval[lane])
+        return min(times)
+
+    def _pick_lane(self, now: float) -> Lane | None:
+        # Incremental first, but only if it really has a ready session: a lane
+        # whose sessions are all backed off has none in its deque, so it can
+        # never shadow the other lane (invariant 6).
+        for lane in (_INCREMENTAL, _BACKFILL):
+            if self._lane_open(lane, now) and self._has_ready(lane):
+                return lane
+        return None
+
+    def _form(self, lane: Lane, now: float) -> Batch:
+        queue = self._ready[lane]
+        sessions = self._sessions
+        size = self._lane_size[lane]
+        step = self._step.load(now)
+        ids: list[str] = []
+        while queue and len(ids) < size:
+            sid = queue.popleft()
+            rec = sessions[sid]
+            if rec.state is not _QUEUED or rec.lane is not lane:
+                continue  # stale entry
+            self._fire(rec, "sent", step)
+            ids.append(sid)
+        # Only called when _has_ready(lane) was true, so ids is never empty,
+        # and the throttle is stamped only for a real batch (invariant 9).
+        self._stamps[lane] = now
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        deadline = now + self.policy.ack_timeout_s
+        batch = Batch(
+            id=batch_id, lane=lane, session_ids=tuple(ids), sent_at=now, deadline=deadline
+        )
+        self._batches[batch_id] = _OpenBatch(batch)
+        heapq.heappush(self._deadlines, (deadline, batch_id))
+        return batch
+
+    def _close(self, batch_id: int, later: str) -> None:
+        """Forget an open batch; a later ack for it counts as ``later``."""
+        del self._batches[batch_id]
+        closed = self._closed
+        closed[batch_id] = later
+        if len(closed) > _CLOSED_MEMORY:
+            del closed[next(iter(closed))]
+
+    def _changes(self, start: int) -> list[Change]:
+        return [
+            Change(
+                session_id=rec.id,
+                source=source,
+                target=rec.state,
+                event=event,
+                reason=reason,
+                at=self._now,
+                attempt=rec.attempts,
+            )
+            for rec, source, event, reason in self._pending[start:]
+        ]
+
+    def _commit(self) -> None:
+        """React, in one place: log what changed and hand it to the store."""
+        pending = self._pending
+        if not pending and not self._link_changed:
+            return
+        log = self._log
+        for rec, source, _event, reason in pending:
+            state = rec.state
+            if state is _BACKOFF and source is _IN_FLIGHT:
+                # At most one info line per deferral.
+                index = CHARGED_REASONS.index(reason) if reason else -1
+                log.info(
+                    "sessionfsm.deferred",
+                    session_id=rec.id,
+                    reason=reason,
+                    count=rec.counts[index] if index >= 0 else None,
+                    retry_at=rec.retry_at,
+                )
+            elif state is _DEAD and source is _IN_FLIGHT:
+                log.warning(
+                    "sessionfsm.dead_lettered",
+                    session_id=rec.id,
+                    reason=rec.dead_letter_reason,
+                    attempts=rec.attempts,
+                )
+        if self._store is not None:
+            changed = list({id(rec): rec for rec, _, _, _ in pending}.values())
+            self._store.save(
+                Delta(
+                    sessions=changed,
+                    changes=self._changes(0),
+                    link=self._link,
+                    stamps={lane.value: at for lane, at in self._stamps.items()},
+                    next_batch_id=self._next_batch_id,
+                    now=self._now,
+                )
+            )
+        pending.clear()
+        self._link_changed = False
+
+    def _recover(self, snapshot: Snapshot) -> None:
+        """Rebuild from a store: in-flight sessions go back to the queue.
+
+        Delivery is at least once: a batch that was in flight when the process
+        died is sent again. Dead letters stay dead. A retry time further out
+        than ``policy.max_backoff_s`` from the saved clock (a clock jump) is
+        capped to it.
+        """
+        if snapshot.now is not None:
+            self._now = snapshot.now
+        horizon = (snapshot.now if snapshot.now is not None else 0.0) + self.policy.max_backoff_s
+        self._next_batch_id = max(1, snapshot.next_batch_id)
+        for lane in Lane:
+            self._stamps[lane] = snapshot.stamps.get(lane.value)
+        self._link = snapshot.link
+        requeued: list[SessionRecord] = []
+        for rec in snapshot.sessions:
+            if rec.id in self._sessions:
+                raise UsageError(f"store returned session {rec.id!r} twice")
+            self._sessions[rec.id] = rec
+            state = rec.state
+            if state is _IN_FLIGHT:
+                # Recovery is not a declared event: nothing happened to the
+                # session, the process holding its ack died.
+                rec.state = _QUEUED
+                requeued.append(rec)
+                self._by_state[_QUEUED] += 1
+                continue
+            self._by_state[state] += 1
+            if state is _QUEUED:
+                self._ready[rec.lane].append(rec.id)
+            elif state is _BACKOFF:
+                if rec.retry_at is None or rec.retry_at > horizon:
+                    rec.retry_at = horizon
+                self._retry.append((rec.retry_at, rec.id))
+            elif state is _DEAD:
+                self._dead[rec.id] = None
+        heapq.heapify(self._retry)
+        for rec in reversed(requeued):  # they were first in line when the process died
+            self._ready[rec.lane].appendleft(rec.id)
+            self._pending.append((rec, _IN_FLIGHT, "recovered", None))
+        if requeued:
+            self._log.info("sessionfsm.recovered_in_flight", sessions=len(requeued))
+        self._commit()
+
+    def _iter_records(self) -> Iterable[SessionRecord]:
+        return self._sessions.values()
+
+    def _debug_state(self) -> dict[str, Any]:
+        """Everything the differential tests compare, as plain data."""
+        return {
+            "sessions": {sid: msgspec.to_builtins(rec) for sid, rec in self._sessions.items()},
+            "link": msgspec.to_builtins(self._link),
+            "stamps": dict(self._stamps),
+            "batches": {bid: ob.batch.session_ids for bid, ob in self._batches.items()},
+            "anomalies": dict(self._anomalies),
+        }
