@@ -1,0 +1,101 @@
+"""Every shared fixture lives here; hypothesis strategies live in strategies.py.
+
+Profiles: ``dev`` (fast, the default on a workstation) and ``ci`` (many more
+examples; chosen when ``CI`` is set, or with ``HYPOTHESIS_PROFILE=ci``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from hypothesis import HealthCheck, settings
+
+from sessionfsm import Engine, Policy
+from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
+
+settings.register_profile(
+    "ci",
+    max_examples=1000,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile("dev", max_examples=100, stateful_step_count=40, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+#: A policy small enough that every path is reached in a few ticks.
+SMALL_POLICY = Policy(
+    batch_size=3,
+    incremental_interval_s=10.0,
+    backfill_batch_size=2,
+    backfill_interval_s=0.0,
+    ack_timeout_s=20.0,
+    tick_interval_s=5.0,
+)
+
+
+@pytest.fixture
+def policy() -> Policy:
+    """The service's default policy."""
+    return Policy()
+
+
+@pytest.fixture
+def small_policy() -> Policy:
+    return SMALL_POLICY
+
+
+@pytest.fixture
+def engine(policy: Policy) -> Engine:
+    """A compiled engine with the default policy, seeded, logging off."""
+    return Engine(policy, rng=random.Random(0), log=False)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def relay() -> ScriptedRelay:
+    return ScriptedRelay()
+
+
+@pytest.fixture
+def harness(engine: Engine, relay: ScriptedRelay, clock: FakeClock) -> EngineHarness:
+    return EngineHarness(engine, relay, clock)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """Log events the engine emits, as dicts (structlog.testing.capture_logs)."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+@pytest.fixture
+def logged_engine(policy: Policy) -> Engine:
+    """Like ``engine`` but with logging on (use with ``logs``)."""
+    return Engine(policy, rng=random.Random(0), log=True)

@@ -1,0 +1,78 @@
+"""Every hypothesis strategy the tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from sessionfsm import Exponential, Fixed, Lane, Policy, ReasonPolicy, acks
+
+SESSION_IDS = tuple(f"s{i}" for i in range(6))
+
+session_ids = st.sampled_from(SESSION_IDS)
+lanes = st.sampled_from(list(Lane))
+
+retry_after = st.none() | st.floats(min_value=0.0, max_value=60.0, allow_nan=False)
+
+any_ack: st.SearchStrategy[acks.Ack] = st.one_of(
+    st.just(acks.Ok()),
+    st.just(acks.AckTimeout()),
+    st.builds(acks.RateLimited, retry_after_s=retry_after),
+    st.just(acks.RelayUnavailable()),
+    st.just(acks.PayloadTooLarge()),
+)
+
+backoffs = st.one_of(
+    st.builds(Fixed, delay_s=st.sampled_from([0.0, 3.0, 10.0, 30.0])),
+    st.builds(
+        Exponential,
+        base_s=st.sampled_from([1.0, 2.0]),
+        factor=st.sampled_from([1.0, 2.0]),
+        cap_s=st.sampled_from([5.0, 20.0]),
+        jitter=st.booleans(),
+    ),
+)
+
+
+def reason_policies(retryable: bool | None = None) -> st.SearchStrategy[ReasonPolicy]:
+    return st.builds(
+        ReasonPolicy,
+        threshold=st.integers(1, 4),
+        backoff=backoffs,
+        honour_retry_after=st.booleans(),
+        retry_after_cap_s=st.sampled_from([5.0, 60.0]),
+        retryable=st.booleans() if retryable is None else st.just(retryable),
+    )
+
+
+policies: st.SearchStrategy[Policy] = st.builds(
+    Policy,
+    batch_size=st.integers(1, 4),
+    incremental_interval_s=st.sampled_from([0.0, 5.0, 30.0]),
+    backfill_batch_size=st.integers(1, 3),
+    backfill_interval_s=st.sampled_from([0.0, 10.0]),
+    max_in_flight=st.integers(1, 3),
+    ack_timeout_s=st.sampled_from([7.0, 30.0]),
+    tick_interval_s=st.just(5.0),
+    max_backoff_s=st.sampled_from([15.0, 3600.0]),
+    ack_timeout=reason_policies(),
+    rate_limited=reason_policies(),
+    payload_too_large=reason_policies(),
+)
+
+#: One step of a random driver: see ``tests/test_differential.py``.
+operations: st.SearchStrategy[tuple[Any, ...]] = st.one_of(
+    st.tuples(st.just("enqueue"), session_ids, lanes),
+    st.tuples(st.just("tick"), st.sampled_from([0.0, 1.0, 5.0, 12.0, 40.0])),
+    st.tuples(st.just("ack"), st.integers(0, 3), any_ack),
+    st.tuples(
+        st.just("ack_each"),
+        st.integers(0, 3),
+        st.dictionaries(session_ids, any_ack, max_size=4),
+    ),
+    st.tuples(st.just("redrive"), session_ids),
+    st.tuples(st.just("relay_ready")),
+    st.tuples(st.just("relay_unavailable")),
+    st.tuples(st.just("clock_back"), st.sampled_from([1.0, 100.0])),
+)
