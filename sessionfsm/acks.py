@@ -77,8 +77,17 @@ class BatchAck(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
             raise msgspec.ValidationError("exactly one of `ack` or `sessions` must be set")
 
 
+class _RawBatchAck(msgspec.Struct, frozen=True):
+    # Decoded first, so an error in one session's answer can name the session
+    # (msgspec locates errors in dict values only as ``$.sessions[...]``).
+    batch_id: int
+    # Raw cannot sit in a union with None; a missing or null ack stays b"null".
+    ack: msgspec.Raw = msgspec.Raw(b"null")
+    sessions: dict[str, msgspec.Raw] | None = None
+
+
 _decoder = msgspec.json.Decoder(Ack)
-_message_decoder = msgspec.json.Decoder(BatchAck)
+_raw_message_decoder = msgspec.json.Decoder(_RawBatchAck)
 _encoder = msgspec.json.Encoder()
 
 
@@ -93,10 +102,27 @@ def decode(data: bytes | str) -> Ack:
 
 def decode_message(data: bytes | str) -> BatchAck:
     """You pass the JSON of a batch answer; you get a ``BatchAck`` or ``InvalidAck``."""
+    where = "$"
     try:
-        return _message_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise InvalidAck(f"invalid batch ack {_preview(data)}: {exc}") from None
+        raw = _raw_message_decoder.decode(data)
+        where = "$.ack"
+        ack = None if bytes(raw.ack) == b"null" else _decoder.decode(raw.ack)
+        sessions: dict[str, Ack] | None = None
+        if raw.sessions is not None:
+            sessions = {}
+            for session_id, value in raw.sessions.items():
+                where = f"$.sessions[{session_id!r}]"
+                sessions[session_id] = _decoder.decode(value)
+        where = "$"
+        return BatchAck(batch_id=raw.batch_id, ack=ack, sessions=sessions)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # Errors inside a nested ack are reported relative to it: say where.
+        detail = str(exc)
+        if where != "$":
+            detail = (
+                detail.replace("`$", f"`{where}") if "`$" in detail else f"{detail} - at `{where}`"
+            )
+        raise InvalidAck(f"invalid batch ack {_preview(data)}: {detail}") from None
 
 
 def encode(ack: Ack | BatchAck) -> bytes:

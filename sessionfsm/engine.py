@@ -449,8 +449,11 @@ class Engine:
         A runner may sleep until then (or until an ack or enqueue arrives).
         """
         times: list[float] = []
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._batches:
+            heapq.heappop(deadlines)  # answered before its deadline
+        if deadlines:
+            times.append(deadlines[0][0])
         if self._retry:
             times.append(self._retry[0][0])
         if self._link.state is LinkState.PAUSED and self._link.resume_at is not None:
@@ -546,7 +549,7 @@ class Engine:
                 heapq.heappush(self._retry, (rec.retry_at, rec.id))
             elif target is _DEAD:
                 self._dead[rec.id] = None
-            elif source is _DEAD:
+            if source is _DEAD:
                 del self._dead[rec.id]
         reason = CHARGED_REASONS[step.reason] if step.reason >= 0 else None
         if reason is None and step.ack is not None:

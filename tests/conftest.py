@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from sessionfsm import Engine, Policy
+from sessionfsm import Batch, Engine, Policy
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
 
 settings.register_profile(
@@ -88,6 +88,13 @@ def harness(engine: Engine, relay: ScriptedRelay, clock: FakeClock) -> EngineHar
     return EngineHarness(engine, relay, clock)
 
 
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Undo any structlog.configure a CLI test did, so log levels never leak."""
+    yield
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def logs() -> Iterator[list[dict[str, Any]]]:
     """Log events the engine emits, as dicts (structlog.testing.capture_logs)."""
@@ -99,3 +106,22 @@ def logs() -> Iterator[list[dict[str, Any]]]:
 def logged_engine(policy: Policy) -> Engine:
     """Like ``engine`` but with logging on (use with ``logs``)."""
     return Engine(policy, rng=random.Random(0), log=True)
+
+
+Cycle = Callable[..., list[Batch]]
+
+
+@pytest.fixture
+def cycle() -> Cycle:
+    """``cycle(engine, now, ack)``: tick at ``now``, then answer every batch
+    with ``ack`` (one ack for all, or a {session: ack} mapping) at ``now``.
+    Returns the batches that were sent."""
+
+    def run(engine: Engine, now: float, ack: Any = None) -> list[Batch]:
+        batches = engine.tick(now)
+        if ack is not None:
+            for batch in batches:
+                engine.on_ack(batch.id, ack, now=now)
+        return batches
+
+    return run
