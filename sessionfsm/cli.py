@@ -16,6 +16,7 @@ import structlog
 
 from . import acks
 from ._errors import SessionFSMError
+from .diagrams import command as diagrams_command
 from .engine import Engine
 from .policy import Policy
 from .testing import EngineHarness, ScriptedRelay
@@ -130,6 +131,9 @@ def _print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+main.add_command(diagrams_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
