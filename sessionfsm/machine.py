@@ -52,6 +52,10 @@ ack                   event            charged to the session?
                                        the *link* pauses instead
 ====================  ===============  =========================================
 
+The engine also times out a batch itself after ``policy.ack_timeout_s``. It
+fires ``timed_out`` then, unless the link was lost while the batch was out:
+the outage ate the ack, so it fires ``bounced`` and nobody is charged.
+
 A charged reason ``R`` keeps its own consecutive count in ``counts[R]``. The
 ``threshold``-th consecutive ``R`` (or the first, if ``R`` is not retryable)
 dead-letters the session; every earlier one defers it to ``backoff`` for the
@@ -193,7 +197,16 @@ class Step:
     The engine keeps one and refills it per event, so firing allocates nothing.
     """
 
-    __slots__ = ("ack", "now", "policy", "reason", "reason_policy", "rng")
+    __slots__ = (
+        "_by_reason",
+        "ack",
+        "now",
+        "policy",
+        "reason",
+        "reason_name",
+        "reason_policy",
+        "rng",
+    )
 
     def __init__(self, policy: Policy, rng: random.Random) -> None:
         self.policy = policy
@@ -201,18 +214,24 @@ class Step:
         self.now = 0.0
         self.ack: acks.Ack | None = None
         self.reason = -1
+        #: The ack's type name (``"Ok"``, ``"RateLimited"``, ...), for history.
+        self.reason_name: str | None = None
         self.reason_policy: ReasonPolicy | None = None
+        # Looked up once: ``load`` runs for every session of every ack.
+        self._by_reason = tuple(policy.reason(name) for name in CHARGED_REASONS)
 
     def load(self, now: float, ack: acks.Ack | None = None) -> Step:
         self.now = now
         self.ack = ack
         if ack is None:
-            self.reason, self.reason_policy = -1, None
+            self.reason = -1
+            self.reason_name = None
+            self.reason_policy = None
         else:
-            self.reason = REASON_INDEX[type(ack)]
-            self.reason_policy = (
-                self.policy.reason(CHARGED_REASONS[self.reason]) if self.reason >= 0 else None
-            )
+            kind = type(ack)
+            reason = self.reason = REASON_INDEX[kind]
+            self.reason_name = kind.__name__
+            self.reason_policy = self._by_reason[reason] if reason >= 0 else None
         return self
 
 

@@ -378,6 +378,21 @@ def test_engine_times_out_an_unanswered_batch_and_ignores_the_late_ack(
     assert engine.anomalies == {"late_ack": 1}
 
 
+def test_inv4_timeout_after_the_link_was_lost_charges_nobody(engine: Engine) -> None:
+    """A batch whose ack an outage ate is bounced at its deadline, not charged."""
+    engine.enqueue("a")
+    engine.enqueue("b")
+    (batch,) = engine.tick(0.0)
+    engine.relay_unavailable(now=1.0)  # the socket dropped with the batch out
+    engine.relay_ready(now=2.0)
+    (again,) = engine.tick(30.0)  # bounced at the deadline, then sent again at once
+    assert again.session_ids == ("a", "b")
+    for sid in ("a", "b"):
+        assert engine.session(sid).counts == {}
+    assert engine.on_ack(batch.id, acks.Ok(), now=31.0) == []
+    assert engine.anomalies == {"late_ack": 1}
+
+
 def test_partial_ack_leaves_the_rest_in_flight_until_timeout(engine: Engine) -> None:
     """Sessions missing from a per-session ack wait for their own answer."""
     engine.enqueue("a")
