@@ -17,7 +17,7 @@ the declaration says.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,39 +92,23 @@ def compile_machine(machine: type[StateMachine]) -> Table:
         if any(not spec.is_convention for spec in (*state.enter, *state.exit)):
             raise TypeError(f"{machine.__name__}.{state.id}: entry/exit actions are not compiled")
         for transition in state.transitions:
-            guards: list[tuple[Guard, bool]] = []
-            for spec in transition.cond:
-                if spec.is_convention:
-                    continue
-                if not callable(spec.func) or isinstance(spec.func, str):
-                    raise TypeError(
-                        f"{machine.__name__}: guard {spec.func!r} on {transition.event} "
-                        "must be a function, not a name"
-                    )
-                guards.append((spec.func, bool(spec.expected_value)))
-            effects: list[Effect] = []
+            where = f"{machine.__name__}.{transition.event}"
             for group in (transition.validators, transition.before, transition.after):
-                if any(not spec.is_convention for spec in group):
-                    raise TypeError(
-                        f"{machine.__name__}: only on= effects are compiled ({transition.event})"
-                    )
-            for spec in transition.on:
-                if spec.is_convention:
-                    continue
-                if not callable(spec.func) or isinstance(spec.func, str):
-                    raise TypeError(
-                        f"{machine.__name__}: effect {spec.func!r} on {transition.event} "
-                        "must be a function, not a name"
-                    )
-                effects.append(spec.func)
+                if _declared(group, "callback", where):
+                    raise TypeError(f"{where}: only on= effects are compiled")
+            guards = tuple(
+                (spec.func, bool(spec.expected_value))
+                for spec in _declared(transition.cond, "guard", where)
+            )
+            effects = tuple(spec.func for spec in _declared(transition.on, "effect", where))
             for event in transition.events:
                 rows.append(
                     Row(
                         event=str(event),
                         source=state.value,
                         target=transition.target.value,
-                        guards=tuple(guards),
-                        effects=tuple(effects),
+                        guards=guards,
+                        effects=effects,
                         internal=bool(transition.internal),
                     )
                 )
@@ -142,6 +126,15 @@ def compile_machine(machine: type[StateMachine]) -> Table:
         rows=tuple(rows),
         index={key: tuple(value) for key, value in index.items()},
     )
+
+
+def _declared(specs: Iterable[Any], kind: str, where: str) -> list[Any]:
+    """The callbacks written in the declaration, skipping naming conventions."""
+    found = [spec for spec in specs if not spec.is_convention]
+    for spec in found:
+        if not callable(spec.func) or isinstance(spec.func, str):
+            raise TypeError(f"{where}: {kind} {spec.func!r} must be a function, not a name")
+    return found
 
 
 SESSION_TABLE = compile_machine(SessionMachine)

@@ -76,3 +76,18 @@ operations: st.SearchStrategy[tuple[Any, ...]] = st.one_of(
     st.tuples(st.just("relay_unavailable")),
     st.tuples(st.just("clock_back"), st.sampled_from([1.0, 100.0])),
 )
+
+#: Times a record or a step may carry in the table tests.
+times = st.sampled_from([0.0, 10.0, 100.0])
+
+#: Everything besides (state, event) that one transition of the table sees.
+pair_contexts: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
+    {
+        "policy": policies,
+        "counts": st.tuples(*[st.integers(0, 5)] * 3),
+        "dirty": st.booleans(),
+        "retry": times,
+        "now": times,
+        "retry_after_s": retry_after,
+    }
+)

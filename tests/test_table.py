@@ -32,14 +32,22 @@ from sessionfsm.runtime import (
     ReferenceRuntime,
     compile_machine,
 )
-from tests.strategies import policies, retry_after
+from tests.strategies import pair_contexts, policies, times
 
 EVENT_ACK = {event: ack_type for ack_type, event in ACK_EVENTS.items()}
 PAIRS = [(state, event) for state in SessionState for event in SESSION_TABLE.events]
 LINK_PAIRS = [(state, event) for state in LinkState for event in LINK_TABLE.events]
 
-counts = st.tuples(*[st.integers(0, 5)] * len(CHARGED_REASONS))
-times = st.sampled_from([0.0, 10.0, 100.0])
+
+def _unpack(ctx: dict[str, Any]) -> tuple[Policy, tuple[int, ...], bool, float, float, Any]:
+    return (
+        ctx["policy"],
+        ctx["counts"],
+        ctx["dirty"],
+        ctx["retry"],
+        ctx["now"],
+        ctx["retry_after_s"],
+    )
 
 
 def _ack_for(event: str, retry_after_s: float | None) -> acks.Ack | None:
@@ -72,25 +80,12 @@ def _fire(runtime_cls: type, rec: Any, event: str, step_args: tuple[Any, ...]) -
 
 
 @pytest.mark.parametrize(("state", "event"), PAIRS, ids=[f"{s}-{e}" for s, e in PAIRS])
-@given(
-    policy=policies,
-    rec_counts=counts,
-    dirty=st.booleans(),
-    retry=times,
-    now=times,
-    retry_after_s=retry_after,
-)
+@given(ctx=pair_contexts)
 def test_compiled_table_matches_declaration_on_every_pair(
-    state: SessionState,
-    event: str,
-    policy: Policy,
-    rec_counts: tuple[int, ...],
-    dirty: bool,
-    retry: float,
-    now: float,
-    retry_after_s: float | None,
+    state: SessionState, event: str, ctx: dict[str, Any]
 ) -> None:
     """The compiled table and python-statemachine pick the same target and effects."""
+    policy, rec_counts, dirty, retry, now, retry_after_s = _unpack(ctx)
     ack = _ack_for(event, retry_after_s)
     compiled = _record(state, rec_counts, dirty, retry)
     reference = _record(state, rec_counts, dirty, retry)
@@ -104,25 +99,12 @@ def test_compiled_table_matches_declaration_on_every_pair(
 
 
 @pytest.mark.parametrize(("state", "event"), PAIRS, ids=[f"{s}-{e}" for s, e in PAIRS])
-@given(
-    policy=policies,
-    rec_counts=counts,
-    dirty=st.booleans(),
-    retry=times,
-    now=times,
-    retry_after_s=retry_after,
-)
+@given(ctx=pair_contexts)
 def test_inv2_to_inv10_hold_on_every_pair(
-    state: SessionState,
-    event: str,
-    policy: Policy,
-    rec_counts: tuple[int, ...],
-    dirty: bool,
-    retry: float,
-    now: float,
-    retry_after_s: float | None,
+    state: SessionState, event: str, ctx: dict[str, Any]
 ) -> None:
     """Every single transition keeps the per-session invariants 2, 3, 4, 5, 7, 8, 10."""
+    policy, rec_counts, dirty, retry, now, retry_after_s = _unpack(ctx)
     ack = _ack_for(event, retry_after_s)
     rec = _record(state, rec_counts, dirty, retry)
     before = msgspec.structs.replace(rec)
