@@ -92,13 +92,13 @@ def _snake(name: str) -> str:
 def _charged(event: str, policy: Policy) -> tuple[str, str, ReasonPolicy] | None:
     """(ack name, policy field, reason policy) of a charged event, else None."""
     ack = _EVENT_ACKS.get(event)
-    field = _snake(ack) if ack else ""
-    # The policy field of a reason is its ack's name in snake case (RateLimited
-    # -> rate_limited); anything else is not a charged reason.
-    rp = getattr(policy, field, None) if ack else None
-    if ack is None or not isinstance(rp, ReasonPolicy):
+    if ack is None:
         return None
-    return ack, field, rp
+    # A charged reason's policy field is its ack's name in snake case
+    # (RateLimited -> rate_limited), the same names a policy file uses.
+    field = _snake(ack)
+    rp = getattr(policy, field, None)
+    return (ack, field, rp) if isinstance(rp, ReasonPolicy) else None
 
 
 def _dead_letters_at_once(rp: ReasonPolicy) -> bool:
@@ -118,6 +118,14 @@ class _Phrase:
     never: bool = False
 
 
+#: Guards without a number: (drawn when true, drawn when false), by function name.
+_GUARD_WORDS: Final = {
+    "changed_in_flight": ("changed in flight", "unchanged in flight"),
+    "retry_due": ("retry_at reached", "before retry_at"),
+    "pause_elapsed": ("relay_pause over", "relay_pause not over"),
+}
+
+
 def _guard(name: str, event: str, policy: Policy, *, holds: bool) -> _Phrase:
     """A guard as the diagrams print it: by policy name, true (holds) or false."""
     if name == "exhausted" and (charged := _charged(event, policy)):
@@ -130,13 +138,8 @@ def _guard(name: str, event: str, policy: Policy, *, holds: bool) -> _Phrase:
             why = "not retryable" if not rp.retryable else "threshold is 1"
             return _Phrase(f"never, {field} {why}", never=True)
         return _Phrase(f"below {field}.threshold ({rp.threshold})")
-    words = {
-        "changed_in_flight": ("changed in flight", "unchanged in flight"),
-        "retry_due": ("retry_at reached", "before retry_at"),
-        "pause_elapsed": ("relay_pause over", "relay_pause not over"),
-    }
-    if name in words:
-        return _Phrase(words[name][0 if holds else 1])
+    if name in _GUARD_WORDS:
+        return _Phrase(_GUARD_WORDS[name][0 if holds else 1])
     return _Phrase(name if holds else f"not {name}")
 
 
@@ -241,6 +244,10 @@ class _Edge:
     lines: tuple[_Line, ...]
 
     @property
+    def internal(self) -> bool:
+        return self.lines[0].row.internal
+
+    @property
     def never(self) -> bool:
         return all(line.never for line in self.lines)
 
@@ -253,13 +260,13 @@ def _edges(table: Table, policy: Policy) -> list[_Edge]:
     SVG writes the other internal rows inside their state (UML's internal
     transitions); Mermaid cannot, so it draws them as loops.
     """
-    groups: dict[tuple[Hashable, Hashable], list[_Line]] = {}
+    groups: dict[tuple[Hashable, Hashable, bool], list[_Line]] = {}
     for line in _lines(table, policy):
         row = line.row
         if row.internal and not row.effects:
             continue
-        groups.setdefault((row.source, row.target), []).append(line)
-    return [_Edge(s, t, tuple(lines)) for (s, t), lines in groups.items()]
+        groups.setdefault((row.source, row.target, row.internal), []).append(line)
+    return [_Edge(s, t, tuple(lines)) for (s, t, _), lines in groups.items()]
 
 
 def _state_names(table: Table) -> dict[Hashable, str]:
@@ -356,7 +363,7 @@ def _dot(table: Table, policy: Policy, policy_name: str) -> str:
         "    edge [fontname=Helvetica, fontsize=10, arrowsize=0.7];",
         '    __initial [shape=point, width=0.15, label=""];',
     ]
-    internal = {e.source: e.lines for e in edges if e.lines[0].row.internal}
+    internal = {e.source: e.lines for e in edges if e.internal}
     for state in table.states:
         extra = ", peripheries=2" if state in final else ""
         out.append(
@@ -364,7 +371,7 @@ def _dot(table: Table, policy: Policy, policy_name: str) -> str:
         )
     out.append(f"    __initial -> {ids[table.initial]};")
     for edge in edges:
-        if edge.source in internal and edge.lines is internal[edge.source]:
+        if edge.internal:
             continue
         # \l ends a left-justified line, so merged rows line up under each other.
         label = "".join(_dot_escape(text) + "\\l" for text in _label(edge.lines))
@@ -692,11 +699,6 @@ def _core_only_bindir(dot: str) -> str | None:
     return bindir
 
 
-def graphviz() -> str | None:
-    """The path of Graphviz ``dot``, or None if it is not installed."""
-    return shutil.which("dot")
-
-
 def render_svgs(files: Mapping[str, str], dot: str | None = None) -> dict[str, bytes]:
     """You pass :func:`generate`'s files; you get an SVG for every ``.dot``.
 
@@ -704,7 +706,7 @@ def render_svgs(files: Mapping[str, str], dot: str | None = None) -> dict[str, b
     comment, so a stale SVG is detected even where Graphviz is missing.
     Raises ``FileNotFoundError`` if ``dot`` is not installed.
     """
-    dot = dot or graphviz()
+    dot = dot or shutil.which("dot")
     if dot is None:
         raise FileNotFoundError("Graphviz `dot` is not on PATH (Debian: apt-get install graphviz)")
     bindir = _core_only_bindir(dot)
@@ -873,7 +875,7 @@ def command(out: Path, check: bool, policy_path: Path | None, readme: Path) -> N
     if readme_path is not None and not readme_path.exists():
         click.echo(f"{readme_path} not found; its session diagram is not checked", err=True)
         readme_path = None
-    dot = graphviz()
+    dot = shutil.which("dot")
     svgs = render_svgs(files, dot) if dot else None
     redo = regenerate_command(out, policy_path, readme if readme_path else None)
 
@@ -882,11 +884,17 @@ def command(out: Path, check: bool, policy_path: Path | None, readme: Path) -> N
         for problem in stale:
             click.echo(f"{problem}", err=True)
         if svgs is None:
-            click.echo("Graphviz `dot` not found: SVGs checked by DOT hash only", err=True)
+            click.echo(
+                "Graphviz `dot` not found: SVGs checked only against the DOT source hash"
+                " they were rendered from",
+                err=True,
+            )
         if stale:
             click.echo(f"{len(stale)} stale; regenerate with: {redo}", err=True)
             raise SystemExit(1)
-        click.echo(f"diagrams in {out} are up to date")
+        count = len(files) + sum(name.endswith(".dot") for name in files)
+        also = f" and the diagram in {readme_path}" if readme_path else ""
+        click.echo(f"up to date: {count} files in {out}{also}")
         return
 
     for path in write(out, files, svgs, readme_path):
