@@ -1,0 +1,323 @@
+"""The diagrams in ``diagrams/`` and the README come from the declaration and never go stale."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from statemachine import State, StateMachine
+
+from sessionfsm import Policy, ReasonPolicy, SessionState
+from sessionfsm.cli import main
+from sessionfsm.diagrams import (
+    MACHINES,
+    README_HEADING,
+    Machine,
+    find_stale,
+    generate,
+    readme_section,
+    regenerate_command,
+    render_svgs,
+    splice_readme,
+    write,
+)
+from sessionfsm.machine import RESTING_STATES, pause, pause_elapsed, resume, steady
+from sessionfsm.runtime import SESSION_TABLE, Row, Table, compile_machine
+
+REPO = Path(__file__).resolve().parents[1]
+DIAGRAMS = REPO / "diagrams"
+README = REPO / "README.md"
+
+needs_dot = pytest.mark.skipif(
+    shutil.which("dot") is None,
+    reason="Graphviz `dot` is not on PATH; SVGs are checked by .ci/run, which installs it",
+)
+
+
+def _stale_message(stale: list[object]) -> str:
+    lines = "\n".join(f"  {problem}" for problem in stale)
+    return f"diagrams are stale:\n{lines}\nregenerate with: sessionfsm diagrams"
+
+
+def _retargeted(table: Table, event: str, source: SessionState, target: SessionState) -> Table:
+    """The table with one row sent elsewhere, as if its declaration changed."""
+    rows = tuple(
+        replace(row, target=target) if (row.event, row.source) == (event, source) else row
+        for row in table.rows
+    )
+    index: dict[tuple[object, str], list[Row]] = {}
+    for row in rows:
+        index.setdefault((row.source, row.event), []).append(row)
+    return replace(table, rows=rows, index={k: tuple(v) for k, v in index.items()})
+
+
+def _mermaid_transitions(source: str) -> list[tuple[str, str, str]]:
+    found = re.findall(r"^    (\S+) --> (\S+?)(?:: (.*))?$", source, flags=re.MULTILINE)
+    return [(a, b, label) for a, b, label in found]
+
+
+def test_committed_diagrams_match_the_declaration() -> None:
+    """Every committed Mermaid, DOT and Markdown file, each SVG's source hash and
+    the README's session section equal what the declaration generates now."""
+    stale = find_stale(DIAGRAMS, generate(), svgs=None, readme=README)
+    assert not stale, _stale_message(stale)
+
+
+@needs_dot
+def test_committed_svgs_match_a_fresh_graphviz_rendering() -> None:
+    """Each committed SVG is byte for byte what Graphviz renders from the declaration."""
+    files = generate()
+    stale = [p for p in find_stale(DIAGRAMS, files, render_svgs(files)) if p.path.suffix == ".svg"]
+    assert not stale, _stale_message(stale)
+
+
+def test_a_changed_transition_makes_its_diagrams_stale(tmp_path: Path) -> None:
+    """Sending `bounced` to backoff instead of queued is reported in every session file;
+    the SVG by the DOT hash it was rendered from, so even without Graphviz."""
+    original = generate()
+    svgs = render_svgs(original) if shutil.which("dot") else {}
+    write(tmp_path, original, svgs)
+    changed = _retargeted(SESSION_TABLE, "bounced", SessionState.IN_FLIGHT, SessionState.BACKOFF)
+    machines = (Machine("session", "Session machine", changed), MACHINES[1])
+    files = generate(machines=machines)
+
+    stale = {p.path.name for p in find_stale(tmp_path, files) if svgs or p.path.suffix != ".svg"}
+
+    expected = {"session.mmd", "session.dot", "session-table.md", "README.md"}
+    assert stale == expected | ({"session.svg"} if svgs else set())
+    assert "in_flight --> backoff: bounced" not in generate()["session.mmd"]
+    assert "bounced" in files["session.mmd"].split("in_flight --> backoff:")[1]
+
+
+def test_a_redeclared_machine_changes_only_its_own_diagrams(tmp_path: Path) -> None:
+    """Dropping the guard of the link's `resumed` in a re-declaration changes the
+    link's files and the review page, and nothing of the session machine."""
+
+    class LinkMachine(StateMachine):  # same name, so only the transition differs
+        up = State("up", initial=True, value="up")
+        paused = State("paused", value="paused")
+        lost = up.to(paused, on=pause) | paused.to.itself(internal=True, on=pause)
+        resumed = paused.to(up, on=resume)
+        reported_ready = paused.to(up, on=resume) | up.to.itself(internal=True)
+        answered = up.to.itself(internal=True, on=steady) | paused.to(up, on=steady)
+
+    original = generate()
+    machines = (MACHINES[0], Machine("link", "Relay link machine", compile_machine(LinkMachine)))
+    changed = generate(machines=machines)
+
+    differing = {name for name in original if original[name] != changed[name]}
+    assert differing == {"link.mmd", "link.dot", "link-table.md", "README.md"}
+    assert pause_elapsed.__name__ in original["link-table.md"]
+    assert pause_elapsed.__name__ not in changed["link-table.md"]
+
+
+def test_generating_twice_gives_identical_files() -> None:
+    """Two generations in one process are byte for byte equal."""
+    assert generate() == generate()
+
+
+def test_generation_does_not_depend_on_the_interpreter_run(tmp_path: Path) -> None:
+    """Fresh interpreters with different hash seeds write the same bytes (no id() or set order)."""
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        code = (
+            "import sys; from pathlib import Path; "
+            "from sessionfsm.diagrams import generate, write; "
+            "write(Path(sys.argv[1]), generate())"
+        )
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, cwd=REPO)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]
+    assert outputs[0] == {name: text.encode() for name, text in generate().items()}
+
+
+@needs_dot
+def test_svg_rendering_is_deterministic_and_carries_no_graphviz_version() -> None:
+    """Rendering twice gives the same SVG bytes, with the version comment replaced by a stamp."""
+    files = generate()
+    first, second = render_svgs(files), render_svgs(files)
+    assert first == second
+    assert set(first) == {"session.svg", "link.svg"}
+    for svg in first.values():
+        assert b"Generated by graphviz" not in svg
+        assert b"<!-- sessionfsm diagrams: from " in svg
+
+
+def test_guards_are_labelled_by_policy_field_and_number() -> None:
+    """Charged guards read like `rate_limited.threshold reached (5)`, never `exhausted`."""
+    mermaid = generate()["session.mmd"]
+    labels = " ".join(label for _, _, label in _mermaid_transitions(mermaid))
+    assert "rate_limited [rate_limited.threshold reached (5)] / bury" in labels
+    assert "timed_out [ack_timeout.threshold reached (3)] / bury" in labels
+    assert "rejected [payload_too_large not retryable] / bury" in labels
+    assert "rate_limited [below rate_limited.threshold (5)]" in labels
+    assert "exhausted" not in labels
+
+
+def test_a_policy_relabels_guards_and_backoffs() -> None:
+    """A proposed policy's thresholds and backoffs appear in every rendering of it."""
+    policy = Policy(rate_limited=ReasonPolicy(threshold=8, honour_retry_after=False))
+    files = generate(policy, policy_name="policy in proposed.toml")
+    for name in ("session.mmd", "session.dot", "session-table.md", "README.md"):
+        assert "rate_limited.threshold reached (8)" in files[name], name
+        assert "(5)" not in files[name], name
+    assert "The 8th RateLimited in a row dead-letters" in files["README.md"]
+    assert "SessionMachine (policy in proposed.toml)" in files["session.dot"]
+
+
+def test_rows_that_a_policy_makes_impossible_are_marked_never() -> None:
+    """A backoff row behind a non-retryable reason says never; an edge of only those is dashed."""
+    never = ReasonPolicy(threshold=3, retryable=False)
+    policy = Policy(ack_timeout=never, rate_limited=never, payload_too_large=never)
+    dot = generate(policy)["session.dot"]
+    to_backoff = next(line for line in dot.splitlines() if "in_flight -> backoff" in line)
+    assert "style=dashed" in to_backoff
+    assert to_backoff.count("[never, ") == 3
+    default_dot = generate()["session.dot"]
+    to_backoff = next(line for line in default_dot.splitlines() if "in_flight -> backoff" in line)
+    assert "style=dashed" not in to_backoff
+    assert "rejected [never, payload_too_large not retryable]" in to_backoff
+
+
+def test_resting_states_are_drawn_as_final() -> None:
+    """synced and dead_lettered end in [*] in Mermaid and have a double border in DOT."""
+    files = generate()
+    finals = {a for a, b, _ in _mermaid_transitions(files["session.mmd"]) if b == "[*]"}
+    assert finals == {s.value for s in RESTING_STATES}
+    doubled = set(re.findall(r"^    (\w+) \[.*peripheries=2", files["session.dot"], re.MULTILINE))
+    assert doubled == finals
+    assert "[*] --> queued" in files["session.mmd"]
+
+
+def test_mermaid_sources_stay_within_the_syntax_mermaid_parses() -> None:
+    """Mermaid ends a label at ':' or ';', so no transition label contains one."""
+    for name, text in generate().items():
+        if not name.endswith(".mmd"):
+            continue
+        lines = text.splitlines()
+        assert lines[0] == "stateDiagram-v2"
+        transitions = _mermaid_transitions(text)
+        assert len(transitions) == sum("-->" in line for line in lines)
+        for _, _, label in transitions:
+            assert ":" not in label, label
+            assert ";" not in label, label
+
+
+def test_transition_table_lists_every_row_in_order() -> None:
+    """The Markdown table has one line per compiled row, in the runtime's order."""
+    table_md = generate()["session-table.md"]
+    body = [line for line in table_md.splitlines() if line.startswith("| `")]
+    assert len(body) == len(SESSION_TABLE.rows)
+    for line, row in zip(body, SESSION_TABLE.rows, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"`{row.source}`"
+        assert cells[1].startswith(f"`{row.event}`")
+        assert cells[3].startswith(f"`{row.target}`")
+
+
+def test_review_page_explains_every_guard_with_its_default_numbers() -> None:
+    """diagrams/README.md has a plain-words line for each guarded event, with its numbers."""
+    page = generate()["README.md"]
+    guarded = {(row.event, fn.__name__) for row in SESSION_TABLE.rows for fn, _ in row.guards}
+    guards_section = page.split("## Guards in plain words")[1]
+    for event, guard in guarded:
+        assert f"| `{event}` | `{guard}` |" in guards_section, (event, guard)
+    assert "The 5th RateLimited in a row dead-letters the session" in guards_section
+    assert "The 3rd AckTimeout in a row dead-letters the session" in guards_section
+    assert "The first PayloadTooLarge dead-letters the session" in guards_section
+    assert "```mermaid" in page
+
+
+@needs_dot
+def test_states_are_laid_out_from_queued_to_the_resting_states() -> None:
+    """In the SVG, queued, in flight, backoff and the resting states go left to right."""
+    svg = render_svgs(generate())["session.svg"].decode()
+    # Each node's outline is a path; its first point stands for the node's position.
+    x = {
+        name: float(at)
+        for name, at in re.findall(r"<title>(\w+)</title>\n<path[^>]*?d=\"M([-\d.]+)", svg)
+    }
+    assert x["queued"] < x["in_flight"] < x["backoff"] < x["synced"]
+    assert x["backoff"] < x["dead_lettered"]
+
+
+def test_readme_section_is_spliced_before_the_first_heading_and_replaced_in_place() -> None:
+    """The section goes after the opening paragraphs, later replaces only itself,
+    and a '## ' line inside a code block is not taken for a heading."""
+    section = readme_section()
+    original = "# t\n\nintro\n\n## Set-up\n\n```sh\n## not a heading\n```\n\n## Later\n"
+    once = splice_readme(original, section)
+    assert once == "# t\n\nintro\n\n" + section + original.split("intro\n\n")[1]
+    assert splice_readme(once, section) == once
+    edited = once.replace("stateDiagram-v2", "stateDiagram-v2\n    %% hand edit")
+    assert splice_readme(edited, section) == once
+    fenced = "# t\n\n" + section.replace(README_HEADING, "```\n" + README_HEADING) + "```\n"
+    assert splice_readme("# t\n\n", section) == "# t\n\n" + section
+    assert README_HEADING in splice_readme(fenced, section).split("```\n", 2)[2]
+
+
+def test_check_names_every_missing_file_and_the_command_to_regenerate(tmp_path: Path) -> None:
+    """`sessionfsm diagrams --check` on an empty directory exits 1 naming each file."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nintro\n\n## Set-up\n", encoding="utf-8")
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(
+        main, ["diagrams", "--check", "--out", str(out), "--readme", str(readme)]
+    )
+
+    assert result.exit_code == 1
+    for name in [*generate(), "session.svg", "link.svg"]:
+        assert f"{out / name}: missing" in result.output
+    assert f"{readme}: stale: section '{README_HEADING}' differs" in result.output
+    assert f"regenerate with: {regenerate_command(out, None, readme)}" in result.output
+    assert not out.exists()
+    assert readme.read_text(encoding="utf-8") == "# x\n\nintro\n\n## Set-up\n"
+
+
+@needs_dot
+def test_write_then_check_passes_and_a_hand_edit_is_caught(tmp_path: Path) -> None:
+    """After writing, --check exits 0 and writing again changes nothing; editing a file fails it."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nintro\n\n## Set-up\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["diagrams", "--out", str(out), "--readme", str(readme)]
+    runner = CliRunner()
+
+    assert runner.invoke(main, args).exit_code == 0
+    assert runner.invoke(main, [*args, "--check"]).exit_code == 0
+    assert runner.invoke(main, args).output == ""
+    assert "```mermaid" in readme.read_text(encoding="utf-8")
+
+    (out / "session.svg").write_bytes((out / "session.svg").read_bytes() + b"\n")
+    result = runner.invoke(main, [*args, "--check"])
+    assert result.exit_code == 1
+    assert f"{out / 'session.svg'}: stale" in result.output
+
+
+def test_policy_option_writes_its_labels_and_leaves_the_readme_alone(tmp_path: Path) -> None:
+    """--policy labels the guards with that file's numbers, in --out, without touching README."""
+    policy = tmp_path / "proposed.toml"
+    policy.write_text("[rate_limited]\nthreshold = 8\n", encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n", encoding="utf-8")
+    out = tmp_path / "proposed"
+
+    result = CliRunner().invoke(
+        main,
+        ["diagrams", "--out", str(out), "--policy", str(policy), "--readme", str(readme)],
+    )
+
+    assert "rate_limited.threshold reached (8)" in (out / "session.mmd").read_text()
+    assert "policy in proposed.toml" in (out / "README.md").read_text()
+    assert readme.read_text(encoding="utf-8") == "# x\n"
+    assert result.exit_code == (0 if shutil.which("dot") else 1)
