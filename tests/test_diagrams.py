@@ -28,7 +28,16 @@ from sessionfsm.diagrams import (
     splice_readme,
     write,
 )
-from sessionfsm.machine import RESTING_STATES, pause, pause_elapsed, resume, steady
+from sessionfsm.machine import (
+    RESTING_STATES,
+    bury,
+    charge,
+    exhausted,
+    pause,
+    pause_elapsed,
+    resume,
+    steady,
+)
 from sessionfsm.runtime import SESSION_TABLE, Row, Table, compile_machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,12 +88,14 @@ def test_committed_svgs_match_a_fresh_graphviz_rendering() -> None:
 
 
 def test_a_changed_transition_makes_its_diagrams_stale(tmp_path: Path) -> None:
-    """Sending `bounced` to backoff instead of queued is reported in every session file;
-    the SVG by the DOT hash it was rendered from, so even without Graphviz."""
+    """Sending `bounced` to another state is reported in every session file; the SVG
+    by the DOT hash it was rendered from, so even without Graphviz."""
     original = generate()
     svgs = render_svgs(original) if shutil.which("dot") else {}
     write(tmp_path, original, svgs)
-    changed = _retargeted(SESSION_TABLE, "bounced", SessionState.IN_FLIGHT, SessionState.BACKOFF)
+    (now,) = {r.target for r in SESSION_TABLE.rows if r.event == "bounced"}
+    elsewhere = SessionState.BACKOFF if now != SessionState.BACKOFF else SessionState.SYNCED
+    changed = _retargeted(SESSION_TABLE, "bounced", SessionState.IN_FLIGHT, elsewhere)
     machines = (Machine("session", "Session machine", changed), MACHINES[1])
     files = generate(machines=machines)
 
@@ -92,8 +103,10 @@ def test_a_changed_transition_makes_its_diagrams_stale(tmp_path: Path) -> None:
 
     expected = {"session.mmd", "session.dot", "session-table.md", "README.md"}
     assert stale == expected | ({"session.svg"} if svgs else set())
-    assert "in_flight --> backoff: bounced" not in generate()["session.mmd"]
-    assert "bounced" in files["session.mmd"].split("in_flight --> backoff:")[1]
+    bounced_to = {
+        b for _, b, label in _mermaid_transitions(files["session.mmd"]) if "bounced" in label
+    }
+    assert bounced_to == {elsewhere.value}
 
 
 def test_a_redeclared_machine_changes_only_its_own_diagrams(tmp_path: Path) -> None:
@@ -174,18 +187,63 @@ def test_a_policy_relabels_guards_and_backoffs() -> None:
     assert "SessionMachine (policy in proposed.toml)" in files["session.dot"]
 
 
+def _charged_backoff_guards(table_md: str) -> dict[str, str]:
+    """The guard cell of each charged event's row into backoff, by event."""
+    rows = {}
+    for line in table_md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 5 or not cells[1].startswith("`"):
+            continue
+        event = cells[1].split("`")[1]
+        if event in {"timed_out", "rate_limited", "rejected"} and cells[3] == "`backoff`":
+            rows[event] = cells[2]
+    return rows
+
+
 def test_rows_that_a_policy_makes_impossible_are_marked_never() -> None:
-    """A backoff row behind a non-retryable reason says never; an edge of only those is dashed."""
+    """A backoff row behind a non-retryable reason says never, under any policy."""
+    default = _charged_backoff_guards(generate()["session-table.md"])
+    assert default["rejected"].startswith("never, payload_too_large not retryable")
+    assert not default["timed_out"].startswith("never")
+    assert not default["rate_limited"].startswith("never")
+
     never = ReasonPolicy(threshold=3, retryable=False)
     policy = Policy(ack_timeout=never, rate_limited=never, payload_too_large=never)
-    dot = generate(policy)["session.dot"]
-    to_backoff = next(line for line in dot.splitlines() if "in_flight -> backoff" in line)
-    assert "style=dashed" in to_backoff
-    assert to_backoff.count("[never, ") == 3
-    default_dot = generate()["session.dot"]
-    to_backoff = next(line for line in default_dot.splitlines() if "in_flight -> backoff" in line)
-    assert "style=dashed" not in to_backoff
-    assert "rejected [never, payload_too_large not retryable]" in to_backoff
+    guards = _charged_backoff_guards(generate(policy)["session-table.md"])
+    assert len(guards) == 3
+    assert all(guard.startswith("never, ") for guard in guards.values())
+
+
+def test_an_edge_is_dashed_exactly_when_none_of_its_rows_can_fire() -> None:
+    """In the DOT, an edge whose every row says never is dashed, and no other edge is."""
+
+    class Charging(StateMachine):
+        in_flight = State(initial=True, value="in_flight")
+        parked = State(value="parked", final=True)
+        backoff = State(value="backoff", final=True)
+        dead_lettered = State(value="dead_lettered", final=True)
+        # Under the policy below only rate_limited can ever back off.
+        timed_out = in_flight.to(dead_lettered, cond=exhausted, on=bury) | in_flight.to(
+            parked, on=charge
+        )
+        rejected = in_flight.to(dead_lettered, cond=exhausted, on=bury) | in_flight.to(
+            backoff, on=charge
+        )
+        rate_limited = in_flight.to(dead_lettered, cond=exhausted, on=bury) | in_flight.to(
+            backoff, on=charge
+        )
+
+    policy = Policy(ack_timeout=ReasonPolicy(retryable=False))
+    machine = Machine("charging", "Charging", compile_machine(Charging))
+    dot = generate(policy, machines=(machine,))["charging.dot"]
+
+    edges = dict(re.findall(r"^    in_flight -> (\w+) \[(.*)\];$", dot, re.MULTILINE))
+    assert "timed_out [never, ack_timeout not retryable]" in edges["parked"]
+    assert "style=dashed" in edges["parked"]
+    assert "rejected [never, payload_too_large not retryable]" in edges["backoff"]
+    assert "rate_limited [below rate_limited.threshold (5)]" in edges["backoff"]
+    assert "style=dashed" not in edges["backoff"]
+    assert "style=dashed" not in edges["dead_lettered"]
 
 
 def test_resting_states_are_drawn_as_final() -> None:
