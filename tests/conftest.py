@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import click.testing
 import pytest
 import structlog
 from hypothesis import HealthCheck, settings
@@ -125,3 +127,49 @@ def cycle() -> Cycle:
         return batches
 
     return run
+
+
+# --------------------------------------------------- simulation and the CLI
+
+
+@pytest.fixture
+def sessionfsm_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., click.testing.Result]:
+    """``sessionfsm_cli(*args)`` runs the command line in a fresh directory
+    (``tmp_path``, so the default ``./sessionfsm.db`` is private to the test).
+    Exceptions other than exits propagate: an error path must never traceback."""
+    from sessionfsm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    runner = click.testing.CliRunner()
+
+    def invoke(*args: str) -> click.testing.Result:
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def scenario_file(tmp_path: Path) -> Callable[..., Path]:
+    """``scenario_file(text, name="custom.toml")`` writes a scenario file and
+    returns its path."""
+
+    def write(text: str, name: str = "custom.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def counted_logs() -> Iterator[Any]:
+    """A ``sessionfsm.sim.LogCounter`` that every structlog event passes through
+    (nothing is printed); pass it to ``Simulation(log_counter=...)``."""
+    from sessionfsm.sim import LogCounter
+    from sessionfsm.sim.command import counting_logs
+
+    counter = LogCounter()
+    with counting_logs(counter, "critical"):
+        yield counter

@@ -91,3 +91,42 @@ pair_contexts: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
         "retry_after_s": retry_after,
     }
 )
+
+# ------------------------------------------------------------- simulation
+
+
+@st.composite
+def flapping_scenarios(draw: st.DrawFn) -> dict[str, Any]:
+    """A small scenario (as parsed TOML) whose relay only flaps, reported or
+    not, and never refuses a payload: nobody may be charged for anything."""
+    flaps = []
+    at = 0.0
+    for _ in range(draw(st.integers(0, 6))):
+        at += draw(st.floats(0.0, 120.0, allow_nan=False))
+        length = draw(st.floats(1.0, 400.0, allow_nan=False))
+        flaps.append({"at_s": at, "for_s": length, "reported": draw(st.booleans())})
+        at += length
+    groups = [
+        {
+            "name": f"g{i}",
+            "count": draw(st.integers(1, 15)),
+            "lane": draw(lanes).value,
+            "size_bytes": draw(st.integers(0, 1000)),
+            "arrive_at_s": draw(st.floats(0.0, 300.0, allow_nan=False)),
+            "arrive_over_s": draw(st.floats(0.0, 300.0, allow_nan=False)),
+            "changes": draw(st.integers(0, 3)),
+            "change_every_s": draw(st.floats(1.0, 60.0, allow_nan=False)),
+        }
+        for i in range(draw(st.integers(1, 3)))
+    ]
+    return {
+        "seed": draw(st.integers(0, 2**16)),
+        "max_time_s": 50_000.0,
+        "relay": {
+            "size_limit_bytes": 1000,
+            "latency_s": draw(st.floats(0.0, 5.0, allow_nan=False)),
+            "latency_jitter_s": draw(st.floats(0.0, 5.0, allow_nan=False)),
+            "flaps": flaps,
+        },
+        "sessions": groups,
+    }
