@@ -37,6 +37,7 @@ __all__ = [
     "SimResult",
     "Simulation",
     "SweepRow",
+    "backoff_label",
     "describe_policy",
     "parse_backoff",
     "sweep",
@@ -294,6 +295,7 @@ class SweepRow(msgspec.Struct, frozen=True):
     """One policy of a sweep and what it cost."""
 
     threshold: int
+    #: See :func:`backoff_label`.
     backoff: str
     wrongly_dead_lettered: int
     dead_lettered: int
@@ -306,6 +308,15 @@ class SweepRow(msgspec.Struct, frozen=True):
 #: The default grid: the incident's 5 x 30 s, and around it.
 DEFAULT_THRESHOLDS: tuple[int, ...] = (3, 5, 8, 12)
 DEFAULT_BACKOFFS: tuple[str, ...] = ("fixed:10", "fixed:30", "fixed:60", "exp:5:300")
+
+
+def backoff_label(backoff: Backoff) -> str:
+    """A short name for a backoff: ``30 s``, or ``exp 5-300 s`` (jittered)."""
+    if isinstance(backoff, Fixed):
+        return f"{backoff.delay_s:g} s"
+    jitter = "" if backoff.jitter else ", no jitter"
+    factor = "" if backoff.factor == 2.0 else f" x{backoff.factor:g}"
+    return f"exp{factor} {backoff.base_s:g}-{backoff.cap_s:g} s{jitter}"
 
 
 def parse_backoff(text: str) -> Backoff:
@@ -358,7 +369,7 @@ def sweep(
         rows.append(
             SweepRow(
                 threshold=threshold,
-                backoff=backoff.describe(),
+                backoff=backoff_label(backoff),
                 wrongly_dead_lettered=figures.wrongly_dead_lettered,
                 dead_lettered=sum(figures.dead_lettered.values()),
                 wasted_sends=figures.wasted_sends,
