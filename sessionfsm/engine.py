@@ -185,9 +185,18 @@ class Engine:
         self._dead: dict[str, None] = {}
         #: Inputs that were ignored or clamped, by kind; see ``anomalies``.
         self._anomalies: Counter[str] = Counter()
-        # (record, source, event, reason) per applied transition in this call.
-        self._pending: list[tuple[SessionRecord, SessionState | None, str, str | None]] = []
+        # (record, source, target, event, reason, attempts) per applied
+        # transition in this call, taken when it fired: a record may move
+        # again before the call ends (redriven, then sent in the same tick).
+        self._pending: list[
+            tuple[SessionRecord, SessionState | None, SessionState, str, str | None, int]
+        ] = []
         self._link_changed = False
+        # Paced redrive (``schedule_redrive``): ids in order, drained by ``tick``.
+        self._redrive_queue: deque[str] = deque()
+        self._redrive_ids: set[str] = set()
+        self._redrive_per_tick = 0
+        self._redrive_last: float | None = None
         self._store = store
         if store is not None:
             snapshot = store.load()
@@ -224,7 +233,7 @@ class Engine:
             self._sessions[session_id] = rec
             self._by_state[_QUEUED] += 1
             self._ready[lane].append(session_id)
-            self._pending.append((rec, None, "enqueued", None))
+            self._pending.append((rec, None, _QUEUED, "enqueued", None, 0))
             self._commit()
             return
         if lane is _INCREMENTAL and rec.lane is _BACKFILL:
@@ -232,7 +241,7 @@ class Engine:
             if rec.state is _QUEUED:
                 # The backfill entry goes stale and is skipped when reached.
                 self._ready[_INCREMENTAL].append(session_id)
-            self._pending.append((rec, rec.state, "promoted", None))
+            self._pending.append((rec, rec.state, rec.state, "promoted", None, rec.attempts))
         if rec.state is _DEAD:
             self._anomalies["enqueue_dead_lettered"] += 1
             self._log.info(
@@ -259,6 +268,8 @@ class Engine:
         if link.state is LinkState.PAUSED:
             self._fire_link("resumed", step)
         self._release_due(now)
+        if self._redrive_queue and link.state is LinkState.UP:
+            self._drain_redrive(now)
         formed: list[Batch] = []
         if link.state is LinkState.UP:
             while len(self._batches) < self.policy.max_in_flight:
@@ -383,6 +394,46 @@ class Engine:
         self._commit()
         return chosen
 
+    def schedule_redrive(self, *, reason: str | None = None, per_tick: int) -> int:
+        """Redrive today's dead letters a few at a time; return how many were added.
+
+        The dead letters there are now (only ``reason``'s, if given) are
+        redriven oldest first by later ticks: at most ``per_tick`` at a time,
+        at most once per ``policy.tick_interval_s``, and only while the link
+        is up, so a relay that just recovered is not flooded. Calling it again
+        adds to the schedule and sets the new pace.
+
+        The schedule is kept in memory only: after a restart the rest stay
+        dead until you schedule them again. A crash therefore never revives
+        more sessions than you asked for at a time you did not choose.
+        """
+        if reason is not None and reason not in CHARGED_REASONS:
+            raise UsageError(f"reason must be one of {', '.join(CHARGED_REASONS)}, got {reason!r}")
+        if isinstance(per_tick, bool) or not isinstance(per_tick, int) or per_tick < 1:
+            raise UsageError(f"per_tick must be an integer >= 1, got {per_tick!r}")
+        self._redrive_per_tick = per_tick
+        added = 0
+        for sid in self._dead:
+            if sid not in self._redrive_ids and (
+                reason is None or self._sessions[sid].dead_letter_reason == reason
+            ):
+                self._redrive_queue.append(sid)
+                self._redrive_ids.add(sid)
+                added += 1
+        return added
+
+    def cancel_redrive(self) -> int:
+        """Drop the rest of a paced redrive; return how many were still scheduled."""
+        left = len(self._redrive_queue)
+        self._redrive_queue.clear()
+        self._redrive_ids.clear()
+        return left
+
+    @property
+    def redrive_backlog(self) -> int:
+        """Sessions a paced redrive has yet to reach (some may have left on their own)."""
+        return len(self._redrive_queue)
+
     def relay_ready(self, now: float) -> None:
         """The transport reports the relay ready: resume sending at once."""
         self._fire_link("reported_ready", self._step.load(self._clock(now)))
@@ -456,6 +507,11 @@ class Engine:
             times.append(deadlines[0][0])
         if self._retry:
             times.append(self._retry[0][0])
+        if self._redrive_queue and self._link.state is LinkState.UP:
+            last = self._redrive_last
+            times.append(
+                self._now if last is None else max(self._now, last + self.policy.tick_interval_s)
+            )
         if self._link.state is LinkState.PAUSED and self._link.resume_at is not None:
             times.append(self._link.resume_at)
         if any(self._has_ready(lane) for lane in Lane) and len(self._batches) < (
@@ -465,8 +521,10 @@ class Engine:
         return min(times) if times else None
 
     def idle(self) -> bool:
-        """True when every session is at rest (synced or dead-lettered)."""
-        return sum(self._by_state[s] for s in RESTING_STATES) == len(self._sessions)
+        """True when every session is at rest (synced or dead-lettered) and no
+        paced redrive is pending."""
+        resting = sum(self._by_state[s] for s in RESTING_STATES) == len(self._sessions)
+        return resting and not self._redrive_queue
 
     def check(self) -> None:
         """Assert the structural invariants (1, 3, 10) over every session.
@@ -554,7 +612,7 @@ class Engine:
         reason = CHARGED_REASONS[step.reason] if step.reason >= 0 else None
         if reason is None and step.ack is not None:
             reason = type(step.ack).__name__
-        self._pending.append((rec, source, event, reason))
+        self._pending.append((rec, source, target, event, reason, rec.attempts))
         return True
 
     def _fire_link(self, event: str, step: Step) -> None:
@@ -602,6 +660,24 @@ class Engine:
             if rec.state is not _BACKOFF or rec.retry_at != at:
                 continue  # defensive: an entry from before a recovery
             self._fire(rec, "elapsed", step.load(now))
+
+    def _drain_redrive(self, now: float) -> None:
+        last = self._redrive_last
+        if last is not None and now - last < self.policy.tick_interval_s:
+            return
+        self._redrive_last = now
+        queue, ids, sessions = self._redrive_queue, self._redrive_ids, self._sessions
+        step = self._step.load(now)
+        done = 0
+        while queue and done < self._redrive_per_tick:
+            sid = queue.popleft()
+            ids.discard(sid)
+            rec = sessions[sid]
+            # Skip one that was redriven by hand meanwhile; it is no longer dead.
+            if rec.state is _DEAD and self._fire(rec, "redriven", step):
+                done += 1
+        if done:
+            self._log.info("sessionfsm.redriven", sessions=done, paced=True, left=len(queue))
 
     def _has_ready(self, lane: Lane) -> bool:
         queue = self._ready[lane]
@@ -673,13 +749,13 @@ class Engine:
             Change(
                 session_id=rec.id,
                 source=source,
-                target=rec.state,
+                target=target,
                 event=event,
                 reason=reason,
                 at=self._now,
-                attempt=rec.attempts,
+                attempt=attempts,
             )
-            for rec, source, event, reason in self._pending[start:]
+            for rec, source, target, event, reason, attempts in self._pending[start:]
         ]
 
     def _commit(self) -> None:
@@ -688,8 +764,7 @@ class Engine:
         if not pending and not self._link_changed:
             return
         log = self._log
-        for rec, source, _event, reason in pending:
-            state = rec.state
+        for rec, source, state, _event, reason, _attempts in pending:
             if state is _BACKOFF and source is _IN_FLIGHT:
                 # At most one info line per deferral.
                 index = CHARGED_REASONS.index(reason) if reason else -1
@@ -708,7 +783,7 @@ class Engine:
                     attempts=rec.attempts,
                 )
         if self._store is not None:
-            changed = list({id(rec): rec for rec, _, _, _ in pending}.values())
+            changed = list({id(rec): rec for rec, *_ in pending}.values())
             self._store.save(
                 Delta(
                     sessions=changed,
@@ -762,7 +837,10 @@ class Engine:
         heapq.heapify(self._retry)
         for rec in reversed(requeued):  # they were first in line when the process died
             self._ready[rec.lane].appendleft(rec.id)
-            self._pending.append((rec, _IN_FLIGHT, "recovered", None))
+        # In queue order, so that a store keeps them first in line in this order.
+        self._pending.extend(
+            (rec, _IN_FLIGHT, _QUEUED, "recovered", None, rec.attempts) for rec in requeued
+        )
         if requeued:
             self._log.info("sessionfsm.recovered_in_flight", sessions=len(requeued))
         self._commit()
