@@ -12,9 +12,13 @@ from . import acks
 from ._errors import (
     InvalidAck,
     InvalidPolicy,
+    NotAStore,
     RemoteError,
     SessionFSMError,
     StoreError,
+    StoreLocked,
+    StoreReadOnly,
+    StoreTooNew,
     TransitionNotAllowed,
     UnknownSession,
     UsageError,
@@ -22,7 +26,8 @@ from ._errors import (
 from .engine import Batch, Engine, LinkView, SessionView
 from .machine import Lane, LinkState, SessionState
 from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
-from .store import Change, Delta, Snapshot, Store
+from .sqlite_store import SqliteStore
+from .store import Change, Delta, HistoryRetention, MemoryStore, Snapshot, Store
 
 __all__ = [
     "Batch",
@@ -31,11 +36,14 @@ __all__ = [
     "Engine",
     "Exponential",
     "Fixed",
+    "HistoryRetention",
     "InvalidAck",
     "InvalidPolicy",
     "Lane",
     "LinkState",
     "LinkView",
+    "MemoryStore",
+    "NotAStore",
     "Policy",
     "ReasonPolicy",
     "RemoteError",
@@ -43,8 +51,12 @@ __all__ = [
     "SessionState",
     "SessionView",
     "Snapshot",
+    "SqliteStore",
     "Store",
     "StoreError",
+    "StoreLocked",
+    "StoreReadOnly",
+    "StoreTooNew",
     "TransitionNotAllowed",
     "UnknownSession",
     "UsageError",

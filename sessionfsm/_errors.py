@@ -53,3 +53,19 @@ class InvalidPolicy(UsageError, ValueError):
 
 class StoreError(SessionFSMError):
     """The store cannot be opened or written without risking data loss."""
+
+
+class StoreLocked(StoreError):
+    """Another process (or another store in this one) holds the database."""
+
+
+class StoreReadOnly(StoreError):
+    """The database file or its directory cannot be written."""
+
+
+class NotAStore(StoreError):
+    """The file is not a sessionfsm database: not SQLite, or another application's."""
+
+
+class StoreTooNew(StoreError):
+    """The database was written by a newer sessionfsm; this one will not touch it."""

@@ -1,0 +1,732 @@
+"""SqliteStore: an engine's whole state in one SQLite file, on the standard library.
+
+You pass a path; ``Engine(store=SqliteStore(path))`` creates the database or
+reopens it and carries on from its state (see ``Engine._recover`` for what
+recovery does). The engine stays sans-IO: after each public call it hands the
+store one :class:`~sessionfsm.store.Delta`, and the store writes it.
+
+How it writes
+-------------
+* One ``Delta`` is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): the
+  file always holds the state after some whole engine call, never half of one.
+  A save that fails rolls back and raises :class:`StoreError`; the engine's
+  memory is then ahead of the file, and its next successful save catches up.
+* WAL journal mode, ``synchronous=NORMAL`` by default: a killed process loses
+  nothing it saved; a power cut may lose the last few transactions (and never
+  corrupts the file). ``synchronous="full"`` syncs every commit to disk.
+* Changed sessions go in with one prepared upsert through ``executemany``,
+  history rows with one prepared insert; counts are three integer columns.
+
+What it keeps
+-------------
+``session``: one row per session (state, lane, one count per charged reason,
+retry time, dirty flag, attempts, dead-letter reason and time) and its
+*position*, which keeps each lane's queue and the dead letters in order across
+a restart (see :func:`~sessionfsm.store.queue_positions`). ``engine``: one row
+with the engine clock, the next batch id and the relay link. ``lane``: each
+lane's last batch time. ``history``: the append-only transition history,
+pruned by a :class:`~sessionfsm.store.HistoryRetention` (30 days and a million
+rows by default) in cheap range deletes, once every few thousand rows.
+
+Time
+----
+Every time in the file (retry times, dead-letter times, history, the clock) is
+in the engine's clock, in seconds. A runner that persists must pass wall time
+(``time.time()``), never ``time.monotonic()``, which restarts at boot: retry
+times must mean the same after a restart. Recovery caps any retry time further
+than ``policy.max_backoff_s`` past the saved clock, in case the wall clock
+jumped forward before the crash.
+
+Bad input
+---------
+A missing directory, a read-only file, a database another process holds, a
+file that is not a sessionfsm database (not SQLite, or another application's
+SQLite), or one written by a newer sessionfsm: each raises a
+:class:`StoreError` naming the path and the problem, before anything is
+written. A foreign file is never changed.
+
+Schema and migrations
+---------------------
+``PRAGMA application_id`` marks the file as sessionfsm's; ``PRAGMA
+user_version`` is the schema version. ``_MIGRATIONS`` maps each version to the
+statements that take the previous one there; opening applies the missing ones
+in one transaction. A version newer than this code knows is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import os
+import sqlite3
+import stat
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+
+from ._errors import (
+    NotAStore,
+    StoreError,
+    StoreLocked,
+    StoreReadOnly,
+    StoreTooNew,
+    UnknownSession,
+    UsageError,
+)
+from .engine import LinkView, SessionView
+from .machine import (
+    CHARGED_REASONS,
+    ZERO_COUNTS,
+    Lane,
+    LinkRecord,
+    LinkState,
+    SessionRecord,
+    SessionState,
+)
+from .store import (
+    DEFAULT_RETENTION,
+    KEEP_ALL,
+    Change,
+    Delta,
+    HistoryRetention,
+    Snapshot,
+    queue_positions,
+    session_view,
+)
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
+
+#: ``PRAGMA application_id`` of every sessionfsm database: "sfsm" in ASCII.
+APPLICATION_ID: Final = 0x7366736D
+_MAGIC: Final = b"SQLite format 3\x00"
+
+#: Schema version -> the statements that take the previous version to it.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        # One count column per charged reason, in CHARGED_REASONS order.
+        """CREATE TABLE session (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            lane TEXT NOT NULL,
+            ack_timeouts INTEGER NOT NULL,
+            rate_limits INTEGER NOT NULL,
+            too_large INTEGER NOT NULL,
+            retry_at REAL,
+            dirty INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            dead_letter_reason TEXT,
+            dead_lettered_at REAL,
+            position INTEGER
+        ) WITHOUT ROWID""",
+        "CREATE INDEX session_dead ON session (position) WHERE state = 'dead_lettered'",
+        """CREATE TABLE history (
+            seq INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            source TEXT,
+            target TEXT NOT NULL,
+            event TEXT NOT NULL,
+            reason TEXT,
+            at REAL NOT NULL,
+            attempt INTEGER NOT NULL
+        )""",
+        "CREATE INDEX history_session ON history (session_id)",
+        """CREATE TABLE engine (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            now REAL,
+            next_batch_id INTEGER NOT NULL,
+            link_state TEXT NOT NULL,
+            link_failures INTEGER NOT NULL,
+            link_resume_at REAL,
+            queue_head INTEGER NOT NULL,
+            queue_tail INTEGER NOT NULL
+        )""",
+        """INSERT INTO engine (id, next_batch_id, link_state, link_failures, queue_head, queue_tail)
+        VALUES (1, 1, 'up', 0, 0, 0)""",
+        "CREATE TABLE lane (name TEXT PRIMARY KEY, stamped_at REAL) WITHOUT ROWID",
+    ),
+}
+#: The schema version this code writes.
+SCHEMA_VERSION: Final = max(_MIGRATIONS)
+
+if CHARGED_REASONS != ("AckTimeout", "RateLimited", "PayloadTooLarge"):  # pragma: no cover
+    raise ImportError("a charged reason was added: add its count column in a migration")
+
+_SESSION_COLUMNS: Final = (
+    "id, state, lane, ack_timeouts, rate_limits, too_large, retry_at, dirty, attempts, "
+    "dead_letter_reason, dead_lettered_at"
+)
+_SELECT_SESSIONS: Final = f"SELECT {_SESSION_COLUMNS} FROM session"
+_SELECT_FOR_LOAD: Final = f"SELECT {_SESSION_COLUMNS}, coalesce(position, 0) FROM session"
+_by_position: Final = operator.itemgetter(11)
+# A session's position changes only when it moved in line; NULL keeps the old one.
+_UPSERT_SESSION: Final = f"""
+INSERT INTO session ({_SESSION_COLUMNS}, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    state = excluded.state, lane = excluded.lane, ack_timeouts = excluded.ack_timeouts,
+    rate_limits = excluded.rate_limits, too_large = excluded.too_large,
+    retry_at = excluded.retry_at, dirty = excluded.dirty, attempts = excluded.attempts,
+    dead_letter_reason = excluded.dead_letter_reason,
+    dead_lettered_at = excluded.dead_lettered_at,
+    position = coalesce(excluded.position, session.position)
+"""
+_APPEND_HISTORY: Final = """
+INSERT INTO history (session_id, source, target, event, reason, at, attempt)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+_UPDATE_ENGINE: Final = """
+UPDATE engine SET now = ?, next_batch_id = ?, link_state = ?, link_failures = ?,
+    link_resume_at = ?, queue_head = ?, queue_tail = ?
+WHERE id = 1
+"""
+_SELECT_ENGINE: Final = """
+SELECT now, next_batch_id, link_state, link_failures, link_resume_at, queue_head, queue_tail
+FROM engine WHERE id = 1
+"""
+_UPSERT_LANE: Final = """
+INSERT INTO lane (name, stamped_at) VALUES (?, ?)
+ON CONFLICT (name) DO UPDATE SET stamped_at = excluded.stamped_at
+"""
+# The history's ``at`` never decreases along ``seq`` (the engine clock never
+# goes back, and a recovered engine resumes from the saved clock), so both
+# limits cut off a prefix of the rowids: a range delete, no scan of the rest.
+_PRUNE_ROWS: Final = "DELETE FROM history WHERE seq <= (SELECT max(seq) FROM history) - ?"
+_PRUNE_AGE: Final = """
+DELETE FROM history WHERE seq < coalesce(
+    (SELECT seq FROM history WHERE at >= ? ORDER BY seq LIMIT 1),
+    (SELECT max(seq) + 1 FROM history))
+"""
+
+_STATES: Final = {s.value: s for s in SessionState}
+_LANES: Final = {lane.value: lane for lane in Lane}
+_LINK_STATES: Final = {s.value: s for s in LinkState}
+_SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
+
+# Primary result codes (the low byte of ``sqlite3.Error.sqlite_errorcode``).
+_BUSY, _LOCKED, _READONLY, _NOTADB = 5, 6, 8, 26
+
+
+class SqliteStore:
+    """The engine's state in one SQLite file. Opening it checks it at once.
+
+    You pass the database ``path`` (its directory must exist; the file is
+    created if it does not). ``history_retention`` bounds the transition
+    history (``None`` keeps all of it). ``readonly=True`` opens an existing
+    database for the read helpers only, even while an engine in another
+    process writes to it. ``timeout`` is how long to wait for another
+    process's write lock before raising ``StoreLocked``. ``synchronous``
+    is ``"normal"`` (safe against a killed process) or ``"full"`` (also
+    against a power cut, at the cost of a disk sync per call).
+
+    Only one writable store may hold a file at a time (a lock file next to it,
+    ``<path>-lock``, says which process; POSIX only). Not thread-safe: use it
+    from one thread at a time, like the engine.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        history_retention: HistoryRetention | None = DEFAULT_RETENTION,
+        readonly: bool = False,
+        timeout: float = 5.0,
+        synchronous: Literal["normal", "full"] = "normal",
+    ) -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise UsageError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        if not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise UsageError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        self.path = Path(path)
+        self.readonly = readonly
+        self.history_retention = history_retention if history_retention is not None else KEEP_ALL
+        self._timeout = float(timeout)
+        self._where = repr(os.fspath(path))
+        self._lock_fd: int | None = None
+        self._head = 0
+        self._tail = 0
+        self._stamps: dict[str, float | None] = {}
+        self._since_prune = 0
+        self._fresh = False  # no file yet, or an empty one: nothing to lose
+        self._check_path()
+        mode = "ro" if readonly else "rwc"
+        try:
+            conn = sqlite3.connect(
+                f"{self.path.absolute().as_uri()}?mode={mode}",
+                uri=True,
+                timeout=self._timeout,
+                isolation_level=None,  # we BEGIN and COMMIT ourselves
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._error("open", exc) from exc
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            self._open(conn, _SYNCHRONOUS[synchronous])
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self._where}, readonly={self.readonly})"
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ the Store
+
+    def load(self) -> Snapshot | None:
+        """Everything saved, sessions in queue order; None for a new database.
+
+        One SELECT per table, in one read transaction.
+        """
+        conn = self._live()
+        try:
+            conn.execute("BEGIN")
+            try:
+                row = self._engine_row(conn)
+                if row[0] is None:
+                    return None
+                stamps = dict(conn.execute("SELECT name, stamped_at FROM lane").fetchall())
+                # Sorting in Python is about twice as fast as ORDER BY here.
+                rows = conn.execute(_SELECT_FOR_LOAD).fetchall()
+                rows.sort(key=_by_position)
+                sessions = _records(rows)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._error("read", exc) from exc
+        except KeyError as exc:
+            raise StoreError(f"store {self._where} is damaged: unknown value {exc}") from None
+        now, next_batch_id, link_state, failures, resume_at, _, _ = row
+        return Snapshot(
+            sessions=sessions,
+            link=_link_record(self._where, link_state, failures, resume_at),
+            stamps=stamps,
+            next_batch_id=next_batch_id,
+            now=now,
+        )
+
+    def save(self, delta: Delta) -> None:
+        """Write one engine call's changes in one transaction, or raise ``StoreError``."""
+        conn = self._live()
+        if self.readonly:
+            raise StoreError(f"cannot save to store {self._where}: it was opened read-only")
+        changes = delta.changes
+        positions, head, tail = queue_positions(changes, self._head, self._tail)
+        where = positions.get
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
+        for rec in delta.sessions:
+            counts = rec.counts
+            append(
+                (
+                    rec.id,
+                    rec.state,
+                    rec.lane,
+                    counts[0],
+                    counts[1],
+                    counts[2],
+                    rec.retry_at,
+                    rec.dirty,
+                    rec.attempts,
+                    rec.dead_letter_reason,
+                    rec.dead_lettered_at,
+                    where(rec.id),
+                )
+            )
+        link = delta.link
+        engine_row = (
+            delta.now,
+            delta.next_batch_id,
+            link.state,
+            link.failures,
+            link.resume_at,
+            head,
+            tail,
+        )
+        saved = self._stamps
+        stamps = [
+            (lane, at)
+            for lane, at in delta.stamps.items()
+            if lane not in saved or saved[lane] != at
+        ]
+        prune = self._since_prune + len(changes) >= self.history_retention.prune_every
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if rows:
+                    conn.executemany(_UPSERT_SESSION, rows)
+                if changes:
+                    conn.executemany(_APPEND_HISTORY, map(msgspec.structs.astuple, changes))
+                conn.execute(_UPDATE_ENGINE, engine_row)
+                if stamps:
+                    conn.executemany(_UPSERT_LANE, stamps)
+                if prune:
+                    self._prune(conn, delta.now)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except sqlite3.Error as exc:
+            raise self._error("save to", exc) from exc
+        # Only now that the file holds them do the counters move on.
+        self._head, self._tail = head, tail
+        saved.update(stamps)
+        self._since_prune = 0 if prune else self._since_prune + len(changes)
+
+    def close(self) -> None:
+        """Close the database and release the file. Any later call raises ``StoreError``."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if not self.readonly:
+                with contextlib.suppress(sqlite3.Error):  # an optimisation only
+                    conn.execute("PRAGMA optimize")
+            conn.close()
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+    # --------------------------------------------------------- maintenance
+
+    def prune(self) -> int:
+        """Drop history rows the retention policy no longer keeps; return how many.
+
+        Saving prunes by itself every few thousand rows; call this to prune now.
+        """
+        conn = self._live()
+        if self.readonly:
+            raise StoreError(f"cannot prune store {self._where}: it was opened read-only")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = self._prune(conn, self._engine_row(conn)[0])
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except sqlite3.Error as exc:
+            raise self._error("prune", exc) from exc
+        self._since_prune = 0
+        return deleted
+
+    # -------------------------------------------------------- read helpers
+
+    def history(self, session_id: str, *, limit: int | None = None) -> list[Change]:
+        """The session's kept transitions, oldest first (the last ``limit`` if given)."""
+        sql = (
+            "SELECT session_id, source, target, event, reason, at, attempt FROM history "
+            "WHERE session_id = ? ORDER BY seq DESC"
+        )
+        params: tuple[object, ...] = (session_id,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (session_id, limit)
+        rows = self._query(sql, params)
+        states = _STATES
+        return [
+            Change(
+                session_id=sid,
+                source=None if source is None else states.get(source, source),
+                target=states.get(target, target),
+                event=event,
+                reason=reason,
+                at=at,
+                attempt=attempt,
+            )
+            for sid, source, target, event, reason, at, attempt in reversed(rows)
+        ]
+
+    def session(self, session_id: str) -> SessionView:
+        """The session as last saved, or ``UnknownSession``."""
+        rows = self._query(f"{_SELECT_SESSIONS} WHERE id = ?", (session_id,))
+        if not rows:
+            raise UnknownSession(session_id)
+        return session_view(self._decode(rows)[0])
+
+    def dead_letters(self, reason: str | None = None) -> list[SessionView]:
+        """Dead letters as last saved (only ``reason``'s, if given), oldest first."""
+        sql = f"{_SELECT_SESSIONS} WHERE state = 'dead_lettered'"
+        params: tuple[object, ...] = ()
+        if reason is not None:
+            sql += " AND dead_letter_reason = ?"
+            params = (reason,)
+        rows = self._query(sql + " ORDER BY position", params)
+        return [session_view(rec) for rec in self._decode(rows)]
+
+    def counts(self) -> dict[SessionState, int]:
+        """How many sessions are in each state as last saved (every state present)."""
+        counts = dict.fromkeys(SessionState, 0)
+        for state, n in self._query("SELECT state, count(*) FROM session GROUP BY state", ()):
+            counts[_STATES[state]] = n
+        return counts
+
+    def link(self) -> LinkView:
+        """The relay link as last saved."""
+        row = self._query(_SELECT_ENGINE, ())[0]
+        link = _link_record(self._where, row[2], row[3], row[4])
+        return LinkView(state=link.state, failures=link.failures, resume_at=link.resume_at)
+
+    def now(self) -> float | None:
+        """The engine clock when last saved, or None for a new database."""
+        now: float | None = self._query(_SELECT_ENGINE, ())[0][0]
+        return now
+
+    # ------------------------------------------------------------ internals
+
+    def _check_path(self) -> None:
+        """Refuse what SQLite would misread or silently create, before it opens anything."""
+        path, where = self.path, self._where
+        parent = path.parent
+        if not parent.is_dir():
+            raise StoreError(
+                f"cannot open store {where}: directory {os.fspath(parent)!r} does not exist"
+            )
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            if self.readonly:
+                raise StoreError(
+                    f"cannot open store {where} read-only: the file does not exist"
+                ) from None
+            if not os.access(parent, os.W_OK):
+                raise StoreReadOnly(
+                    f"cannot create store {where}: directory {os.fspath(parent)!r} is read-only"
+                ) from None
+            self._fresh = True
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot open store {where}: {exc.strerror}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAStore(f"cannot open store {where}: it is not a regular file")
+        self._fresh = not info.st_size
+        if info.st_size:
+            try:
+                with path.open("rb") as f:
+                    head = f.read(len(_MAGIC))
+            except OSError as exc:
+                raise StoreError(f"cannot open store {where}: {exc.strerror}") from exc
+            if head != _MAGIC:
+                raise NotAStore(
+                    f"cannot open store {where}: it is not a SQLite database, "
+                    "so not a sessionfsm database; it was left as it is"
+                )
+        if not self.readonly and (
+            not info.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+            or not os.access(path, os.W_OK)
+            or not os.access(parent, os.W_OK)
+        ):
+            # Refused even for root: a file marked read-only is not ours to write.
+            raise StoreReadOnly(
+                f"cannot open store {where} for writing: the file or its directory is "
+                "read-only (pass readonly=True to inspect it)"
+            )
+
+    def _open(self, conn: sqlite3.Connection, synchronous: str) -> None:
+        """Recognise the file, create or migrate its schema, then set it up."""
+        where = self._where
+        try:
+            if self._fresh and not self.readonly:
+                # WAL before the first write: a process killed while creating
+                # the schema then leaves uncommitted WAL frames, which every
+                # reader ignores, never a hot rollback journal that only a
+                # writer could undo.
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN" if self.readonly else "BEGIN IMMEDIATE")
+            try:
+                app_id, version, tables = _inspect(conn)
+                if (
+                    not self.readonly
+                    and not (app_id or version or tables)
+                    and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+                ):
+                    # An empty database still in rollback mode: its creation
+                    # was interrupted (SQLite itself switches to WAL through a
+                    # rollback journal). Switch first, for the reason above.
+                    conn.execute("ROLLBACK")
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute("BEGIN IMMEDIATE")
+                    app_id, version, tables = _inspect(conn)
+                if app_id != APPLICATION_ID:
+                    if app_id or version or tables:
+                        listed = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+                        raise NotAStore(
+                            f"cannot open store {where}: it is another application's SQLite "
+                            f"database (application_id {app_id}, tables: {listed or 'none'}); "
+                            "it was left as it is"
+                        )
+                    if self.readonly:
+                        raise NotAStore(
+                            f"cannot open store {where} read-only: it is an empty SQLite "
+                            "database, not a sessionfsm one"
+                        )
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                elif version > SCHEMA_VERSION:
+                    raise StoreTooNew(
+                        f"cannot open store {where}: its schema version is {version}, newer "
+                        f"than the {SCHEMA_VERSION} this sessionfsm knows; upgrade sessionfsm "
+                        "(the file was left as it is)"
+                    )
+                elif version < 1:
+                    raise NotAStore(f"cannot open store {where}: it has no schema version")
+                elif version < SCHEMA_VERSION and self.readonly:
+                    raise StoreError(
+                        f"cannot open store {where} read-only: its schema version {version} "
+                        "needs a migration; open it once without readonly=True"
+                    )
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[target]:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {target}")
+                row = self._engine_row(conn)
+                self._head, self._tail = row[5], row[6]
+                self._stamps = dict(conn.execute("SELECT name, stamped_at FROM lane").fetchall())
+                if not self.readonly:
+                    self._prune(conn, row[0])
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+            if self.readonly:
+                conn.execute("PRAGMA query_only = ON")
+            else:
+                self._claim()
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    raise StoreError(f"cannot open store {where}: WAL mode refused ({mode})")
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+            # About 64 MiB of page cache: a million sessions' rows stay hot.
+            conn.execute("PRAGMA cache_size = -65536")
+            conn.execute("PRAGMA temp_store = MEMORY")
+        except sqlite3.Error as exc:
+            raise self._error("open", exc) from exc
+
+    def _claim(self) -> None:
+        """Hold ``<path>-lock`` for as long as the store is open (one writer per file)."""
+        if sys.platform == "win32":  # pragma: no cover
+            return
+        lock_path = f"{os.fspath(self.path)}-lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open store {self._where}: cannot open its lock file {lock_path!r}: "
+                f"{exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"cannot open store {self._where}: another store holds it for writing "
+                f"(pid {holder}); close that one first, or pass readonly=True to inspect it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _prune(self, conn: sqlite3.Connection, now: float | None) -> int:
+        keep = self.history_retention
+        deleted = 0
+        if keep.max_rows is not None:
+            deleted += conn.execute(_PRUNE_ROWS, (keep.max_rows,)).rowcount
+        if keep.max_age_s is not None and now is not None:
+            deleted += conn.execute(_PRUNE_AGE, (now - keep.max_age_s,)).rowcount
+        return deleted
+
+    def _engine_row(
+        self, conn: sqlite3.Connection
+    ) -> tuple[float | None, int, str, int, float | None, int, int]:
+        row = conn.execute(_SELECT_ENGINE).fetchone()
+        if row is None:
+            raise StoreError(f"store {self._where} is damaged: its engine row is missing")
+        return row  # type: ignore[no-any-return]
+
+    def _live(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"store {self._where} is closed")
+        return self._conn
+
+    def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        try:
+            return self._live().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error("read", exc) from exc
+
+    def _decode(self, rows: Iterable[Any]) -> list[SessionRecord]:
+        try:
+            return _records(rows)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"store {self._where} is damaged: bad session row ({exc})") from None
+
+    def _error(self, doing: str, exc: sqlite3.Error) -> StoreError:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        where = self._where
+        if code in (_BUSY, _LOCKED):
+            return StoreLocked(
+                f"cannot {doing} store {where}: the database is locked by another process "
+                f"(waited {self._timeout:g} s)"
+            )
+        if code == _READONLY:
+            if self.readonly:
+                return StoreReadOnly(
+                    f"cannot {doing} store {where} read-only: an interrupted write must be "
+                    f"recovered first; open it once without readonly=True ({exc})"
+                )
+            return StoreReadOnly(f"cannot {doing} store {where}: the database is read-only ({exc})")
+        if code == _NOTADB:
+            return NotAStore(f"cannot {doing} store {where}: it is not a SQLite database")
+        return StoreError(f"cannot {doing} store {where}: {exc}")
+
+
+def _inspect(conn: sqlite3.Connection) -> tuple[int, int, list[str]]:
+    """The file's application id, schema version and table names."""
+    app_id: int = conn.execute("PRAGMA application_id").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    query = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    return app_id, version, [name for (name,) in conn.execute(query)]
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        # The original error is the one to report; SQLite rolls back on close anyway.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _records(rows: Iterable[Any]) -> list[SessionRecord]:
+    """Rows of ``_SELECT_SESSIONS`` as records (a trailing position is ignored):
+    the hot loop of a recovery."""
+    states, lanes, zero, make = _STATES, _LANES, ZERO_COUNTS, SessionRecord
+    out: list[SessionRecord] = []
+    append = out.append
+    for sid, state, lane, c0, c1, c2, retry_at, dirty, attempts, reason, at, *_ in rows:
+        append(
+            make(
+                sid,
+                states[state],
+                lanes[lane],
+                (c0, c1, c2) if c0 or c1 or c2 else zero,
+                retry_at,
+                dirty == 1,
+                attempts,
+                reason,
+                at,
+            )
+        )
+    return out
+
+
+def _link_record(where: str, state: str, failures: int, resume_at: float | None) -> LinkRecord:
+    try:
+        return LinkRecord(state=_LINK_STATES[state], failures=failures, resume_at=resume_at)
+    except KeyError:
+        raise StoreError(f"store {where} is damaged: unknown link state {state!r}") from None
