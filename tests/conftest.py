@@ -17,7 +17,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from sessionfsm import Batch, Engine, Policy
+from sessionfsm import Batch, Engine, MemoryStore, Policy, SqliteStore, Store
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
 
 settings.register_profile(
@@ -173,3 +173,38 @@ def counted_logs() -> Iterator[Any]:
     counter = LogCounter()
     with counting_logs(counter, "critical"):
         yield counter
+
+
+# ------------------------------------------------------------------- stores
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where this test's SQLite store lives; the file does not exist yet."""
+    return tmp_path / "sessions.db"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def open_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callable[..., Store]]:
+    """``open_store(**kw)``: the store a (re)started process opens, of each kind.
+
+    SQLite: closes the store opened before (its process is gone) and opens
+    the same file again, passing ``kw`` to ``SqliteStore``. Memory: hands back
+    the one ``MemoryStore`` of the test, which outlives its engines.
+    """
+    memory = MemoryStore(history_retention=None)
+    opened: list[SqliteStore] = []
+
+    def open_(**kw: Any) -> Store:
+        if request.param == "memory":
+            return memory
+        for store in opened:
+            store.close()
+        kw.setdefault("history_retention", None)
+        store = SqliteStore(db_path, **kw)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()

@@ -130,3 +130,13 @@ def flapping_scenarios(draw: st.DrawFn) -> dict[str, Any]:
         },
         "sessions": groups,
     }
+
+
+#: Which store backs an engine in the persistence tests.
+store_kinds = st.sampled_from(["memory", "sqlite"])
+
+#: ``operations`` plus ``("restart",)`` about one time in four: the process
+#: dies and a new engine recovers from its store.
+operations_with_restarts: st.SearchStrategy[tuple[Any, ...]] = st.integers(0, 3).flatmap(
+    lambda i: st.just(("restart",)) if i == 0 else operations
+)
