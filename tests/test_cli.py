@@ -1,0 +1,374 @@
+"""The command line through its entry point: simulate, and operating a real store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+
+from sessionfsm import Engine, Policy, SqliteStore
+
+Cli = Callable[..., Result]
+
+
+def _json(result: Result) -> Any:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _one_line_error(result: Result, code: int = 1) -> str:
+    """The error: exit ``code``, one line on stderr, no traceback, nothing on stdout."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    if code == 1:
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("sessionfsm: error: ")
+        assert result.stdout == ""
+    return lines[-1]
+
+
+def _real_service_db(path: Path, sessions: int = 3) -> None:
+    """A database a service wrote: sessions, and no simulation marker."""
+    store = SqliteStore(path)
+    engine = Engine(Policy(), store=store, log=False)
+    for i in range(sessions):
+        engine.enqueue(f"real{i}", now=1_700_000_000.0)
+    store.close()
+
+
+# ---------------------------------------------------------------- simulate
+
+
+def test_simulate_incident_json_has_the_figures(sessionfsm_cli: Cli) -> None:
+    """`simulate incident --json`: one dead letter, after 5 RateLimited, then a quiet log."""
+    data = _json(sessionfsm_cli("simulate", "incident", "--json"))
+    for key in ("synced", "dead_lettered", "wrongly_dead_lettered", "attempts", "drain_time_s"):
+        assert key in data
+    assert data["dead_lettered"] == {"RateLimited": 1}
+    assert data["wrongly_dead_lettered"] == 0
+    assert data["synced"] == data["sessions"] - 1
+    assert data["attempts"] > data["synced"]
+    assert data["drain_time_s"] > 0
+    assert data["log_lines_per_session"]["after_dead_letter"] == 0
+    (big,) = data["invalid_sessions"]
+    assert big["answers"]["RateLimited"] == 5
+    assert (big["log_lines"], big["log_lines_after_dead_letter"]) == (5, 0)
+    assert data["db"] == "sessionfsm.db"
+
+
+def test_simulate_flapping_relay_wrongly_dead_letters_nobody(sessionfsm_cli: Cli) -> None:
+    """On flapping-relay no valid session is dead-lettered."""
+    data = _json(sessionfsm_cli("simulate", "flapping-relay", "--json"))
+    assert data["wrongly_dead_lettered"] == 0
+    assert data["dead_lettered"] == {}
+
+
+def test_simulate_prints_the_summary_table(sessionfsm_cli: Cli) -> None:
+    """Without --json the figures come as a table, with the database it saved to."""
+    result = sessionfsm_cli("simulate", "incident")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for label in (
+        "synced",
+        "dead-lettered",
+        "valid sessions wrongly dead-lettered",
+        "attempts (session sends)",
+        "wasted sends",
+        "time to drain (simulated)",
+        "log lines per session",
+        "oversized big-0001",
+    ):
+        assert label in out, label
+    assert "1 (RateLimited 1)" in out
+    assert "saved to sessionfsm.db" in out
+
+
+def test_simulate_twice_replaces_the_previous_simulation(
+    sessionfsm_cli: Cli, tmp_path: Path
+) -> None:
+    """A second `simulate` replaces the first run's database, says so, and matches it."""
+    first = _json(sessionfsm_cli("simulate", "incident", "--json"))
+    second = sessionfsm_cli("simulate", "incident", "--json")
+    assert "replaced the previous simulation of 'incident'" in second.stderr
+    assert _json(second) == first
+    status = _json(sessionfsm_cli("status", "--json"))
+    assert status["sessions"] == first["sessions"]
+
+
+def test_simulate_refuses_a_database_a_service_wrote(sessionfsm_cli: Cli, tmp_path: Path) -> None:
+    """A database holding a service's sessions is refused (exit 1) unless --fresh."""
+    _real_service_db(tmp_path / "service.db")
+    result = sessionfsm_cli("simulate", "incident", "--db", "service.db")
+    message = _one_line_error(result)
+    assert "holds 3 sessions that no simulation wrote" in message
+    assert "--fresh" in message
+    with SqliteStore(tmp_path / "service.db", readonly=True) as store:
+        assert sum(store.counts().values()) == 3  # untouched
+    data = _json(sessionfsm_cli("simulate", "incident", "--db", "service.db", "--fresh", "--json"))
+    assert data["synced"] == 45
+
+
+def test_simulate_leaves_a_foreign_file_alone(sessionfsm_cli: Cli, tmp_path: Path) -> None:
+    """A file that is not a sessionfsm database is never touched, even with --fresh."""
+    (tmp_path / "notes.db").write_text("my notes\n")
+    message = _one_line_error(sessionfsm_cli("simulate", "--db", "notes.db", "--fresh"))
+    assert "not a SQLite database" in message
+    assert (tmp_path / "notes.db").read_text() == "my notes\n"
+
+
+def test_simulate_a_scenario_file_with_a_policy(
+    sessionfsm_cli: Cli, scenario_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A scenario file and a policy file are taken from paths."""
+    path = scenario_file(
+        '[relay]\nsize_limit_bytes = 50\n[[sessions]]\nname = "x"\ncount = 2\nsize_bytes = 99\n'
+    )
+    (tmp_path / "policy.toml").write_text("[rate_limited]\nthreshold = 2\n")
+    data = _json(sessionfsm_cli("simulate", str(path), "--policy", "policy.toml", "--json"))
+    assert data["scenario"] == "custom"
+    assert data["dead_lettered"] == {"RateLimited": 2}
+    assert data["attempts"] == 4
+    assert data["policy"].startswith("RateLimited 2 x")
+
+
+def test_simulate_seed_is_reported_and_changes_the_run(sessionfsm_cli: Cli) -> None:
+    """--seed overrides the scenario's seed."""
+    data = _json(sessionfsm_cli("simulate", "steady", "--seed", "9", "--json"))
+    assert data["seed"] == 9
+
+
+def test_simulate_log_level_does_not_change_the_figures(sessionfsm_cli: Cli) -> None:
+    """--log-level info shows the deferrals, and the log figures stay the same."""
+    quiet = _json(sessionfsm_cli("simulate", "incident", "--json"))
+    loud = sessionfsm_cli("--log-level", "info", "--log-json", "simulate", "incident", "--json")
+    events = [json.loads(line) for line in loud.stderr.splitlines() if line.startswith("{")]
+    about_big = [e["event"] for e in events if e.get("session_id") == "big-0001"]
+    assert about_big == ["sessionfsm.deferred"] * 4 + ["sessionfsm.dead_lettered"]
+    assert _json(loud)["log_lines_per_session"] == quiet["log_lines_per_session"]
+
+
+def test_simulate_list_names_the_shipped_scenarios(sessionfsm_cli: Cli) -> None:
+    """--list prints every shipped scenario with its description."""
+    result = sessionfsm_cli("simulate", "--list")
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert {"incident", "flapping-relay", "outage-3min", "steady"} <= set(names)
+
+
+def test_simulate_unknown_scenario_is_a_usage_error(sessionfsm_cli: Cli) -> None:
+    """An unknown scenario name exits 2 and lists the shipped ones."""
+    message = _one_line_error(sessionfsm_cli("simulate", "nope"), code=2)
+    assert "incident" in message
+
+
+def test_simulate_bad_scenario_file_names_file_and_field(
+    sessionfsm_cli: Cli, scenario_file: Callable[..., Path]
+) -> None:
+    """A bad scenario file exits 1 with one line naming the file and the field."""
+    path = scenario_file('[[sessions]]\nname = "s"\ncount = -2\n', "broken.toml")
+    message = _one_line_error(sessionfsm_cli("simulate", str(path)))
+    assert "broken.toml" in message
+    assert "$.sessions[0].count" in message
+
+
+def test_simulate_bad_policy_file_is_one_line(sessionfsm_cli: Cli, tmp_path: Path) -> None:
+    """A bad policy file exits 1 with one line naming it."""
+    (tmp_path / "p.toml").write_text("batch_size = 0\n")
+    message = _one_line_error(sessionfsm_cli("simulate", "--policy", "p.toml"))
+    assert "p.toml" in message
+    assert "batch_size" in message
+
+
+def test_simulate_plot_without_matplotlib_says_what_to_install(
+    sessionfsm_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--plot without matplotlib fails before running, naming the extra to install."""
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    message = _one_line_error(sessionfsm_cli("simulate", "--plot", "t.png"))
+    assert "sessionfsm[plot]" in message
+    assert not (tmp_path / "sessionfsm.db").exists()
+
+
+def test_simulate_plot_writes_the_timeline(sessionfsm_cli: Cli, tmp_path: Path) -> None:
+    """--plot FILE.svg writes the timeline next to the summary."""
+    pytest.importorskip("matplotlib")
+    result = sessionfsm_cli("simulate", "incident", "--plot", "t.svg")
+    assert result.exit_code == 0, result.output
+    assert "timeline written to t.svg" in result.stdout
+    assert "<svg" in (tmp_path / "t.svg").read_text()
+
+
+def test_simulate_plot_and_sweep_do_not_mix(sessionfsm_cli: Cli) -> None:
+    """--plot draws one run, so it cannot go with --sweep (exit 2)."""
+    _one_line_error(sessionfsm_cli("simulate", "--sweep", "--plot", "t.png"), code=2)
+
+
+def test_sweep_prints_the_trade_off(sessionfsm_cli: Cli, tmp_path: Path) -> None:
+    """--sweep prints one trade-off row per policy and never touches the database."""
+    result = sessionfsm_cli("simulate", "slow-throttle", "--sweep")
+    assert result.exit_code == 0, result.output
+    assert "wrongly dead-lettered" in result.stdout
+    assert "wasted sends" in result.stdout
+    assert "5 *" in result.stdout  # the policy given is marked
+    assert not (tmp_path / "sessionfsm.db").exists()
+    data = _json(
+        sessionfsm_cli(
+            "simulate", "slow-throttle", "--sweep", "--json", "--thresholds", "3,12",
+            "--backoffs", "fixed:10,fixed:60",
+        )
+    )  # fmt: skip
+    rows = {(r["threshold"], r["backoff"]): r for r in data["rows"]}
+    assert len(rows) == 4
+    assert rows[(12, "60 s")]["wrongly_dead_lettered"] == 0
+    assert rows[(3, "10 s")]["wrongly_dead_lettered"] > 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--thresholds", "0"),
+        ("--thresholds", "five"),
+        ("--backoffs", "linear:3"),
+        ("--backoffs", ""),
+    ],
+)
+def test_sweep_bad_grid_is_a_usage_error(sessionfsm_cli: Cli, args: tuple[str, str]) -> None:
+    """A bad threshold or backoff in the grid exits 2."""
+    _one_line_error(sessionfsm_cli("simulate", "--sweep", *args), code=2)
+
+
+# ----------------------------------------------------------------- operate
+
+
+@pytest.fixture
+def simulated(sessionfsm_cli: Cli) -> Cli:
+    """The CLI, after `simulate incident` wrote ./sessionfsm.db."""
+    assert sessionfsm_cli("simulate", "incident", "--json").exit_code == 0
+    return sessionfsm_cli
+
+
+def test_status_counts_states_and_the_link(simulated: Cli) -> None:
+    """status shows the sessions by state and the link, as a table or JSON."""
+    data = _json(simulated("status", "--json"))
+    assert data["counts"]["synced"] == 45
+    assert data["counts"]["dead_lettered"] == 1
+    assert data["link"]["state"] == "up"
+    table = simulated("status")
+    assert "dead_lettered │ 1" in table.stdout
+    assert "link up" in table.stdout
+
+
+def test_dead_letters_lists_reason_attempts_and_when(simulated: Cli) -> None:
+    """dead-letters lists each dead letter with its reason, attempts and time."""
+    data = _json(simulated("dead-letters", "--json"))
+    assert data["by_reason"] == {"RateLimited": 1}
+    (entry,) = data["sessions"]
+    assert (entry["id"], entry["reason"]) == ("big-0001", "RateLimited")
+    assert entry["dead_lettered_at"] > 0
+    assert _json(simulated("dead-letters", "--reason", "AckTimeout", "--json"))["total"] == 0
+    assert "big-0001" in simulated("dead-letters").stdout
+
+
+def test_history_shows_the_five_rate_limited_transitions(simulated: Cli) -> None:
+    """history shows every transition; the 5th rate_limited dead-letters the session."""
+    data = _json(simulated("history", "big-0001", "--json"))
+    limited = [h["target"] for h in data["history"] if h["event"] == "rate_limited"]
+    assert limited == ["backoff"] * 4 + ["dead_lettered"]
+    assert data["session"]["state"] == "dead_lettered"
+    last = _json(simulated("history", "big-0001", "--limit", "1", "--json"))["history"]
+    assert [h["event"] for h in last] == ["rate_limited"]
+    assert "rate_limited" in simulated("history", "big-0001").stdout
+
+
+def test_history_of_an_unknown_session_fails_in_one_line(simulated: Cli) -> None:
+    """history of a session the database never saw exits 1."""
+    assert "unknown session 'ghost'" in _one_line_error(simulated("history", "ghost"))
+
+
+def test_redrive_one_session_requeues_it(simulated: Cli) -> None:
+    """redrive SESSION_ID moves the dead letter back to queued, counters cleared."""
+    data = _json(simulated("redrive", "big-0001", "--json"))
+    assert data == {"db": "sessionfsm.db", "redriven": ["big-0001"], "dead_letters_left": 0}
+    status = _json(simulated("status", "--json"))
+    assert status["counts"]["queued"] == 1
+    assert status["counts"]["dead_lettered"] == 0
+    events = [h["event"] for h in _json(simulated("history", "big-0001", "--json"))["history"]]
+    assert events[-1] == "redriven"
+
+
+def test_redrive_by_reason_with_a_limit(simulated: Cli) -> None:
+    """redrive --reason R --limit N redrives at most N of that reason."""
+    assert _json(simulated("redrive", "--reason", "AckTimeout", "--json"))["redriven"] == []
+    data = _json(simulated("redrive", "--reason", "RateLimited", "--limit", "1", "--json"))
+    assert data["redriven"] == ["big-0001"]
+    assert "redrove 0 sessions" in simulated("redrive", "--all").stdout
+
+
+def test_redrive_a_session_that_is_not_dead_fails_in_one_line(simulated: Cli) -> None:
+    """Redriving a synced session is refused with the state named."""
+    message = _one_line_error(simulated("redrive", "s-0001"))
+    assert "cannot apply redriven to session 's-0001' in state synced" in message
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("big-0001", "--all"), ("--all", "--reason", "RateLimited"), ("big-0001", "--limit", "2")],
+)
+def test_redrive_needs_exactly_one_target(simulated: Cli, args: tuple[str, ...]) -> None:
+    """redrive takes one of SESSION_ID, --all or --reason (else exit 2)."""
+    _one_line_error(simulated("redrive", *args), code=2)
+
+
+def test_redrive_refuses_a_database_a_service_holds(simulated: Cli, tmp_path: Path) -> None:
+    """While a service holds the database, redrive fails in one line and status still works."""
+    holder = SqliteStore(tmp_path / "sessionfsm.db")
+    try:
+        assert "holds it for writing" in _one_line_error(simulated("redrive", "--all"))
+        assert _json(simulated("status", "--json"))["counts"]["dead_lettered"] == 1
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize(
+    "command", [("status",), ("dead-letters",), ("history", "x"), ("redrive", "--all")]
+)
+def test_a_missing_database_is_not_created(
+    sessionfsm_cli: Cli, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """Pointing an operating command at a missing database fails and creates nothing."""
+    message = _one_line_error(sessionfsm_cli(*command, "--db", "missing.db"))
+    assert "missing.db" in message
+    assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.mark.parametrize(
+    "command", ["simulate", "status", "dead-letters", "history", "redrive", None]
+)
+def test_every_command_has_help(sessionfsm_cli: Cli, command: str | None) -> None:
+    """--help works on the group and on every command (exit 0)."""
+    args = [command, "--help"] if command else ["--help"]
+    result = sessionfsm_cli(*args)
+    assert result.exit_code == 0
+    assert "Usage:" in result.stdout
+
+
+def test_the_installed_entry_point_runs_the_main_job(tmp_path: Path) -> None:
+    """`python -m sessionfsm simulate incident --json` works as a real process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sessionfsm", "simulate", "incident", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["dead_lettered"] == {"RateLimited": 1}
+    assert (tmp_path / "sessionfsm.db").exists()
