@@ -21,6 +21,7 @@ import structlog
 
 from . import acks
 from ._errors import SessionFSMError
+from .bench import command as bench_command
 from .diagrams import command as diagrams_command
 from .engine import Engine
 from .machine import CHARGED_REASONS
@@ -142,6 +143,7 @@ def _print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]
 
 
 main.add_command(diagrams_command)
+main.add_command(bench_command)
 
 
 # ------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""The benchmark at tiny sizes: its structure, its fairness checks and ``--check``.
+
+Nothing here asserts a time: timings belong to ``sessionfsm bench --check``
+on a quiet machine, never to a unit test.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from sessionfsm import SessionState, bench
+from sessionfsm.bench import Floor, Report, ScanQueue, Sizes, Stat
+from sessionfsm.cli import main
+
+TINY = Sizes(
+    repeat=2,
+    ack_sessions=200,
+    ack_reference_sessions=30,
+    tick_sessions=(100, 400),
+    ticks_per_round=3,
+    memory_sessions=(200,),
+    memory_reference_sessions=20,
+    store_deltas_sessions=100,
+    store_recovery_sessions=300,
+    startup_sessions=200,
+)
+
+
+@functools.cache
+def tiny_report() -> Report:
+    return bench.run(TINY, mode="tiny")
+
+
+def test_session_ids_are_uuid_like_distinct_and_reproducible() -> None:
+    """Ids are distinct 36-character UUID-like strings, the same for the same seed."""
+    ids = bench.session_ids(500)
+    assert len(set(ids)) == 500
+    assert all(len(sid) == 36 and sid.count("-") == 4 for sid in ids)
+    assert bench.session_ids(500) == ids
+    assert bench.session_ids(500, seed=8) != ids
+
+
+def test_ack_mix_exercises_every_ack_and_mostly_succeeds() -> None:
+    """The scripted answers contain every ack type, Ok most often."""
+    kinds = {type(ack).__name__ for ack in bench.ACK_MIX}
+    assert kinds == {"Ok", "RateLimited", "AckTimeout", "PayloadTooLarge", "RelayUnavailable"}
+    ok = sum(type(ack).__name__ == "Ok" for ack in bench.ACK_MIX)
+    assert ok / len(bench.ACK_MIX) > 0.5
+
+
+@pytest.mark.parametrize("n", [1, 37, 600])
+def test_floor_ends_every_session_exactly_as_the_engine(n: int) -> None:
+    """The floor does the engine's work: same acks answered, same end state per session."""
+    ids = bench.session_ids(n)
+    floor, engine = Floor(), bench._engine("compiled")
+    assert bench.drive(floor, ids) == bench.drive(engine, ids)
+    assert bench.outcome(floor) == bench.outcome(engine)
+    states = {state for state, *_ in bench.outcome(engine).values()}
+    assert states <= {"synced", "dead_lettered"}
+
+
+def test_reference_runtime_ends_every_session_as_the_compiled_one() -> None:
+    """Under the benchmark's script the reference runtime agrees with the compiled one."""
+    ids = bench.session_ids(40)
+    compiled, reference = bench._engine("compiled"), bench._engine("reference")
+    assert bench.drive(compiled, ids) == bench.drive(reference, ids)
+    assert bench.outcome(compiled) == bench.outcome(reference)
+
+
+def test_every_session_is_answered_at_least_once() -> None:
+    """An ack is one session answered: a run takes at least one per session."""
+    ids = bench.session_ids(300)
+    engine = bench._engine("compiled")
+    answered = bench.drive(engine, ids)
+    assert answered >= len(ids)
+    assert engine.idle()
+
+
+def test_ack_cost_rows_and_ratios() -> None:
+    """Per-ack rows cover floor, compiled and reference; ratios are positive and paired."""
+    ack = tiny_report().ack
+    keys = [(row.impl, row.sessions) for row in ack.rows]
+    assert keys == [
+        ("floor", 200),
+        ("compiled", 200),
+        ("floor", 30),
+        ("compiled", 30),
+        ("reference", 30),
+    ]
+    for row in ack.rows:
+        assert row.acks >= row.sessions
+        assert len(row.us_per_ack.samples) == TINY.repeat
+        assert 0 < row.us_per_ack.low <= row.us_per_ack.median <= row.us_per_ack.high
+    acks_at = {(row.impl, row.sessions): row.acks for row in ack.rows}
+    assert acks_at["floor", 30] == acks_at["compiled", 30] == acks_at["reference", 30]
+    for ratio in (
+        ack.reference_over_compiled,
+        ack.compiled_over_floor,
+        ack.compiled_over_floor_small,
+    ):
+        assert ratio.median > 0
+        assert len(ratio.samples) == TINY.repeat
+
+
+def test_tick_population_is_half_backed_off_half_queued() -> None:
+    """The tick benchmark's engine holds half its sessions in backoff, half queued."""
+    engine = bench.tick_population(bench.session_ids(200))
+    counts = engine.counts()
+    assert counts[SessionState.BACKOFF] == 100
+    assert counts[SessionState.QUEUED] == 100
+    engine.check()
+
+
+def test_scan_baseline_skips_backed_off_and_in_flight_sessions() -> None:
+    """The scanning pick takes the first due sessions not in flight, in queue order."""
+    scan = ScanQueue(size=2)
+    for sid in ("a", "b", "c", "d", "e"):
+        scan.queue[sid] = None
+    scan.retry_at["a"] = 100.0
+    assert scan.pick(now=0.0) == ["b", "c"]
+    assert scan.pick(now=0.0) == ["d", "e"]
+    scan.synced_and_changed(["b", "c"])
+    assert scan.pick(now=200.0) == ["a", "b"]
+
+
+def test_tick_cost_rows_and_growth() -> None:
+    """Tick rows are per size, engine and scan; growth is largest over smallest."""
+    tick = tiny_report().tick
+    assert [row.sessions for row in tick.rows] == [100, 400]
+    for row in tick.rows:
+        assert row.engine_us.median > 0
+        assert row.scan_us.median > 0
+    first, last = tick.rows[0], tick.rows[-1]
+    want = [a / b for a, b in zip(last.engine_us.samples, first.engine_us.samples, strict=True)]
+    assert tick.engine_growth.samples == pytest.approx(want)
+    assert tick.scan_growth.median > 0
+
+
+def test_memory_rows_cover_both_runtimes_and_price_the_id() -> None:
+    """Memory rows cover both runtimes; the reference costs more; the id is priced."""
+    rows = tiny_report().memory
+    by_key = {(r.runtime, r.population, r.sessions): r for r in rows}
+    assert set(by_key) == {
+        ("reference", "one attempt", 20),
+        ("compiled", "one attempt", 20),
+        ("compiled", "enqueued", 200),
+        ("compiled", "one attempt", 200),
+    }
+    assert all(r.bytes_per_session > 0 for r in rows)
+    assert all(r.id_bytes == sys.getsizeof("x" * 36) for r in rows)
+    reference = by_key["reference", "one attempt", 20].bytes_per_session
+    assert reference > by_key["compiled", "one attempt", 20].bytes_per_session
+
+
+def test_store_cost_measures_saves_and_recovery() -> None:
+    """The store section replays deltas, drives the engine live and recovers every session."""
+    store = tiny_report().store
+    if not store.available:
+        pytest.skip(store.note)
+    assert store.deltas > 0
+    assert store.transitions >= store.deltas
+    assert store.transitions_per_s is not None
+    assert store.transitions_per_s.median > 0
+    assert store.engine_transitions_per_s is not None
+    assert store.recovery_sessions == TINY.store_recovery_sessions
+    assert store.recovery_s is not None
+    assert len(store.recovery_s.samples) == TINY.repeat
+
+
+def test_startup_times_engine_and_floor() -> None:
+    """Start-up times both enqueues at the asked size, paired round by round."""
+    startup = tiny_report().startup
+    assert startup.sessions == TINY.startup_sessions
+    assert len(startup.engine_over_floor.samples) == TINY.repeat
+    assert startup.engine_over_floor.median > 0
+
+
+def test_report_round_trips_through_json_and_renders() -> None:
+    """The report encodes to JSON and back, and the table names every section."""
+    report = tiny_report()
+    again = msgspec.json.decode(msgspec.json.encode(report), type=Report)
+    assert again == report
+    names = [row[0] for row in bench.rows(report)]
+    for prefix in ("per ack", "tick", "memory", "store", "start-up"):
+        assert any(name.startswith(prefix) for name in names), prefix
+    assert [t.key for t in report.targets] == [
+        "ack_vs_reference",
+        "ack_vs_floor",
+        "tick_growth",
+        "memory",
+        "store_throughput",
+        "recovery",
+    ]
+
+
+def test_check_flags_each_missed_target_by_name() -> None:
+    """Fake numbers that miss two targets produce one line naming each."""
+    report = tiny_report()
+    ack = msgspec.structs.replace(
+        report.ack,
+        reference_over_compiled=Stat.of([10.0]),
+        compiled_over_floor=Stat.of([2.0]),
+    )
+    tick = msgspec.structs.replace(report.tick, engine_growth=Stat.of([3.5]))
+    targets = bench.evaluate(ack, tick, report.memory, report.store)
+    lines = bench.missed(targets)
+    assert any(line.startswith("ack_vs_reference:") and "10" in line for line in lines)
+    assert any(line.startswith("tick_growth:") and "3.5" in line for line in lines)
+    assert not any(line.startswith("ack_vs_floor:") for line in lines)
+
+
+def test_check_passes_good_numbers_and_refuses_unmeasured_ones() -> None:
+    """Numbers inside every limit pass; a target this run did not measure is listed."""
+    report = tiny_report()
+    ack = msgspec.structs.replace(
+        report.ack,
+        reference_over_compiled=Stat.of([80.0]),
+        compiled_over_floor=Stat.of([4.0]),
+    )
+    tick = msgspec.structs.replace(report.tick, engine_growth=Stat.of([1.2]))
+    memory = [msgspec.structs.replace(r, bytes_per_session=100.0) for r in report.memory]
+    good_store = bench.StoreCost(
+        available=True,
+        note="fake",
+        transitions_per_s=Stat.of([200_000.0]),
+        recovery_sessions=1_000_000,
+        recovery_s=Stat.of([3.0]),
+    )
+    assert bench.missed(bench.evaluate(ack, tick, memory, good_store)) == []
+    no_store = bench.StoreCost(available=False, note="no store")
+    lines = bench.missed(bench.evaluate(ack, tick, memory, no_store))
+    assert [line.split(":")[0] for line in lines] == ["store_throughput", "recovery"]
+    assert all("not measured" in line for line in lines)
+
+
+def test_cli_check_exits_1_naming_the_missed_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sessionfsm bench --check`` exits 1 and names each missed target on stderr."""
+    report = tiny_report()
+    worse = msgspec.structs.replace(
+        report,
+        targets=bench.evaluate(
+            msgspec.structs.replace(report.ack, compiled_over_floor=Stat.of([20.0])),
+            report.tick,
+            report.memory,
+            report.store,
+        ),
+    )
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: worse)
+    result = CliRunner().invoke(main, ["bench", "--quick", "--check"])
+    assert result.exit_code == 1
+    assert "missed target ack_vs_floor" in result.output
+
+
+def test_cli_json_is_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sessionfsm bench --json`` prints the whole report as JSON."""
+    report = tiny_report()
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: report)
+    result = CliRunner().invoke(main, ["bench", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    start = result.output.index("{")
+    assert msgspec.json.decode(result.output[start:], type=Report) == report
