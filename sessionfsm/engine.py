@@ -66,6 +66,9 @@ _BACKOFF: Final = SessionState.BACKOFF
 _DEAD: Final = SessionState.DEAD_LETTERED
 _INCREMENTAL: Final = Lane.INCREMENTAL
 _BACKFILL: Final = Lane.BACKFILL
+# Lane by name or by member: a StrEnum hashes as its value, so one dict
+# lookup replaces the much slower ``Lane(lane)`` on every enqueue.
+_LANES: Final[dict[str, Lane]] = {lane.value: lane for lane in Lane}
 # How many closed batch ids to remember, to tell a late ack from a bogus one.
 _CLOSED_MEMORY: Final = 4096
 
@@ -106,12 +109,14 @@ class LinkView(msgspec.Struct, frozen=True):
 
 
 class _OpenBatch:
-    __slots__ = ("batch", "pending")
+    __slots__ = ("batch", "losses", "pending")
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, losses: int) -> None:
         self.batch = batch
         # Sessions still awaiting their ack; a dict keeps the batch's order.
         self.pending: dict[str, None] = dict.fromkeys(batch.session_ids)
+        # How many times the link had been lost when this batch was sent.
+        self.losses = losses
 
 
 def _view(rec: SessionRecord) -> SessionView:
@@ -152,6 +157,7 @@ class Engine:
             raise UsageError(f"policy must be a sessionfsm.Policy, got {self.policy!r}")
         self._rng = rng if rng is not None else random.Random()
         self._log = get_logger(log)
+        self._logging = log
         self._runtime: Runtime
         self._link_runtime: Runtime
         if runtime == "compiled":
@@ -181,6 +187,8 @@ class Engine:
         }
         self._now = 0.0
         self._link = LinkRecord()
+        # Times the link was lost, ever; tells a batch whose ack the outage ate.
+        self._link_losses = 0
         self._by_state: Counter[SessionState] = Counter()
         self._dead: dict[str, None] = {}
         #: Inputs that were ignored or clamped, by kind; see ``anomalies``.
@@ -219,12 +227,12 @@ class Engine:
         """
         if not isinstance(session_id, str) or not session_id:
             raise UsageError(f"session id must be a non-empty string, got {session_id!r}")
-        try:
-            lane = Lane(lane)
-        except ValueError:
+        lane_ = _LANES.get(lane) if isinstance(lane, str) else None
+        if lane_ is None:
             raise UsageError(
                 f"lane must be one of {', '.join(Lane)}, got {lane!r} for session {session_id!r}"
-            ) from None
+            )
+        lane = lane_
         if now is not None:
             self._clock(now)
         rec = self._sessions.get(session_id)
@@ -609,10 +617,7 @@ class Engine:
                 self._dead[rec.id] = None
             if source is _DEAD:
                 del self._dead[rec.id]
-        reason = CHARGED_REASONS[step.reason] if step.reason >= 0 else None
-        if reason is None and step.ack is not None:
-            reason = type(step.ack).__name__
-        self._pending.append((rec, source, target, event, reason, rec.attempts))
+        self._pending.append((rec, source, target, event, step.reason_name, rec.attempts))
         return True
 
     def _fire_link(self, event: str, step: Step) -> None:
@@ -625,6 +630,7 @@ class Engine:
             return
         self._link_changed = True
         if event == "lost":
+            self._link_losses += 1
             self._log.info(
                 "sessionfsm.link_paused", failures=link.failures, resume_at=link.resume_at
             )
@@ -638,15 +644,24 @@ class Engine:
             open_batch = self._batches.get(batch_id)
             if open_batch is None:
                 continue  # already answered
+            # If the link was lost after this batch left, the outage ate the
+            # ack: that is the transport's fault and is charged to nobody
+            # (invariant 4). Otherwise the relay really did not answer.
+            lost = open_batch.losses != self._link_losses
+            ack: acks.Ack = acks.RelayUnavailable() if lost else acks.AckTimeout()
+            event = ACK_EVENTS[type(ack)]
             self._log.info(
                 "sessionfsm.batch_timed_out",
                 batch_id=batch_id,
                 sessions=len(open_batch.pending),
+                charged=not lost,
             )
-            timeout = acks.AckTimeout()
             step = self._step
+            requeued: list[str] = []
             for sid in open_batch.pending:
-                self._fire(self._sessions[sid], "timed_out", step.load(now, timeout))
+                self._fire(self._sessions[sid], event, step.load(now, ack), front=requeued)
+            for sid in reversed(requeued):
+                self._ready[self._sessions[sid].lane].appendleft(sid)
             open_batch.pending.clear()
             self._close(batch_id, "late_ack")
 
@@ -732,7 +747,7 @@ class Engine:
         batch = Batch(
             id=batch_id, lane=lane, session_ids=tuple(ids), sent_at=now, deadline=deadline
         )
-        self._batches[batch_id] = _OpenBatch(batch)
+        self._batches[batch_id] = _OpenBatch(batch, self._link_losses)
         heapq.heappush(self._deadlines, (deadline, batch_id))
         return batch
 
@@ -764,7 +779,7 @@ class Engine:
         if not pending and not self._link_changed:
             return
         log = self._log
-        for rec, source, state, _event, reason, _attempts in pending:
+        for rec, source, state, _event, reason, _attempts in pending if self._logging else ():
             if state is _BACKOFF and source is _IN_FLIGHT:
                 # At most one info line per deferral.
                 index = CHARGED_REASONS.index(reason) if reason else -1
