@@ -326,16 +326,20 @@ class Runner:
             self._wake.set()
 
     async def _watch(self, reporter: LinkReporter) -> None:
-        async for raw in reporter.link_events():
-            try:
-                event = LinkEvent(raw)
-            except ValueError:
-                self._log.warning("sessionfsm.link_event_ignored", link_event=repr(raw))
-                continue
-            if event is LinkEvent.READY:
-                self.relay_ready()
-            else:
-                self.relay_unavailable()
+        try:
+            async for raw in reporter.link_events():
+                try:
+                    event = LinkEvent(raw)
+                except ValueError:
+                    self._log.warning("sessionfsm.link_event_ignored", link_event=repr(raw))
+                    continue
+                if event is LinkEvent.READY:
+                    self.relay_ready()
+                else:
+                    self.relay_unavailable()
+        except Exception as exc:
+            # Sending goes on without reports: RelayUnavailable acks still pause the link.
+            self._log.error("sessionfsm.link_events_failed", error=repr(exc), exc_info=True)
 
     async def _drain(self) -> None:
         """Give sends under way up to ``grace_s`` to bring their answers back."""

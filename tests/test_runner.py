@@ -376,6 +376,21 @@ def test_runner_applies_link_events_from_the_transport() -> None:
     assert seen == [LinkState.PAUSED, LinkState.UP]
 
 
+def test_runner_keeps_sending_when_link_events_fail() -> None:
+    """A link_events iterator that raises is logged; batches still go and sync."""
+    engine = Engine(Policy(), log=False)
+    engine.enqueue("a", now=0.0)
+
+    class Broken(_Transport):
+        async def link_events(self) -> AsyncIterator[LinkEvent]:
+            raise OSError("watcher died")
+            yield LinkEvent.READY  # pragma: no cover - makes this an async generator
+
+    clock = FakeClock()
+    asyncio.run(_runner(engine, Broken(), clock).run(until_idle=True))
+    assert engine.state("a") is SessionState.SYNCED
+
+
 def test_runner_stop_keeps_unanswered_sessions_for_the_next_run() -> None:
     """A send cut off at stop stays in flight in the store; the next engine requeues it."""
     store = _KeptStore()
