@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -1051,3 +1052,14 @@ def test_every_transition_reaches_the_store_in_order(open_store: OpenStore) -> N
     for sid, changes in seen.items():
         acked = [c for c in store.history(sid) if c.event not in ("enqueued", "sent", "elapsed")]  # type: ignore[attr-defined]
         assert [msgspec.to_builtins(c) for c in acked] == [msgspec.to_builtins(c) for c in changes]
+
+
+def test_readme_durable_state_example_runs(tmp_path: Path) -> None:
+    """The README's durable-state example runs as written (in a temporary directory)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    match = re.search(r"## Durable state\n.*?```python\n(.*?)```", readme, re.S)
+    assert match, "the README lost its durable-state example"
+    code = match.group(1).replace("/var/lib/myapp/sessions.db", str(tmp_path / "sessions.db"))
+    exec(compile(code, "README.md", "exec"), {})
+    with SqliteStore(tmp_path / "sessions.db", readonly=True) as store:
+        assert store.session("s1").state is IN_FLIGHT
