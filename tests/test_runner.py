@@ -471,11 +471,13 @@ def test_runner_stops_cleanly_on_sigterm() -> None:
     store = MemoryStore()
     engine = Engine(Policy(), store=store, log=False)
     _enqueue(engine, 3)
-    runner = Runner(engine, _Transport(), store=store, grace_s=1.0)
+    transport = _Transport()
+    runner = Runner(engine, transport, store=store, grace_s=1.0)
 
     async def main() -> None:
         task = asyncio.create_task(runner.run(handle_signals=True))
-        await asyncio.sleep(0.05)
+        while not transport.sent:  # the first send comes after the handlers are in
+            await asyncio.sleep(0)
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(task, timeout=5.0)
 
