@@ -255,6 +255,7 @@ class SqliteStore:
         self._stamps: dict[str, float | None] = {}
         self._since_prune = 0
         self._fresh = False  # no file yet, or an empty one: nothing to lose
+        self._opened = False  # recognised as ours and set up
         self._check_path()
         mode = "ro" if readonly else "rwc"
         try:
@@ -273,6 +274,7 @@ class SqliteStore:
         except BaseException:
             self.close()
             raise
+        self._opened = True
 
     def __repr__(self) -> str:
         return f"SqliteStore({self._where}, readonly={self.readonly})"
@@ -389,7 +391,8 @@ class SqliteStore:
         """Close the database and release the file. Any later call raises ``StoreError``."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            if not self.readonly:
+            # Never on a file that was refused: it may be another application's.
+            if self._opened and not self.readonly:
                 with contextlib.suppress(sqlite3.Error):  # an optimisation only
                     conn.execute("PRAGMA optimize")
             conn.close()
