@@ -33,7 +33,11 @@ What is measured
      ``(state, event)``, a ``deque`` of ready ids, a heap of retry times, a
      heap of batch deadlines, the link pause, per-reason counters and
      thresholds. It does nothing else: no input validation beyond a dict
-     lookup, no history of changes, no logging hooks, no second lane.
+     lookup, no history of changes, no logging hooks, no second lane. Its
+     records are msgspec Structs without GC tracking, like the engine's: a
+     plain ``__slots__`` class is a little faster to write to, but the
+     collector walks it, and at a million sessions that made the floor's
+     enqueue slower than the engine's, which is no floor.
 
    Why the floor is fair: it is checked, once per run, to end with exactly the
    engine's outcome for every session (state, attempts, per-reason counts,
@@ -41,6 +45,9 @@ What is measured
    same work in the same order; it only leaves out what this workload never
    exercises and what the engine offers on top (validation, the list of
    ``Change`` records ``on_ack`` returns, lanes, throttles, anomalies).
+   The shared driver loop costs about 0.13 µs per ack on the README's
+   machine; it is in both figures, which makes compiled / floor roughly 5 to
+   10 % lower than it would be for the bare implementations.
 
 2. **Tick cost versus queue size.** An engine holds n sessions, the first
    half backed off (rate limited, retry far in the future), the second half
