@@ -23,6 +23,7 @@ import structlog
 from . import acks
 from ._errors import SessionFSMError
 from .bench import command as bench_command
+from .check import command as check_command
 from .diagrams import command as diagrams_command
 from .engine import Engine
 from .machine import CHARGED_REASONS
@@ -145,6 +146,7 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
 
 main.add_command(diagrams_command)
 main.add_command(bench_command)
+main.add_command(check_command)
 
 
 # ------------------------------------------------------------------------

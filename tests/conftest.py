@@ -208,3 +208,15 @@ def open_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callab
     yield open_
     for store in opened:
         store.close()
+
+
+# ------------------------------------------------------ the exhaustive check
+
+
+@pytest.fixture(scope="session")
+def checked_two_sessions() -> Any:
+    """``sessionfsm.check.explore(sessions=2)``: the whole reachable space of two
+    sessions under the small policy, explored once per test run (a few seconds)."""
+    from sessionfsm.check import explore
+
+    return explore(sessions=2)

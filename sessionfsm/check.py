@@ -1,0 +1,1399 @@
+"""Prove the invariants: exhaustive bounded exploration of the real engine.
+
+Hypothesis samples event sequences; this module enumerates all of them, the
+way TLA+'s TLC does, for a small configuration: ``k`` sessions in both lanes,
+a small policy and a discrete clock that moves one ``tick_interval_s`` at a
+time. Starting from an empty engine it applies every enabled action
+breadth-first:
+
+* ``enqueue`` of each session in each lane (new, changed or promoted);
+* ``tick`` (which also times out overdue batches and releases due backoffs);
+* ``ack`` of each open batch with each ack kind, and ``ack_session`` of each
+  pending session of each open batch with each ack kind;
+* ``relay_unavailable`` and ``relay_ready``;
+* ``redrive`` of each dead letter;
+* ``advance``: the clock moves one tick.
+
+Each successor is the real :class:`~sessionfsm.Engine` (or your subclass),
+cloned from its parent and driven through its public API. States are
+deduplicated by a canonical key in which every time is relative to the clock
+and clamped where the engine can no longer tell two values apart (a retry
+time in the past is simply due), so the reachable space is finite and the
+search reaches a fixpoint. The key keeps everything that can change what the
+engine does next and drops what it only reports (``attempts``,
+``dead_lettered_at``, ``anomalies``, batch ids).
+
+Session ids are *not* treated as symmetric: the retry heap breaks ties in
+``retry_at`` by session id, so relabelling the sessions of a history does not
+relabel its outcome. Reducing by symmetry would therefore skip real states;
+the search keeps the ids and pays for it in states.
+
+Every transition and every new state is checked against invariants 1-10 of
+:mod:`sessionfsm.machine` (``Engine.check()`` plus the checks below, which
+compare each session before and after the action), and the finished graph
+against two liveness properties. A violation carries the shortest action
+trace from the empty engine; :func:`replay` runs it again and reports the
+same violation, so a trace pastes straight into a regression test.
+
+The search reads the engine's private fields to build its keys and to clone
+it; it is a white-box tool that lives next to the engine on purpose.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeAlias
+
+import click
+import msgspec
+
+from . import acks
+from .engine import Batch, Engine, _OpenBatch
+from .machine import (
+    CHARGED_REASONS,
+    REASON_INDEX,
+    Lane,
+    LinkState,
+    SessionRecord,
+    SessionState,
+)
+from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
+from .runtime import CompiledRuntime
+
+__all__ = [
+    "ACK_KINDS",
+    "CHECK_POLICY",
+    "INVARIANTS",
+    "Action",
+    "CheckResult",
+    "Replay",
+    "Violation",
+    "clone_engine",
+    "command",
+    "describe_trace",
+    "explore",
+    "format_result",
+    "replay",
+]
+
+#: One step of a trace, as plain data: ``("enqueue", "s0", "backfill")``,
+#: ``("tick",)``, ``("advance",)``, ``("ack", 1, "Ok")``,
+#: ``("ack_session", 1, "s0", "RateLimited")``, ``("relay_unavailable",)``,
+#: ``("relay_ready",)``, ``("redrive", "s0")``.
+Action: TypeAlias = tuple[Any, ...]
+EngineFactory: TypeAlias = Callable[[Policy], Engine]
+
+#: The acks the relay may send, by name. ``RateLimited`` carries no
+#: ``retry_after_s``: the search covers the reason's own backoff only.
+ACK_KINDS: Final[dict[str, acks.Ack]] = {
+    "Ok": acks.Ok(),
+    "AckTimeout": acks.AckTimeout(),
+    "RateLimited": acks.RateLimited(),
+    "PayloadTooLarge": acks.PayloadTooLarge(),
+    "RelayUnavailable": acks.RelayUnavailable(),
+}
+
+#: The small policy checked by default. One tick is one second. Thresholds
+#: of 2 (and a non-retryable reason) reach every dead-letter path; the two
+#: charged reasons back off for different times (one tick and two) so that a
+#: mix-up between them shows; the incremental lane is throttled to one batch
+#: per two ticks and one batch may be out at a time, so that both the
+#: interval and the incremental-first rule decide who goes next.
+CHECK_POLICY: Final = Policy(
+    batch_size=2,
+    incremental_interval_s=2.0,
+    backfill_batch_size=1,
+    backfill_interval_s=0.0,
+    max_in_flight=1,
+    ack_timeout_s=2.0,
+    tick_interval_s=1.0,
+    max_backoff_s=10.0,
+    ack_timeout=ReasonPolicy(threshold=2, backoff=Fixed(1.0)),
+    rate_limited=ReasonPolicy(threshold=2, backoff=Fixed(2.0)),
+    payload_too_large=ReasonPolicy(threshold=1, retryable=False),
+    relay_pause=Exponential(base_s=1.0, factor=1.0, cap_s=1.0, jitter=False),
+)
+
+#: Every property checked, by the name used in reports.
+INVARIANTS: Final[dict[str, str]] = {
+    "inv1_one_place": "every session is in exactly one state and one matching place",
+    "inv2_reset_on_success": "Ok clears every counter and the retry time",
+    "inv3_dead_letter_clean": "a dead letter holds no counter or retry time",
+    "inv4_transport_not_charged": "RelayUnavailable never changes counters or dead-letters",
+    "inv5_no_send_before_retry": "no session is sent before its retry time, or unless ready",
+    "inv6_no_starvation": "a tick leaves no lane with a ready session unsent while it may send",
+    "inv7_dead_letter_at_threshold": "dead-letter exactly at the threshold or non-retryable",
+    "inv8_no_lost_update": "a session changed in flight is never marked synced by that ack",
+    "inv9_stamp_only_with_batch": "a lane's throttle stamp moves only when it forms a batch",
+    "inv10_retry_at_and_counts": "retry_at iff backoff; a count grows by one per ack of it",
+    "no_crash": "no action on a valid engine raises",
+    "live_session_can_rest": "from every state each session can still reach synced or dead",
+    "live_lane_served": "a lane with a queued session gets a batch by time passing alone",
+}
+
+_BY_NUMBER: Final = {name.split("_", 1)[0]: name for name in INVARIANTS}
+
+_QUEUED: Final = SessionState.QUEUED
+_IN_FLIGHT: Final = SessionState.IN_FLIGHT
+_BACKOFF: Final = SessionState.BACKOFF
+_SYNCED: Final = SessionState.SYNCED
+_DEAD: Final = SessionState.DEAD_LETTERED
+_LANES: Final = (Lane.INCREMENTAL, Lane.BACKFILL)
+# Keys round relative times so float noise cannot split one state in two.
+_DIGITS: Final = 6
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A broken property and the shortest trace from the empty engine to it."""
+
+    invariant: str
+    message: str
+    trace: tuple[Action, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "invariant": self.invariant,
+            "message": self.message,
+            "trace": [list(a) for a in self.trace],
+        }
+
+
+@dataclass
+class CheckResult:
+    """What a search found. ``complete`` is False when ``depth`` cut it short."""
+
+    sessions: int
+    depth: int | None
+    policy: Policy
+    free_clock: bool = False
+    paced_redrive: bool = False
+    states: int = 0
+    transitions: int = 0
+    #: Property evaluations: one per transition, per new state, and per
+    #: state and session or lane for liveness.
+    checks: int = 0
+    failed_checks: int = 0
+    max_depth: int = 0
+    complete: bool = True
+    seconds: float = 0.0
+    invariants: tuple[str, ...] = tuple(INVARIANTS)
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "states": self.states,
+            "transitions": self.transitions,
+            "invariants": list(self.invariants),
+            "violations": [v.to_json() for v in self.violations],
+            "checks": self.checks,
+            "free_clock": self.free_clock,
+            "paced_redrive": self.paced_redrive,
+            "complete": self.complete,
+            "max_depth": self.max_depth,
+            "seconds": round(self.seconds, 3),
+            "sessions": self.sessions,
+            "depth": self.depth,
+            "policy": msgspec.to_builtins(self.policy),
+        }
+
+
+# --------------------------------------------------------------------------
+# Cloning and observing the engine
+# --------------------------------------------------------------------------
+
+
+def _dup_batch(value: _OpenBatch) -> _OpenBatch:
+    twin = object.__new__(_OpenBatch)
+    for name in _OpenBatch.__slots__:
+        setattr(twin, name, getattr(value, name))
+    twin.pending = dict(value.pending)
+    return twin
+
+
+def _dup_counter(value: Counter[Any]) -> Counter[Any]:
+    twin: Counter[Any] = dict.__new__(Counter)
+    dict.update(twin, value)
+    return twin
+
+
+# Attributes copied by hand in clone_engine, and those shared as they are:
+# immutable values, the stateless compiled runtimes, the logger, the rng (the
+# search uses no jitter, so nothing draws from it) and the per-event scratch
+# ``Step``, which holds nothing between calls.
+_COPIED: Final = frozenset(
+    {
+        "_sessions",
+        "_ready",
+        "_batches",
+        "_retry",
+        "_deadlines",
+        "_closed",
+        "_stamps",
+        "_dead",
+        "_by_state",
+        "_anomalies",
+        "_link",
+        "_redrive_queue",
+        "_redrive_ids",
+    }
+)
+_SHARED: Final = frozenset(
+    {
+        "policy",
+        "_rng",
+        "_log",
+        "_logging",
+        "_runtime",
+        "_link_runtime",
+        "_step",
+        "_lane_size",
+        "_lane_interval",
+        "_store",
+        "_pending",
+        "_link_changed",
+        "_next_batch_id",
+        "_now",
+        "_link_losses",
+        "_redrive_per_tick",
+        "_redrive_last",
+    }
+)
+_IMMUTABLE: Final = (int, float, str, type(None), tuple, frozenset)
+
+
+def clone_engine(engine: Engine) -> Engine:
+    """An independent copy of ``engine``, which must have no store.
+
+    Many times faster than ``copy.deepcopy``, which it matches: records,
+    queues, heaps and batches are copied; the policy, the stateless compiled
+    runtimes, the logger and the rng are shared. An attribute it does not
+    know (a subclass's, say) is deep-copied.
+    """
+    old = engine.__dict__
+    if old["_store"] is not None or old["_pending"]:
+        raise ValueError("clone_engine needs an engine without a store, between calls")
+    if not isinstance(old["_runtime"], CompiledRuntime):
+        raise ValueError("clone_engine needs the compiled runtime")
+    new = object.__new__(type(engine))
+    state = new.__dict__
+    state.update(old)
+    state["_pending"] = []
+    state["_sessions"] = {sid: rec.__copy__() for sid, rec in old["_sessions"].items()}
+    state["_ready"] = {lane: deque(q) for lane, q in old["_ready"].items()}
+    state["_batches"] = {bid: _dup_batch(ob) for bid, ob in old["_batches"].items()}
+    state["_retry"] = old["_retry"][:]
+    state["_deadlines"] = old["_deadlines"][:]
+    state["_closed"] = old["_closed"].copy()
+    state["_stamps"] = old["_stamps"].copy()
+    state["_dead"] = old["_dead"].copy()
+    state["_by_state"] = _dup_counter(old["_by_state"])
+    state["_anomalies"] = _dup_counter(old["_anomalies"])
+    state["_link"] = old["_link"].__copy__()
+    if "_redrive_queue" in old:
+        state["_redrive_queue"] = deque(old["_redrive_queue"])
+        state["_redrive_ids"] = set(old["_redrive_ids"])
+    for name in old.keys() - _COPIED - _SHARED:
+        value = old[name]
+        if not isinstance(value, _IMMUTABLE):
+            state[name] = copy.deepcopy(value)
+    return new
+
+
+def _default_factory(policy: Policy) -> Engine:
+    return Engine(policy, rng=random.Random(0), log=False)
+
+
+def _without_jitter(policy: Policy) -> Policy:
+    """Jitter draws from a continuum; the search uses each draw's upper bound."""
+
+    def fixed(backoff: Fixed | Exponential) -> Fixed | Exponential:
+        if isinstance(backoff, Exponential) and backoff.jitter:
+            return msgspec.structs.replace(backoff, jitter=False)
+        return backoff
+
+    def reason(rp: ReasonPolicy) -> ReasonPolicy:
+        return msgspec.structs.replace(rp, backoff=fixed(rp.backoff))
+
+    pause = policy.relay_pause
+    return msgspec.structs.replace(
+        policy,
+        ack_timeout=reason(policy.ack_timeout),
+        rate_limited=reason(policy.rate_limited),
+        payload_too_large=reason(policy.payload_too_large),
+        relay_pause=msgspec.structs.replace(pause, jitter=False) if pause.jitter else pause,
+    )
+
+
+def _failures_that_matter(pause: Exponential) -> int:
+    """A link that failed this many times or more pauses for the same
+    (capped) time on its next failure, so more failures are all alike."""
+    rng = random.Random(0)
+    last = pause.delay(66, rng)
+    first_capped = next(n for n in range(1, 67) if pause.delay(n, rng) == last)
+    return first_capped - 1
+
+
+@dataclass(frozen=True)
+class _Shadow:
+    """What the checker itself remembers about the history, beside the engine.
+
+    ``stamps``: when each lane last formed a batch, as the checker saw it.
+    ``changed``: sessions enqueued again while in flight (their ack is stale).
+    ``lost``: open batches sent before the link was last lost (the outage ate
+    their ack, so timing them out charges nobody).
+    """
+
+    stamps: tuple[float | None, float | None] = (None, None)
+    changed: frozenset[str] = frozenset()
+    lost: frozenset[int] = frozenset()
+
+
+class _Model:
+    """One configuration: the policy, the session ids and how the clock moves."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        sessions: int,
+        factory: EngineFactory,
+        *,
+        free_clock: bool,
+        paced_redrive: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.ids = tuple(f"s{i}" for i in range(sessions))
+        self.factory = factory
+        self.free_clock = free_clock
+        self.paced_redrive = paced_redrive
+        self.tick_s = policy.tick_interval_s
+        self.intervals = (policy.incremental_interval_s, policy.backfill_interval_s)
+        self.failures_cap = _failures_that_matter(policy.relay_pause)
+        self.rng = random.Random(0)
+        self._intern: dict[Hashable, int] = {}
+
+    def now(self, n: int) -> float:
+        return n * self.tick_s
+
+    # ------------------------------------------------------------- actions
+
+    def actions(self, engine: Engine) -> list[Action]:
+        out: list[Action] = [("tick",), ("advance",)]
+        for sid in self.ids:
+            for lane in _LANES:
+                out.append(("enqueue", sid, lane.value))
+        for ob in engine._batches.values():
+            bid = ob.batch.id
+            for kind in ACK_KINDS:
+                out.append(("ack", bid, kind))
+            if len(ob.pending) > 1:
+                for sid in ob.pending:
+                    for kind in ACK_KINDS:
+                        out.append(("ack_session", bid, sid, kind))
+        out.append(("relay_unavailable",))
+        out.append(("relay_ready",))
+        for sid in engine._dead:
+            out.append(("redrive", sid))
+        if self.paced_redrive and engine._dead.keys() - engine._redrive_ids:
+            out.append(("schedule_redrive",))
+        return out
+
+    def apply(self, engine: Engine, n: int, action: Action) -> tuple[int, list[Batch] | None]:
+        """Run one action on ``engine`` in place.
+
+        Returns the new clock and the batches formed, or None if the engine
+        was not ticked.
+        """
+        kind = action[0]
+        if kind == "advance":
+            n += 1
+            return n, None if self.free_clock else engine.tick(self.now(n))
+        now = self.now(n)
+        if kind == "tick":
+            return n, engine.tick(now)
+        if kind == "enqueue":
+            engine.enqueue(action[1], action[2], now=now)
+        elif kind == "ack":
+            engine.on_ack(action[1], ACK_KINDS[action[2]], now)
+        elif kind == "ack_session":
+            engine.on_ack(action[1], {action[2]: ACK_KINDS[action[3]]}, now)
+        elif kind == "relay_unavailable":
+            engine.relay_unavailable(now)
+        elif kind == "relay_ready":
+            engine.relay_ready(now)
+        elif kind == "redrive":
+            engine.redrive(action[1], now)
+        elif kind == "schedule_redrive":
+            engine.schedule_redrive(per_tick=1)
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        return n, None
+
+    # ------------------------------------------------------------- the key
+
+    def _stamp(self, stamp: float | None, lane: int, now: float) -> float | None:
+        # A stamp older than the lane's interval no longer throttles anything.
+        if stamp is None or now - stamp >= self.intervals[lane]:
+            return None
+        return round(stamp - now, _DIGITS)
+
+    def key(self, engine: Engine, n: int, shadow: _Shadow) -> Hashable:
+        """What decides the engine's future, with times relative to the clock.
+
+        A time already passed is clamped to "now" (due, expired, resumable
+        alike), and a throttle stamp older than its interval to None. Left
+        out: ``attempts``, ``dead_letter_reason`` and ``dead_lettered_at``
+        (reported, never read back), anomalies, batch ids, and link failures
+        past the count after which every pause is the capped one. Each part
+        is interned to a small int, so a key costs a few words.
+        """
+        now = self.now(n)
+        intern = self._intern
+        out: list[int] = []
+
+        def code(part: Hashable) -> None:
+            value = intern.get(part)
+            if value is None:
+                value = intern[part] = len(intern)
+            out.append(value)
+
+        sessions = engine._sessions
+        changed = shadow.changed
+        for sid in self.ids:
+            rec = sessions.get(sid)
+            if rec is None:
+                code(None)
+                continue
+            retry = rec.retry_at
+            if retry is not None:
+                retry = round(retry - now, _DIGITS) if retry > now else 0.0
+            code((rec.state, rec.lane, rec.counts, retry, rec.dirty, sid in changed))
+        for lane in _LANES:
+            code(
+                tuple(
+                    sid
+                    for sid in engine._ready[lane]
+                    if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
+                )
+            )
+        # The release order, in which ties in retry_at are broken by session id.
+        code(
+            tuple(
+                sid
+                for at, sid in sorted(engine._retry)
+                if sessions[sid].state is _BACKOFF and sessions[sid].retry_at == at
+            )
+        )
+        losses = engine._link_losses
+        lost = shadow.lost
+        batches = []
+        for bid, ob in engine._batches.items():
+            deadline = ob.batch.deadline
+            batches.append(
+                (
+                    ob.batch.lane,
+                    round(deadline - now, _DIGITS) if deadline > now else 0.0,
+                    tuple(ob.pending),
+                    ob.losses != losses,
+                    bid in lost,
+                )
+            )
+        code(tuple(batches))
+        stamps = engine._stamps
+        link = engine._link
+        resume = link.resume_at
+        if resume is not None:
+            resume = round(resume - now, _DIGITS) if resume > now else 0.0
+        code(
+            (
+                self._stamp(stamps[_LANES[0]], 0, now),
+                self._stamp(stamps[_LANES[1]], 1, now),
+                self._stamp(shadow.stamps[0], 0, now),
+                self._stamp(shadow.stamps[1], 1, now),
+                link.state,
+                min(link.failures, self.failures_cap),
+                resume,
+            )
+        )
+        # The paced redrive: who is scheduled, and whether it drained this tick.
+        last = engine._redrive_last
+        if last is not None and now - last >= self.tick_s:
+            last = None
+        elif last is not None:
+            last = round(last - now, _DIGITS)
+        queue = tuple(engine._redrive_queue)
+        code((queue, engine._redrive_per_tick if queue else 0, last))
+        return tuple(out)
+
+    # ----------------------------------------------------------- the checks
+
+    def next_shadow(
+        self,
+        shadow: _Shadow,
+        action: Action,
+        before: Engine,
+        after: Engine,
+        batches: list[Batch] | None,
+        now: float,
+    ) -> _Shadow:
+        stamps = list(shadow.stamps)
+        changed = set(shadow.changed)
+        if action[0] == "enqueue":
+            rec = before._sessions.get(action[1])
+            if rec is not None and rec.state is _IN_FLIGHT:
+                changed.add(action[1])
+        for batch in batches or ():
+            stamps[_LANES.index(batch.lane)] = now
+            changed.difference_update(batch.session_ids)
+        # Only a session still in flight carries a stale ack.
+        sessions = after._sessions
+        changed = {sid for sid in changed if sessions[sid].state is _IN_FLIGHT}
+        open_now = after._batches.keys()
+        if action[0] == "relay_unavailable" or action[-1] == "RelayUnavailable":
+            lost = frozenset(open_now)
+        else:
+            lost = frozenset(bid for bid in shadow.lost if bid in open_now)
+        return _Shadow((stamps[0], stamps[1]), frozenset(changed), lost)
+
+    def check_state(self, engine: Engine, shadow: _Shadow) -> list[tuple[str, str]]:
+        """Invariants that hold in every state, whatever led to it."""
+        found: list[tuple[str, str]] = []
+        try:
+            engine.check()
+        except AssertionError as exc:
+            text = str(exc)
+            name = _BY_NUMBER.get(text.split(":", 1)[0], "inv1_one_place")
+            found.append((name, f"Engine.check(): {text}"))
+        policy = self.policy
+        for sid, rec in engine._sessions.items():
+            state = rec.state
+            if state is _DEAD and (any(rec.counts) or rec.retry_at is not None):
+                found.append(
+                    (
+                        "inv3_dead_letter_clean",
+                        f"{sid!r} dead-lettered with counts {_counts(rec.counts)} "
+                        f"and retry_at {rec.retry_at}",
+                    )
+                )
+            if state is _SYNCED and (any(rec.counts) or rec.retry_at is not None):
+                found.append(
+                    (
+                        "inv2_reset_on_success",
+                        f"{sid!r} synced with counts {_counts(rec.counts)} "
+                        f"and retry_at {rec.retry_at}",
+                    )
+                )
+            if (rec.retry_at is not None) != (state is _BACKOFF):
+                found.append(
+                    ("inv10_retry_at_and_counts", f"{sid!r} {state} with retry_at {rec.retry_at}")
+                )
+            for i, reason in enumerate(CHARGED_REASONS):
+                rp = policy.reason(reason)
+                limit = rp.threshold if rp.retryable else 1
+                if rec.counts[i] >= limit:
+                    found.append(
+                        (
+                            "inv7_dead_letter_at_threshold",
+                            f"{sid!r} {state} with {reason} count {rec.counts[i]}, "
+                            f"at or past its threshold {limit}",
+                        )
+                    )
+            if state is _IN_FLIGHT and rec.dirty != (sid in shadow.changed):
+                found.append(
+                    (
+                        "inv8_no_lost_update",
+                        f"{sid!r} in flight with dirty={rec.dirty}, but it "
+                        f"{'was' if sid in shadow.changed else 'was not'} changed since sent",
+                    )
+                )
+        link = engine._link
+        if link.state is LinkState.PAUSED and link.resume_at is None:
+            found.append(("inv6_no_starvation", "link paused with no resume time"))
+        return found
+
+    def check_step(
+        self,
+        action: Action,
+        before: Engine,
+        after: Engine,
+        batches: list[Batch] | None,
+        shadow: _Shadow,
+        shadow_after: _Shadow,
+        now: float,
+    ) -> list[tuple[str, str]]:
+        """Invariants about what one action did, session by session.
+
+        ``now`` is the time of the engine call; ``batches`` is None unless
+        the engine was ticked.
+        """
+        found: list[tuple[str, str]] = []
+        kind = action[0]
+        old = before._sessions
+        new = after._sessions
+        ticked = batches is not None
+
+        # What each session was answered in this action, if anything.
+        received: dict[str, str] = {}
+        if kind == "ack":
+            answer: str = action[2]
+            received = dict.fromkeys(before._batches[action[1]].pending, answer)
+        elif kind == "ack_session":
+            received = {action[2]: action[3]}
+        elif ticked:
+            # The engine times out overdue batches: charged, unless the link
+            # was lost after the batch left (the outage ate its ack).
+            for bid, ob in before._batches.items():
+                if ob.batch.deadline <= now:
+                    why = "RelayUnavailable" if bid in shadow.lost else "AckTimeout"
+                    received.update(dict.fromkeys(ob.pending, why))
+        sent = {sid for batch in batches or () for sid in batch.session_ids}
+
+        for sid, pre in old.items():
+            post = new.get(sid)
+            if post is None:
+                found.append(("inv1_one_place", f"{sid!r} vanished"))
+                continue
+            found.extend(
+                self._check_session(
+                    sid,
+                    pre,
+                    post,
+                    received.get(sid),
+                    sid in sent,
+                    kind,
+                    ticked,
+                    shadow,
+                    now,
+                    before._redrive_ids,
+                )
+            )
+        for sid in new.keys() - old.keys():
+            if not (kind == "enqueue" and action[1] == sid):
+                found.append(("inv1_one_place", f"{sid!r} appeared without an enqueue"))
+        if ticked:
+            assert batches is not None
+            found.extend(self._check_tick(after, batches, shadow_after, now))
+        for i, lane in enumerate(_LANES):
+            if after._stamps[lane] != shadow_after.stamps[i]:
+                found.append(
+                    (
+                        "inv9_stamp_only_with_batch",
+                        f"{lane} throttle stamped {after._stamps[lane]} by {kind}, but its "
+                        f"last batch was formed at {shadow_after.stamps[i]}",
+                    )
+                )
+        return found
+
+    def _delay(self, reason: str, count: int) -> float:
+        """The backoff the policy prescribes for the count-th ``reason``."""
+        rp = self.policy.reason(reason)
+        return min(rp.delay(count, None, self.rng), self.policy.max_backoff_s)
+
+    def _check_session(
+        self,
+        sid: str,
+        pre: SessionRecord,
+        post: SessionRecord,
+        got: str | None,
+        sent: bool,
+        kind: str,
+        ticked: bool,
+        shadow: _Shadow,
+        now: float,
+        scheduled: set[str] | frozenset[str],
+    ) -> list[tuple[str, str]]:
+        """One session across one action. ``got``: the ack it was answered
+        with (None: none); ``sent``: it went out in a batch of this tick;
+        ``scheduled``: the paced redrive's sessions before the action."""
+        found: list[tuple[str, str]] = []
+        due = pre.state is _BACKOFF and pre.retry_at is not None and pre.retry_at <= now
+        if got is not None and pre.state is not _IN_FLIGHT:
+            found.append(("inv1_one_place", f"{sid!r} answered while {pre.state}"))
+            return found
+        if got == "Ok":
+            if any(post.counts) or post.retry_at is not None:
+                found.append(
+                    (
+                        "inv2_reset_on_success",
+                        f"{sid!r} Ok left counts {_counts(post.counts)} "
+                        f"and retry_at {post.retry_at}",
+                    )
+                )
+            if sid in shadow.changed and post.state is _SYNCED:
+                found.append(
+                    (
+                        "inv8_no_lost_update",
+                        f"{sid!r} changed while in flight, but the Ok for the stale "
+                        "payload marked it synced",
+                    )
+                )
+            if post.state is not _SYNCED and post.state is not _QUEUED:
+                found.append(("inv2_reset_on_success", f"{sid!r} Ok left it {post.state}"))
+            return found
+        if got == "RelayUnavailable":
+            if post.counts != pre.counts:
+                found.append(
+                    (
+                        "inv4_transport_not_charged",
+                        f"{sid!r} RelayUnavailable changed counts "
+                        f"{_counts(pre.counts)} -> {_counts(post.counts)}",
+                    )
+                )
+            if not (post.state is _QUEUED or (sent and post.state is _IN_FLIGHT)):
+                found.append(
+                    ("inv4_transport_not_charged", f"{sid!r} RelayUnavailable left it {post.state}")
+                )
+            return found
+        if got is not None:
+            i = REASON_INDEX[type(ACK_KINDS[got])]
+            rp = self.policy.reason(got)
+            count = pre.counts[i] + 1
+            limit = rp.threshold if rp.retryable else 1
+            if count >= limit:
+                if post.state is not _DEAD or post.dead_letter_reason != got:
+                    found.append(
+                        (
+                            "inv7_dead_letter_at_threshold",
+                            f"{sid!r} {got} #{count} reached its threshold {limit}, but it "
+                            f"is {post.state} (dead_letter_reason {post.dead_letter_reason})",
+                        )
+                    )
+                return found
+            if post.state is _DEAD:
+                found.append(
+                    (
+                        "inv7_dead_letter_at_threshold",
+                        f"{sid!r} dead-lettered by {got} #{count}, below its threshold {limit}",
+                    )
+                )
+                return found
+            want = (*pre.counts[:i], count, *pre.counts[i + 1 :])
+            if post.counts != want:
+                found.append(
+                    (
+                        "inv10_retry_at_and_counts",
+                        f"{sid!r} {got} took counts {_counts(pre.counts)} -> "
+                        f"{_counts(post.counts)}, expected {_counts(want)}",
+                    )
+                )
+            retry_at = now + self._delay(got, count)
+            if sent or post.state is _QUEUED:
+                # Released (and maybe sent) in this same tick: only a zero
+                # backoff allows that.
+                if not ticked or retry_at > now:
+                    found.append(
+                        (
+                            "inv5_no_send_before_retry",
+                            f"{sid!r} {got} at {now:g} must wait until {retry_at:g}, "
+                            f"but it is {post.state} at once",
+                        )
+                    )
+            elif post.state is not _BACKOFF or post.retry_at != retry_at:
+                found.append(
+                    (
+                        "inv5_no_send_before_retry",
+                        f"{sid!r} {got} #{count} at {now:g} left it {post.state} with "
+                        f"retry_at {post.retry_at}; the policy says backoff until {retry_at:g}",
+                    )
+                )
+            return found
+
+        # Nothing answered this session.
+        if post.state is _DEAD and pre.state is not _DEAD:
+            found.append(
+                ("inv7_dead_letter_at_threshold", f"{sid!r} dead-lettered by {kind} without an ack")
+            )
+        if post.counts != pre.counts and not (kind == "redrive" and not any(post.counts)):
+            found.append(
+                (
+                    "inv4_transport_not_charged"
+                    if kind.startswith("relay_")
+                    else "inv10_retry_at_and_counts",
+                    f"{sid!r} {kind} changed counts {_counts(pre.counts)} -> "
+                    f"{_counts(post.counts)} without an ack",
+                )
+            )
+        # A tick may redrive a scheduled dead letter and send it at once.
+        redriven = ticked and pre.state is _DEAD and sid in scheduled
+        if sent and not (pre.state is _QUEUED or due or redriven):
+            found.append(
+                (
+                    "inv5_no_send_before_retry",
+                    f"{sid!r} sent at {now:g} while {pre.state} (retry_at {pre.retry_at})",
+                )
+            )
+        if pre.state is _BACKOFF and not due and post.state is not _BACKOFF:
+            found.append(
+                (
+                    "inv5_no_send_before_retry",
+                    f"{sid!r} left backoff at {now:g} by {kind}, before its retry_at "
+                    f"{pre.retry_at}",
+                )
+            )
+        if ticked and due and post.state is _BACKOFF:
+            found.append(
+                (
+                    "inv6_no_starvation",
+                    f"{sid!r} still backed off after a tick at {now:g}, past its retry_at "
+                    f"{pre.retry_at}",
+                )
+            )
+        return found
+
+    def _check_tick(
+        self, after: Engine, batches: list[Batch], shadow: _Shadow, now: float
+    ) -> list[tuple[str, str]]:
+        """After a tick: batches well formed, and nothing left that could go."""
+        found: list[tuple[str, str]] = []
+        new = after._sessions
+        policy = self.policy
+        sizes = (policy.batch_size, policy.backfill_batch_size)
+        for batch in batches:
+            if not batch.session_ids:
+                found.append(("inv9_stamp_only_with_batch", f"empty {batch.lane} batch formed"))
+            if len(batch.session_ids) > sizes[_LANES.index(batch.lane)]:
+                found.append(("inv1_one_place", f"{batch.lane} batch of {len(batch.session_ids)}"))
+            for sid in batch.session_ids:
+                if new[sid].lane is not batch.lane:
+                    found.append(("inv1_one_place", f"{sid!r} of {new[sid].lane} in {batch.lane}"))
+        link = after._link
+        if link.state is LinkState.PAUSED:
+            if link.resume_at is not None and link.resume_at <= now:
+                found.append(
+                    (
+                        "inv6_no_starvation",
+                        f"link still paused after a tick at {now:g}, past its resume_at "
+                        f"{link.resume_at:g}",
+                    )
+                )
+            return found
+        if len(after._batches) >= policy.max_in_flight:
+            return found
+        for i, lane in enumerate(_LANES):
+            stamp = shadow.stamps[i]
+            if stamp is not None and now - stamp < self.intervals[i]:
+                continue
+            waiting = [sid for sid, rec in new.items() if rec.state is _QUEUED and rec.lane is lane]
+            if waiting:
+                found.append(
+                    (
+                        "inv6_no_starvation",
+                        f"a tick at {now:g} left {lane} sessions {waiting} unsent while that "
+                        f"lane may send ({len(after._batches)} of {policy.max_in_flight} "
+                        "batches open, link up)",
+                    )
+                )
+        return found
+
+
+def _counts(counts: tuple[int, ...]) -> dict[str, int]:
+    return {CHARGED_REASONS[i]: n for i, n in enumerate(counts) if n}
+
+
+# --------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------
+
+
+class _Graph:
+    """The explored state graph, compactly: what traces and liveness need.
+
+    States are numbered in the order found, which is breadth-first, so a
+    lower number is never deeper.
+    """
+
+    def __init__(self) -> None:
+        self.parent = array("l")
+        self.via: list[Action | None] = []
+        self.depth = array("l")
+        #: 1 once every action from the state was tried.
+        self.expanded = bytearray()
+        #: Bit i: session i exists and is not at rest.
+        self.restless = array("L")
+        #: Bit l: lane l has a queued session.
+        self.waiting = bytearray()
+        #: Bit l: a tick from here formed a batch in lane l.
+        self.served = bytearray()
+        self.succ: list[tuple[int, ...]] = []
+        #: Successors by the clock alone (``tick``, ``advance``).
+        self.timed: list[tuple[int, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def add(
+        self, parent: int, via: Action | None, depth: int, engine: Engine, ids: Sequence[str]
+    ) -> int:
+        restless = 0
+        waiting = 0
+        sessions = engine._sessions
+        for i, sid in enumerate(ids):
+            rec = sessions.get(sid)
+            if rec is None:
+                continue
+            if rec.state is not _SYNCED and rec.state is not _DEAD:
+                restless |= 1 << i
+            if rec.state is _QUEUED:
+                waiting |= 1 << _LANES.index(rec.lane)
+        self.parent.append(parent)
+        self.via.append(via)
+        self.depth.append(depth)
+        self.expanded.append(0)
+        self.restless.append(restless)
+        self.waiting.append(waiting)
+        self.served.append(0)
+        self.succ.append(())
+        self.timed.append(())
+        return len(self.parent) - 1
+
+    def trace(self, node: int) -> tuple[Action, ...]:
+        steps: list[Action] = []
+        while node > 0:
+            via = self.via[node]
+            assert via is not None
+            steps.append(via)
+            node = self.parent[node]
+        return tuple(reversed(steps))
+
+
+def explore(
+    sessions: int = 3,
+    depth: int | None = None,
+    policy: Policy | None = None,
+    *,
+    engine_factory: EngineFactory | None = None,
+    free_clock: bool = False,
+    paced_redrive: bool = False,
+    stop_at_first: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> CheckResult:
+    """You pass a configuration; you get every reachable state checked.
+
+    ``depth`` bounds the trace length (None: run to the fixpoint).
+    ``engine_factory(policy)`` builds the empty engine (default: the real
+    one, seeded, logging off); pass a subclass's to check it instead.
+    ``free_clock`` lets the clock advance without a tick (a runner that
+    sleeps through ticks); by default every advance ticks, as a runner that
+    ticks each ``tick_interval_s`` does, and extra ticks may come between.
+    ``paced_redrive`` adds ``schedule_redrive(per_tick=1)`` to the actions
+    (it multiplies the states by about three, so it is opt-in).
+    ``stop_at_first`` returns at the first violation, with its shortest trace.
+    ``progress(depth, states, transitions)`` is called after each level.
+    Jitter in the policy is replaced by its upper bound.
+    """
+    start = time.perf_counter()
+    policy = _without_jitter(policy if policy is not None else CHECK_POLICY)
+    if sessions < 1:
+        raise ValueError(f"sessions must be at least 1, got {sessions}")
+    if depth is not None and depth < 0:
+        raise ValueError(f"depth must be at least 0, got {depth}")
+    model = _Model(
+        policy,
+        sessions,
+        engine_factory or _default_factory,
+        free_clock=free_clock,
+        paced_redrive=paced_redrive,
+    )
+    result = CheckResult(
+        sessions=sessions,
+        depth=depth,
+        policy=policy,
+        free_clock=free_clock,
+        paced_redrive=paced_redrive,
+    )
+    graph = _Graph()
+    found: dict[str, Violation] = {}
+
+    def report(node: int, action: Action | None, problems: Iterable[tuple[str, str]]) -> bool:
+        hit = False
+        for name, message in problems:
+            hit = True
+            result.failed_checks += 1
+            if name not in found:
+                trace = graph.trace(node) + ((action,) if action is not None else ())
+                found[name] = Violation(name, message, trace)
+        return hit
+
+    root = model.factory(policy)
+    shadow0 = _Shadow()
+    visited: dict[Hashable, int] = {model.key(root, 0, shadow0): 0}
+    graph.add(0, None, 0, root, model.ids)
+    result.checks += 1
+    frontier: list[tuple[int, Engine, int, _Shadow]] = []
+    if not report(0, None, model.check_state(root, shadow0)):
+        frontier.append((0, root, 0, shadow0))
+
+    level = 0
+    stopped = False
+    while frontier and not stopped:
+        if depth is not None and level >= depth:
+            result.complete = False
+            break
+        next_frontier: list[tuple[int, Engine, int, _Shadow]] = []
+        for node, engine, n, shadow in frontier:
+            succ: set[int] = set()
+            timed: set[int] = set()
+            for action in model.actions(engine):
+                result.transitions += 1
+                touches = action[0] != "advance" or not model.free_clock
+                child = clone_engine(engine) if touches else engine
+                try:
+                    n2, batches = model.apply(child, n, action)
+                except Exception as exc:  # any exception from a valid call is a bug
+                    report(node, action, [("no_crash", f"{type(exc).__name__}: {exc}")])
+                    continue
+                at = model.now(n2)
+                shadow2 = model.next_shadow(shadow, action, engine, child, batches, at)
+                result.checks += 1
+                broken = report(
+                    node,
+                    action,
+                    model.check_step(action, engine, child, batches, shadow, shadow2, at),
+                )
+                for batch in batches or ():
+                    graph.served[node] |= 1 << _LANES.index(batch.lane)
+                key = model.key(child, n2, shadow2)
+                target = visited.get(key)
+                if target is None:
+                    target = graph.add(node, action, level + 1, child, model.ids)
+                    visited[key] = target
+                    result.checks += 1
+                    broken = report(target, None, model.check_state(child, shadow2)) or broken
+                    # A state reached by a broken step is not explored further:
+                    # whatever follows is a consequence of the first violation.
+                    if not broken:
+                        next_frontier.append((target, child, n2, shadow2))
+                if target != node:
+                    succ.add(target)
+                    if action[0] == "tick" or action[0] == "advance":
+                        timed.add(target)
+                if stop_at_first and found:
+                    stopped = True
+                    break
+            graph.expanded[node] = not stopped
+            graph.succ[node] = tuple(succ)
+            graph.timed[node] = tuple(timed)
+            if stopped:
+                break
+        frontier = next_frontier
+        level += 1
+        if progress is not None:
+            progress(level, len(graph), result.transitions)
+    if stopped:
+        result.complete = False
+    result.states = len(graph)
+    result.max_depth = graph.depth[-1]
+    if not stopped:
+        for name, message, node in _liveness(graph, model):
+            result.checks += 1
+            result.failed_checks += 1
+            if name not in found:
+                found[name] = Violation(name, message, graph.trace(node))
+        result.checks += len(graph) * (len(model.ids) + len(_LANES))
+    result.violations = sorted(found.values(), key=lambda v: (len(v.trace), v.invariant))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _reach(preds: list[list[int]], goal: Iterable[int]) -> bytearray:
+    """Every node from which a goal node is reachable (backward search)."""
+    seen = bytearray(len(preds))
+    stack = list(goal)
+    for node in stack:
+        seen[node] = 1
+    while stack:
+        node = stack.pop()
+        for p in preds[node]:
+            if not seen[p]:
+                seen[p] = 1
+                stack.append(p)
+    return seen
+
+
+def _predecessors(succ: list[tuple[int, ...]]) -> list[list[int]]:
+    preds: list[list[int]] = [[] for _ in succ]
+    for node, targets in enumerate(succ):
+        for target in targets:
+            preds[target].append(node)
+    return preds
+
+
+def _liveness(graph: _Graph, model: _Model) -> list[tuple[str, str, int]]:
+    """Liveness on the explored graph, shallowest counterexample first.
+
+    A state that was not expanded (cut off by the depth bound, or reached by
+    a broken step) counts as able to reach anything: the search cannot tell.
+    """
+    size = len(graph)
+    out: list[tuple[str, str, int]] = []
+    unknown = [n for n in range(size) if not graph.expanded[n]]
+    preds = _predecessors(graph.succ)
+    for i, sid in enumerate(model.ids):
+        bit = 1 << i
+        goal = [n for n in range(size) if not graph.restless[n] & bit]
+        can = _reach(preds, goal + unknown)
+        bad = next((n for n in range(size) if not can[n]), None)
+        if bad is not None:
+            out.append(
+                (
+                    "live_session_can_rest",
+                    f"from here {sid!r} can never reach synced or dead_lettered, "
+                    "whatever the relay answers",
+                    bad,
+                )
+            )
+    del preds
+    timed_preds = _predecessors(graph.timed)
+    for i, lane in enumerate(_LANES):
+        bit = 1 << i
+        goal = [n for n in range(size) if graph.served[n] & bit]
+        can = _reach(timed_preds, goal + unknown)
+        bad = next((n for n in range(size) if graph.waiting[n] & bit and not can[n]), None)
+        if bad is not None:
+            out.append(
+                (
+                    "live_lane_served",
+                    f"from here {lane} has a queued session, but no run of ticks and "
+                    "clock advances ever forms a batch in it",
+                    bad,
+                )
+            )
+    return out
+
+
+# --------------------------------------------------------------------------
+# Replay
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Replay:
+    """A trace run again: the engine at its end and what broke on the way."""
+
+    engine: Engine
+    now: float
+    #: (index of the action in the trace, or -1 for the empty engine, violation)
+    violations: list[tuple[int, Violation]]
+
+    @property
+    def broken(self) -> list[str]:
+        """The names of the broken properties, in order, without repeats."""
+        return list(dict.fromkeys(v.invariant for _, v in self.violations))
+
+
+def replay(
+    trace: Iterable[Sequence[Any]],
+    policy: Policy | None = None,
+    *,
+    engine_factory: EngineFactory | None = None,
+    free_clock: bool = False,
+) -> Replay:
+    """You pass a trace (from a report, or JSON lists); every step is re-checked.
+
+    Runs the trace from the empty engine with the same checks as
+    :func:`explore` and returns every violation met on the way. Pass the
+    ``policy``, ``engine_factory`` and ``free_clock`` that found the trace.
+    Liveness is a property of the whole graph: a liveness trace replays to
+    its state with no violation of its own.
+    """
+    policy = _without_jitter(policy if policy is not None else CHECK_POLICY)
+    model = _Model(policy, 0, engine_factory or _default_factory, free_clock=free_clock)
+    engine = model.factory(policy)
+    shadow = _Shadow()
+    n = 0
+    out: list[tuple[int, Violation]] = []
+    steps = tuple(tuple(a) for a in trace)
+    for name, message in model.check_state(engine, shadow):
+        out.append((-1, Violation(name, message, ())))
+    for index, action in enumerate(steps):
+        touches = action[0] != "advance" or not model.free_clock
+        before = clone_engine(engine) if touches else engine
+        try:
+            n, batches = model.apply(engine, n, action)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            out.append((index, Violation("no_crash", message, steps[: index + 1])))
+            break
+        at = model.now(n)
+        after = model.next_shadow(shadow, action, before, engine, batches, at)
+        problems = model.check_step(action, before, engine, batches, shadow, after, at)
+        problems += model.check_state(engine, after)
+        for name, message in problems:
+            out.append((index, Violation(name, message, steps[: index + 1])))
+        shadow = after
+    return Replay(engine=engine, now=model.now(n), violations=out)
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+
+def describe_trace(
+    trace: Sequence[Action], tick_s: float, *, free_clock: bool = False
+) -> list[str]:
+    """One line per action, with the clock at which it ran."""
+    lines = []
+    n = 0
+    for i, action in enumerate(trace):
+        text = " ".join(str(a) for a in action)
+        if action[0] == "advance":
+            n += 1
+            text += f" (to t={n * tick_s:g}{'' if free_clock else ', then tick'})"
+            lines.append(f"{i:3d}  {text}")
+        else:
+            lines.append(f"{i:3d}  t={n * tick_s:<4g} {text}")
+    return lines
+
+
+def format_result(result: CheckResult, *, policy_source: str | None = None) -> str:
+    """The human report of ``sessionfsm check``.
+
+    ``policy_source`` is the Python expression for the policy, if not the
+    built-in one, so that each printed trace replays as written.
+    """
+    policy = result.policy
+    bound = "none (the whole reachable space)" if result.depth is None else str(result.depth)
+    clock = "free (may advance without a tick)" if result.free_clock else "ticks every advance"
+    redrive = "redrive and paced redrive" if result.paced_redrive else "redrive"
+    lines = [
+        f"sessionfsm check: {result.sessions} session(s), both lanes, {redrive}, "
+        f"depth bound {bound}",
+        f"  policy: batch {policy.batch_size}/{policy.backfill_batch_size}, "
+        f"intervals {policy.incremental_interval_s:g}/{policy.backfill_interval_s:g} s, "
+        f"max in flight {policy.max_in_flight}, ack timeout {policy.ack_timeout_s:g} s, "
+        f"tick {policy.tick_interval_s:g} s; clock {clock}",
+        f"  thresholds: AckTimeout {policy.ack_timeout.threshold} "
+        f"({policy.ack_timeout.backoff.describe()}), "
+        f"RateLimited {policy.rate_limited.threshold} "
+        f"({policy.rate_limited.backoff.describe()}), "
+        f"PayloadTooLarge {policy.payload_too_large.threshold}"
+        f"{'' if policy.payload_too_large.retryable else ' (non-retryable)'}",
+        f"  reachable states:     {result.states}"
+        + ("" if result.complete else " (not all: cut short)"),
+        f"  transitions explored: {result.transitions}",
+        f"  deepest state:        {result.max_depth} actions from the start",
+        f"  invariants checked:   {len(result.invariants)} properties "
+        f"({', '.join(result.invariants)}), {result.checks} checks",
+        f"  time:                 {result.seconds:.2f} s",
+    ]
+    if result.ok:
+        lines.append(
+            "  all properties hold"
+            + (" in the whole reachable space" if result.complete else " up to the depth bound")
+        )
+        return "\n".join(lines)
+    lines.append(f"  VIOLATIONS: {len(result.violations)}")
+    extra = "" if policy_source is None else f", policy={policy_source}"
+    if result.free_clock:
+        extra += ", free_clock=True"
+    for v in result.violations:
+        lines.append("")
+        lines.append(f"{v.invariant}: {v.message}")
+        lines.append(f"  shortest trace ({len(v.trace)} actions):")
+        lines.extend(
+            "  " + line
+            for line in describe_trace(
+                v.trace, policy.tick_interval_s, free_clock=result.free_clock
+            )
+        )
+        call = f"replay({json.dumps([list(a) for a in v.trace])}{extra})"
+        if v.invariant.startswith("live_"):
+            # Liveness belongs to the whole graph: the trace only reaches the state.
+            lines.append(f"  reach it: from sessionfsm.check import replay; {call}")
+        else:
+            lines.append("  as a test (fails until fixed):")
+            lines.append(f"    from sessionfsm.check import replay; assert not {call}.violations")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------
+
+
+@click.command("check")
+@click.option(
+    "--sessions",
+    type=click.IntRange(1, 8),
+    default=3,
+    show_default=True,
+    help="How many sessions (s0, s1, ...), each enqueued in either lane.",
+)
+@click.option(
+    "--depth",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Bound the trace length (default: explore the whole reachable space).",
+)
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Policy TOML to check (default: the small built-in policy). Jitter is turned off.",
+)
+@click.option(
+    "--free-clock",
+    is_flag=True,
+    help="Let the clock advance without a tick too (a runner that sleeps through ticks).",
+)
+@click.option(
+    "--paced-redrive",
+    is_flag=True,
+    help="Also schedule paced redrives (schedule_redrive); about three times the states.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--progress", is_flag=True, help="Report each explored depth on stderr.")
+def command(
+    sessions: int,
+    depth: int | None,
+    policy_path: Path | None,
+    free_clock: bool,
+    paced_redrive: bool,
+    as_json: bool,
+    progress: bool,
+) -> None:
+    """Explore every reachable state of a small configuration and check every invariant.
+
+    Breadth-first over the real engine: enqueue, tick, every ack per batch
+    and per session, engine timeouts, relay up/down, redrive and the clock.
+    Prints the states, transitions, properties checked and time; each
+    violation comes with its shortest trace. Exits 1 if any property fails.
+    """
+    policy = load_policy(policy_path) if policy_path is not None else CHECK_POLICY
+
+    def report(level: int, states: int, transitions: int) -> None:
+        click.echo(f"depth {level}: {states} states, {transitions} transitions", err=True)
+
+    result = explore(
+        sessions,
+        depth,
+        policy,
+        free_clock=free_clock,
+        paced_redrive=paced_redrive,
+        progress=report if progress else None,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        source = f"load_policy({str(policy_path)!r})" if policy_path is not None else None
+        click.echo(format_result(result, policy_source=source))
+    if result.violations:
+        raise SystemExit(1)

@@ -1,0 +1,422 @@
+"""The exhaustive checker (``sessionfsm check``): it proves the real engine
+correct for small bounds, and it catches each flaw of the motivating review
+when one is planted into a copy of the engine or of its transition table."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click.testing
+import msgspec
+import pytest
+
+from sessionfsm import Engine, Lane, Policy, SessionState, acks
+from sessionfsm import check as checker
+from sessionfsm.check import CHECK_POLICY, INVARIANTS, CheckResult, clone_engine, explore, replay
+from sessionfsm.machine import CHARGED_REASONS, SessionRecord, Step, bury, settle
+from sessionfsm.runtime import SESSION_TABLE, CompiledRuntime, Table
+
+QUEUED, BACKOFF = SessionState.QUEUED, SessionState.BACKOFF
+INCREMENTAL = Lane.INCREMENTAL
+
+# --------------------------------------------------------------------------
+# Planted flaws. Each is a subclass of the real engine or a copy of the real
+# transition table with one effect swapped; the real modules stay untouched.
+# --------------------------------------------------------------------------
+
+
+def _table_with(
+    event: str,
+    effects: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+    table: Table = SESSION_TABLE,
+) -> Table:
+    """A copy of ``table`` whose ``event`` rows get ``effects(old effects)``."""
+    rows = tuple(
+        dataclasses.replace(row, effects=effects(row.effects)) if row.event == event else row
+        for row in table.rows
+    )
+    index: dict[Any, list[Any]] = {}
+    for row in rows:
+        index.setdefault((row.source, row.event), []).append(row)
+    return dataclasses.replace(
+        table, rows=rows, index={key: tuple(value) for key, value in index.items()}
+    )
+
+
+def _with_table(table: Table) -> Callable[[Policy], Engine]:
+    class FlawedTable(Engine):
+        def __init__(self, policy: Policy) -> None:
+            super().__init__(policy, rng=random.Random(0), log=False)
+            self._runtime = CompiledRuntime(table)
+
+    return FlawedTable
+
+
+def _charge_the_bounce(model: SessionRecord, step: Step) -> None:
+    # Flaw (a): a relay that merely went away is counted as a RateLimited.
+    i = CHARGED_REASONS.index("RateLimited")
+    model.counts = (*model.counts[:i], model.counts[i] + 1, *model.counts[i + 1 :])
+
+
+def _settle_keeping_counts(model: SessionRecord, step: Step) -> None:
+    # Flaw (d): success forgets the retry time but not the counters.
+    model.retry_at = None
+    model.attempts = 0
+
+
+def _bury_own_reason_only(model: SessionRecord, step: Step) -> None:
+    # Flaw (e): dead-lettering clears the counter of its own reason only.
+    i = step.reason
+    model.counts = (*model.counts[:i], 0, *model.counts[i + 1 :])
+    model.retry_at = None
+    model.dirty = False
+    model.dead_letter_reason = CHARGED_REASONS[i]
+    model.dead_lettered_at = step.now
+
+
+relay_flap_charged = _with_table(_table_with("bounced", lambda old: (*old, _charge_the_bounce)))
+counter_kept_on_success = _with_table(
+    _table_with(
+        "acked", lambda old: tuple(_settle_keeping_counts if e is settle else e for e in old)
+    )
+)
+
+
+def _bury_flawed(old: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(_bury_own_reason_only if e is bury else e for e in old)
+
+
+_flawed_bury = SESSION_TABLE
+for _event in ("timed_out", "rate_limited", "rejected"):
+    _flawed_bury = _table_with(_event, _bury_flawed, _flawed_bury)
+stale_counter_after_dead_letter = _with_table(_flawed_bury)
+
+
+class _Quiet(Engine):
+    def __init__(self, policy: Policy) -> None:
+        super().__init__(policy, rng=random.Random(0), log=False)
+
+
+class BackfillSkipped(_Quiet):
+    """Flaw (b): the incremental lane is chosen whenever it holds sessions at
+    all, so a tick whose incremental sessions are all backed off sends nothing."""
+
+    def _pick_lane(self, now: float) -> Lane | None:
+        if self._lane_open(INCREMENTAL, now) and any(
+            rec.lane is INCREMENTAL and rec.state in (QUEUED, BACKOFF)
+            for rec in self._sessions.values()
+        ):
+            return INCREMENTAL if self._has_ready(INCREMENTAL) else None
+        return super()._pick_lane(now)
+
+
+class ThrottleStampedEmpty(_Quiet):
+    """Flaw (c): the incremental throttle is stamped as soon as the lane is
+    considered, even when all its sessions are backed off and no batch forms."""
+
+    def _pick_lane(self, now: float) -> Lane | None:
+        if (
+            self._lane_open(INCREMENTAL, now)
+            and not self._has_ready(INCREMENTAL)
+            and any(
+                rec.lane is INCREMENTAL and rec.state is BACKOFF for rec in self._sessions.values()
+            )
+        ):
+            self._stamps[INCREMENTAL] = now
+        return super()._pick_lane(now)
+
+
+class PausedForever(_Quiet):
+    """A link that, once lost, never resumes by itself and ignores relay_ready."""
+
+    def _fire_link(self, event: str, step: Step) -> None:
+        if event == "reported_ready":
+            return
+        super()._fire_link(event, step)
+        if event == "lost":
+            self._link.resume_at = math.inf
+
+
+FLAWS: dict[str, tuple[Callable[[Policy], Engine], str]] = {
+    "a_relay_unavailable_charged": (relay_flap_charged, "inv4_transport_not_charged"),
+    "b_backfill_skipped": (BackfillSkipped, "inv6_no_starvation"),
+    "c_throttle_stamped_without_batch": (ThrottleStampedEmpty, "inv9_stamp_only_with_batch"),
+    "d_counter_kept_on_success": (counter_kept_on_success, "inv2_reset_on_success"),
+    "e_stale_counter_after_dead_letter": (
+        stale_counter_after_dead_letter,
+        "inv3_dead_letter_clean",
+    ),
+}
+
+
+def _first_violation(factory: Callable[[Policy], Engine], sessions: int = 2) -> CheckResult:
+    return explore(sessions=sessions, engine_factory=factory, stop_at_first=True)
+
+
+# --------------------------------------------------------------------------
+# The real engine holds every property
+# --------------------------------------------------------------------------
+
+
+def test_check_two_sessions_whole_space_holds(checked_two_sessions: CheckResult) -> None:
+    """Two sessions, both lanes, the small policy: every reachable state is
+    explored to the fixpoint and every property holds, well under a minute."""
+    result = checked_two_sessions
+    assert result.violations == []
+    assert result.complete
+    assert result.states > 10_000
+    assert result.transitions > 10 * result.states
+    assert set(result.invariants) == set(INVARIANTS)
+    assert result.seconds < 40
+
+
+def test_check_counts_every_property_once_per_transition(
+    checked_two_sessions: CheckResult,
+) -> None:
+    """Each transition and each new state is checked, and liveness per state."""
+    result = checked_two_sessions
+    assert result.checks >= result.transitions + result.states
+    assert result.failed_checks == 0
+
+
+def test_check_one_session_free_clock_holds() -> None:
+    """With a clock that may advance without a tick, one session still holds everything."""
+    result = explore(sessions=1, free_clock=True)
+    assert result.ok
+    assert result.complete
+    assert result.states > explore(sessions=1).states
+
+
+def test_check_depth_bound_cuts_the_search_short() -> None:
+    """A depth bound stops the search early and says the space is not complete."""
+    result = explore(sessions=2, depth=4)
+    assert result.ok
+    assert not result.complete
+    assert result.max_depth == 4
+    assert result.states < 1_000
+
+
+def test_check_strips_jitter_from_the_policy() -> None:
+    """Jittered backoffs are checked at their upper bound, so successors are deterministic."""
+    jittery = msgspec.structs.replace(
+        CHECK_POLICY,
+        rate_limited=msgspec.structs.replace(
+            CHECK_POLICY.rate_limited,
+            backoff=checker.Exponential(base_s=1.0, factor=2.0, cap_s=2.0, jitter=True),
+        ),
+    )
+    result = explore(sessions=1, policy=jittery)
+    assert result.ok
+    assert isinstance(result.policy.rate_limited.backoff, checker.Exponential)
+    assert result.policy.rate_limited.backoff.jitter is False
+
+
+@pytest.mark.slow
+def test_check_three_sessions_whole_space_holds() -> None:
+    """The CLI's default configuration, three sessions: the whole space holds."""
+    result = explore(sessions=3)
+    assert result.ok
+    assert result.complete
+    assert result.states > 100_000
+
+
+@pytest.mark.slow
+def test_check_two_sessions_free_clock_holds() -> None:
+    """Two sessions with a clock that may skip ticks: the whole space holds."""
+    result = explore(sessions=2, free_clock=True)
+    assert result.ok
+    assert result.complete
+
+
+# --------------------------------------------------------------------------
+# Planted flaws are caught, with short traces that replay
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flaw", sorted(FLAWS))
+def test_check_catches_planted_flaw(flaw: str) -> None:
+    """Each flaw of the motivating review, planted in a copy, is reported with a short trace."""
+    factory, invariant = FLAWS[flaw]
+    result = _first_violation(factory)
+    assert [v.invariant for v in result.violations] == [invariant]
+    assert len(result.violations[0].trace) <= 12
+
+
+@pytest.mark.parametrize("flaw", sorted(FLAWS))
+def test_check_trace_replays_to_the_same_violation(flaw: str) -> None:
+    """A reported trace, replayed, breaks the same property at its last step,
+    and the real engine runs the same trace without breaking anything."""
+    factory, invariant = FLAWS[flaw]
+    violation = _first_violation(factory).violations[0]
+    steps = json.loads(json.dumps([list(a) for a in violation.trace]))  # as from --json
+    again = replay(steps, engine_factory=factory)
+    assert invariant in again.broken
+    assert {index for index, _ in again.violations} == {len(steps) - 1}
+    assert replay(steps).violations == []
+
+
+def test_check_reports_the_shortest_trace() -> None:
+    """Breadth-first search finds the shortest counterexample: a bounce charged
+    to a session needs exactly enqueue, tick and the RelayUnavailable ack."""
+    (violation,) = _first_violation(relay_flap_charged, sessions=1).violations
+    assert violation.trace == (
+        ("enqueue", "s0", "incremental"),
+        ("tick",),
+        ("ack", 1, "RelayUnavailable"),
+    )
+
+
+def test_check_finds_liveness_violations() -> None:
+    """A link that never resumes strands its sessions: both liveness
+    properties fail, though no single step breaks a safety property."""
+    result = explore(sessions=1, engine_factory=PausedForever)
+    assert sorted(v.invariant for v in result.violations) == [
+        "live_lane_served",
+        "live_session_can_rest",
+    ]
+    for violation in result.violations:
+        assert ("relay_unavailable",) in violation.trace
+        assert replay(violation.trace, engine_factory=PausedForever).violations == []
+
+
+def test_check_reports_an_exception_as_a_crash() -> None:
+    """An engine that raises on a valid call is reported under no_crash."""
+
+    class Crashes(_Quiet):
+        def relay_ready(self, now: float) -> None:
+            raise RuntimeError("boom")
+
+    result = _first_violation(Crashes, sessions=1)
+    assert [v.invariant for v in result.violations] == ["no_crash"]
+    assert result.violations[0].trace == (("relay_ready",),)
+    assert "RuntimeError: boom" in result.violations[0].message
+
+
+# --------------------------------------------------------------------------
+# Cloning: the search's copies behave exactly like the engine
+# --------------------------------------------------------------------------
+
+
+def test_clone_engine_matches_deepcopy() -> None:
+    """A clone and a deep copy of a busy engine stay identical under the same
+    inputs, and the original is untouched by either."""
+    engine = Engine(CHECK_POLICY, rng=random.Random(0), log=False)
+    for sid, lane in (("a", "incremental"), ("b", "incremental"), ("c", "backfill")):
+        engine.enqueue(sid, lane, now=0.0)
+    (batch,) = engine.tick(0.0)
+    engine.on_ack(batch.id, {batch.session_ids[0]: acks.RateLimited()}, now=0.0)
+    engine.relay_unavailable(0.5)
+    before = engine._debug_state()
+    twins = [clone_engine(engine), copy.deepcopy(engine)]
+    for twin in twins:
+        twin.enqueue("a", "incremental", now=1.0)
+        twin.enqueue("c", "incremental", now=1.0)
+        twin.tick(3.0)
+        for open_batch in twin.in_flight():
+            twin.on_ack(open_batch.id, acks.Ok(), now=3.0)
+        twin.tick(6.0)
+        twin.check()
+    assert twins[0]._debug_state() == twins[1]._debug_state()
+    assert engine._debug_state() == before
+
+
+def test_clone_engine_deep_copies_a_subclass_attribute() -> None:
+    """An attribute the clone does not know is deep-copied, never shared."""
+
+    class Tagged(_Quiet):
+        def __init__(self, policy: Policy) -> None:
+            super().__init__(policy)
+            self.seen: list[str] = []
+
+    engine = Tagged(CHECK_POLICY)
+    twin = clone_engine(engine)
+    twin.seen.append("x")
+    assert engine.seen == []
+    assert type(twin) is Tagged
+
+
+# --------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------
+
+
+def test_cli_check_json_reports_the_space(
+    sessionfsm_cli: Callable[..., click.testing.Result],
+) -> None:
+    """``sessionfsm check --json`` prints one object: states, transitions,
+    invariants and an empty list of violations, and exits 0."""
+    result = sessionfsm_cli("check", "--sessions", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["states"] == explore(sessions=1).states
+    assert report["transitions"] > report["states"]
+    assert report["invariants"] == list(INVARIANTS)
+    assert report["violations"] == []
+    assert report["complete"] is True
+
+
+def test_cli_check_text_report(sessionfsm_cli: Callable[..., click.testing.Result]) -> None:
+    """The text report names the states, transitions, checks and time."""
+    result = sessionfsm_cli("check", "--sessions", "1", "--depth", "3")
+    assert result.exit_code == 0, result.output
+    for words in ("reachable states", "transitions explored", "invariants checked", "time"):
+        assert words in result.output
+    assert "up to the depth bound" in result.output
+
+
+def test_cli_check_loads_a_policy_file(
+    sessionfsm_cli: Callable[..., click.testing.Result], tmp_path: Path
+) -> None:
+    """``--policy FILE`` is read with load_policy and checked instead of the small policy."""
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        "tick_interval_s = 1.0\nack_timeout_s = 2.0\nbatch_size = 1\n"
+        "incremental_interval_s = 1.0\n"
+        '[ack_timeout]\nthreshold = 1\nbackoff = { type = "fixed", delay_s = 1.0 }\n'
+        '[rate_limited]\nthreshold = 1\nbackoff = { type = "fixed", delay_s = 1.0 }\n'
+        "[relay_pause]\nbase_s = 1.0\nfactor = 1.0\ncap_s = 1.0\n",
+        encoding="utf-8",
+    )
+    result = sessionfsm_cli("check", "--sessions", "1", "--policy", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["policy"]["batch_size"] == 1
+    assert report["policy"]["rate_limited"]["threshold"] == 1
+    assert report["violations"] == []
+
+
+def test_cli_check_exits_1_and_prints_the_trace_on_a_violation(
+    sessionfsm_cli: Callable[..., click.testing.Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A violation makes the command exit 1 and print its trace, replayable as given."""
+    monkeypatch.setattr(checker, "_default_factory", relay_flap_charged)
+    result = sessionfsm_cli("check", "--sessions", "1", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    names = [v["invariant"] for v in report["violations"]]
+    assert "inv4_transport_not_charged" in names
+    trace = report["violations"][names.index("inv4_transport_not_charged")]["trace"]
+    assert "inv4_transport_not_charged" in replay(trace, engine_factory=relay_flap_charged).broken
+
+    text = sessionfsm_cli("check", "--sessions", "1")
+    assert text.exit_code == 1
+    assert "inv4_transport_not_charged" in text.output
+    assert "assert not replay(" in text.output
+
+
+def test_cli_check_is_fast_for_one_session(
+    sessionfsm_cli: Callable[..., click.testing.Result],
+) -> None:
+    """One session is checked exhaustively in about a second."""
+    start = time.perf_counter()
+    result = sessionfsm_cli("check", "--sessions", "1")
+    assert result.exit_code == 0
+    assert time.perf_counter() - start < 10
