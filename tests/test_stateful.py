@@ -98,10 +98,14 @@ class EngineMachine(RuleBasedStateMachine):
             )
             targets = list(answer)
         before = {sid: engine.session(sid) for sid in targets}
+        # Only sessions still awaiting an answer in *this* batch are affected;
+        # one answered earlier may since be in flight again in another batch.
+        awaiting = set(engine._batches[batch.id].pending)
         engine.on_ack(batch.id, answer, now=self.now)
         for sid in targets:
-            if before[sid].state is not SessionState.IN_FLIGHT:
-                continue  # answered earlier in this batch: a duplicate, ignored
+            if sid not in awaiting:
+                assert engine.session(sid) == before[sid], "an ignored entry changed a session"
+                continue
             got = answer if isinstance(answer, acks._AckBase) else answer[sid]
             self._check_ack(before[sid], got, engine.session(sid))
 
