@@ -26,6 +26,7 @@ from ._errors import (
 from .engine import Batch, Engine, LinkView, SessionView
 from .machine import Lane, LinkState, SessionState
 from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
+from .runner import LinkEvent, LinkReporter, Runner, SyncRunner, Transport, run_until_idle
 from .sqlite_store import SqliteStore
 from .store import Change, Delta, HistoryRetention, MemoryStore, Snapshot, Store
 
@@ -40,6 +41,8 @@ __all__ = [
     "InvalidAck",
     "InvalidPolicy",
     "Lane",
+    "LinkEvent",
+    "LinkReporter",
     "LinkState",
     "LinkView",
     "MemoryStore",
@@ -47,6 +50,7 @@ __all__ = [
     "Policy",
     "ReasonPolicy",
     "RemoteError",
+    "Runner",
     "SessionFSMError",
     "SessionState",
     "SessionView",
@@ -57,9 +61,12 @@ __all__ = [
     "StoreLocked",
     "StoreReadOnly",
     "StoreTooNew",
+    "SyncRunner",
     "TransitionNotAllowed",
+    "Transport",
     "UnknownSession",
     "UsageError",
     "acks",
     "load_policy",
+    "run_until_idle",
 ]

@@ -522,8 +522,11 @@ class Engine:
             )
         if self._link.state is LinkState.PAUSED and self._link.resume_at is not None:
             times.append(self._link.resume_at)
-        if any(self._has_ready(lane) for lane in Lane) and len(self._batches) < (
-            self.policy.max_in_flight
+        # While paused, ready sessions wait for the link: resume_at above.
+        if (
+            self._link.state is LinkState.UP
+            and len(self._batches) < self.policy.max_in_flight
+            and any(self._has_ready(lane) for lane in Lane)
         ):
             times.append(max(self._now, self._earliest_lane_time()))
         return min(times) if times else None

@@ -530,6 +530,13 @@ def test_relay_unavailable_pauses_the_link_with_a_growing_capped_pause(
     assert (engine.link.state, engine.link.failures) == (LinkState.UP, 0)
 
 
+def test_next_wakeup_while_paused_is_the_end_of_the_pause(engine: Engine) -> None:
+    """Ready sessions behind a paused link wake the runner when the pause ends."""
+    engine.enqueue("s1")
+    engine.relay_unavailable(now=0.0)
+    assert engine.next_wakeup() == engine.link.resume_at == 1.0
+
+
 def test_relay_ready_resumes_at_once(engine: Engine) -> None:
     """The caller's report that the relay is back ends the pause immediately."""
     engine.enqueue("s1")
