@@ -7,12 +7,15 @@ time. Starting from an empty engine it applies every enabled action
 breadth-first:
 
 * ``enqueue`` of each session in each lane (new, changed or promoted);
-* ``tick`` (which also times out overdue batches and releases due backoffs);
+* ``tick`` at the current time (it also times out overdue batches, bouncing
+  those whose ack an outage ate, and releases due backoffs);
 * ``ack`` of each open batch with each ack kind, and ``ack_session`` of each
-  pending session of each open batch with each ack kind;
+  pending session of a batch of several with each ack kind;
 * ``relay_unavailable`` and ``relay_ready``;
-* ``redrive`` of each dead letter;
-* ``advance``: the clock moves one tick.
+* ``redrive`` of each dead letter (and, opt-in, ``schedule_redrive``);
+* ``advance``: the clock moves one tick, and the engine ticks, as a runner
+  does every ``tick_interval_s``; with ``free_clock`` it may also move
+  without a tick, as a runner sleeping until ``next_wakeup()`` does.
 
 Each successor is the real :class:`~sessionfsm.Engine` (or your subclass),
 cloned from its parent and driven through its public API. States are
@@ -36,7 +39,11 @@ trace from the empty engine; :func:`replay` runs it again and reports the
 same violation, so a trace pastes straight into a regression test.
 
 The search reads the engine's private fields to build its keys and to clone
-it; it is a white-box tool that lives next to the engine on purpose.
+it; it is a white-box tool that lives next to the engine on purpose, and a
+test fails when the engine gains a field the key does not know about.
+
+Every state of a small configuration is explored, but only those: the
+numbers in the README say which bounds were proven and how long it took.
 """
 
 from __future__ import annotations
@@ -87,7 +94,8 @@ __all__ = [
 #: One step of a trace, as plain data: ``("enqueue", "s0", "backfill")``,
 #: ``("tick",)``, ``("advance",)``, ``("ack", 1, "Ok")``,
 #: ``("ack_session", 1, "s0", "RateLimited")``, ``("relay_unavailable",)``,
-#: ``("relay_ready",)``, ``("redrive", "s0")``.
+#: ``("relay_ready",)``, ``("redrive", "s0")``, ``("schedule_redrive",)``.
+#: Batch ids are the engine's own, which a replay from the start reproduces.
 Action: TypeAlias = tuple[Any, ...]
 EngineFactory: TypeAlias = Callable[[Policy], Engine]
 
@@ -465,28 +473,20 @@ class _Model:
         is interned to a small int, so a key costs a few words.
         """
         now = self.now(n)
-        intern = self._intern
-        out: list[int] = []
-
-        def code(part: Hashable) -> None:
-            value = intern.get(part)
-            if value is None:
-                value = intern[part] = len(intern)
-            out.append(value)
-
+        parts: list[Hashable] = []
         sessions = engine._sessions
         changed = shadow.changed
         for sid in self.ids:
             rec = sessions.get(sid)
             if rec is None:
-                code(None)
+                parts.append(None)
                 continue
             retry = rec.retry_at
             if retry is not None:
                 retry = round(retry - now, _DIGITS) if retry > now else 0.0
-            code((rec.state, rec.lane, rec.counts, retry, rec.dirty, sid in changed))
+            parts.append((rec.state, rec.lane, rec.counts, retry, rec.dirty, sid in changed))
         for lane in _LANES:
-            code(
+            parts.append(
                 tuple(
                     sid
                     for sid in engine._ready[lane]
@@ -494,53 +494,69 @@ class _Model:
                 )
             )
         # The release order, in which ties in retry_at are broken by session id.
-        code(
-            tuple(
-                sid
-                for at, sid in sorted(engine._retry)
-                if sessions[sid].state is _BACKOFF and sessions[sid].retry_at == at
+        retry_heap = engine._retry
+        if retry_heap:
+            parts.append(
+                tuple(
+                    sid
+                    for at, sid in sorted(retry_heap)
+                    if sessions[sid].state is _BACKOFF and sessions[sid].retry_at == at
+                )
             )
-        )
+        else:
+            parts.append(())
         losses = engine._link_losses
         lost = shadow.lost
-        batches = []
-        for bid, ob in engine._batches.items():
-            deadline = ob.batch.deadline
-            batches.append(
+        parts.append(
+            tuple(
                 (
                     ob.batch.lane,
-                    round(deadline - now, _DIGITS) if deadline > now else 0.0,
+                    round(ob.batch.deadline - now, _DIGITS) if ob.batch.deadline > now else 0.0,
                     tuple(ob.pending),
                     ob.losses != losses,
                     bid in lost,
                 )
+                for bid, ob in engine._batches.items()
             )
-        code(tuple(batches))
+        )
+        stamp = self._stamp
         stamps = engine._stamps
         link = engine._link
         resume = link.resume_at
         if resume is not None:
             resume = round(resume - now, _DIGITS) if resume > now else 0.0
-        code(
+        parts.append(
             (
-                self._stamp(stamps[_LANES[0]], 0, now),
-                self._stamp(stamps[_LANES[1]], 1, now),
-                self._stamp(shadow.stamps[0], 0, now),
-                self._stamp(shadow.stamps[1], 1, now),
+                stamp(stamps[_LANES[0]], 0, now),
+                stamp(stamps[_LANES[1]], 1, now),
+                stamp(shadow.stamps[0], 0, now),
+                stamp(shadow.stamps[1], 1, now),
                 link.state,
                 min(link.failures, self.failures_cap),
                 resume,
             )
         )
         # The paced redrive: who is scheduled, and whether it drained this tick.
+        queue = tuple(engine._redrive_queue)
         last = engine._redrive_last
         if last is not None and now - last >= self.tick_s:
             last = None
         elif last is not None:
             last = round(last - now, _DIGITS)
-        queue = tuple(engine._redrive_queue)
-        code((queue, engine._redrive_per_tick if queue else 0, last))
-        return tuple(out)
+        # Dead letters are scheduled oldest first, so their order matters then.
+        dead = tuple(engine._dead) if self.paced_redrive else ()
+        parts.append((queue, engine._redrive_per_tick if queue else 0, last, dead))
+        intern = self._intern
+        codes = [intern.get(part) for part in parts]
+        if None in codes:
+            for i, part in enumerate(parts):
+                if codes[i] is None:
+                    # Look again: an equal part earlier in this key may be new too.
+                    code = intern.get(part)
+                    if code is None:
+                        code = intern[part] = len(intern)
+                    codes[i] = code
+        return tuple(codes)
 
     # ----------------------------------------------------------- the checks
 

@@ -219,9 +219,34 @@ def test_check_strips_jitter_from_the_policy() -> None:
     assert result.policy.rate_limited.backoff.jitter is False
 
 
+def test_check_one_session_paced_redrive_holds() -> None:
+    """With schedule_redrive among the actions, one session still holds everything."""
+    result = explore(sessions=1, paced_redrive=True)
+    assert result.ok
+    assert result.complete
+    assert result.states > explore(sessions=1).states
+
+
+@pytest.mark.slow
+def test_check_two_sessions_paced_redrive_holds() -> None:
+    """Two sessions with paced redrive among the actions: the whole space holds."""
+    result = explore(sessions=2, paced_redrive=True)
+    assert result.ok
+    assert result.complete
+
+
+@pytest.mark.slow
+def test_check_two_sessions_two_batches_in_flight_holds() -> None:
+    """Two sessions with two batches allowed in flight at once: the whole space holds."""
+    result = explore(sessions=2, policy=msgspec.structs.replace(CHECK_POLICY, max_in_flight=2))
+    assert result.ok
+    assert result.complete
+
+
 @pytest.mark.slow
 def test_check_three_sessions_whole_space_holds() -> None:
-    """The CLI's default configuration, three sessions: the whole space holds."""
+    """The CLI's default configuration, three sessions: the whole space holds
+    (about 1.4 million states; this takes minutes and about 3 GB)."""
     result = explore(sessions=3)
     assert result.ok
     assert result.complete
@@ -326,6 +351,13 @@ def test_clone_engine_matches_deepcopy() -> None:
         twin.check()
     assert twins[0]._debug_state() == twins[1]._debug_state()
     assert engine._debug_state() == before
+
+
+def test_check_knows_every_engine_attribute() -> None:
+    """Every field of a fresh engine is either copied and keyed by the checker
+    or shared on purpose; a new field fails here until the key is reviewed."""
+    engine = Engine(CHECK_POLICY, log=False)
+    assert set(vars(engine)) == checker._COPIED | checker._SHARED
 
 
 def test_clone_engine_deep_copies_a_subclass_attribute() -> None:
