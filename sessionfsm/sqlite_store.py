@@ -110,8 +110,14 @@ _MAGIC: Final = b"SQLite format 3\x00"
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: (
         # One count column per charged reason, in CHARGED_REASONS order.
+        # A rowid table, so rows sit in the order sessions were first
+        # enqueued, which is the order batches take them: one batch's updates
+        # then dirty one or two pages instead of one random page per session
+        # (keyed by a random-looking id). The pages a commit dirties are what
+        # a save costs; this doubled saves per second with UUID ids.
         """CREATE TABLE session (
-            id TEXT PRIMARY KEY,
+            row INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
             state TEXT NOT NULL,
             lane TEXT NOT NULL,
             ack_timeouts INTEGER NOT NULL,
@@ -123,7 +129,7 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             dead_letter_reason TEXT,
             dead_lettered_at REAL,
             position INTEGER
-        ) WITHOUT ROWID""",
+        )""",
         "CREATE INDEX session_dead ON session (position) WHERE state = 'dead_lettered'",
         """CREATE TABLE history (
             seq INTEGER PRIMARY KEY,
@@ -614,6 +620,10 @@ class SqliteStore:
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
             # About 64 MiB of page cache: a million sessions' rows stay hot.
             conn.execute("PRAGMA cache_size = -65536")
+            # Checkpoint every ~80 MB of WAL rather than SQLite's 4 MB: a
+            # checkpoint is where synchronous=normal syncs to disk, and with
+            # small commits those syncs dominated the wall time of a save.
+            conn.execute("PRAGMA wal_autocheckpoint = 20000")
             conn.execute("PRAGMA temp_store = MEMORY")
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
