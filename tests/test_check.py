@@ -353,6 +353,30 @@ def test_clone_engine_matches_deepcopy() -> None:
     assert engine._debug_state() == before
 
 
+def test_frozen_frontier_engine_thaws_to_the_same_engine() -> None:
+    """An engine frozen in the search frontier thaws into an equal, independent
+    engine of the same class; one that cannot be pickled is kept as it is."""
+    engine = Engine(CHECK_POLICY, rng=random.Random(0), log=False)
+    engine.enqueue("a", now=0.0)
+    engine.enqueue("b", "backfill", now=0.0)
+    engine.tick(0.0)
+    base = {name: vars(engine)[name] for name in checker._CONSTANT}
+    thawed = checker._thaw(checker._freeze(engine, base))
+    assert thawed is not engine
+    assert thawed._debug_state() == engine._debug_state()
+    thawed.tick(5.0)
+    thawed.check()
+    assert engine.in_flight() != thawed.in_flight()
+
+    class Unpicklable(_Quiet):
+        def __init__(self, policy: Policy) -> None:
+            super().__init__(policy)
+            self.hook = lambda: None
+
+    odd = Unpicklable(CHECK_POLICY)
+    assert checker._freeze(odd, {name: vars(odd)[name] for name in checker._CONSTANT}) is odd
+
+
 def test_check_knows_every_engine_attribute() -> None:
     """Every field of a fresh engine is either copied and keyed by the checker
     or shared on purpose; a new field fails here until the key is reviewed."""
