@@ -57,6 +57,7 @@ from .machine import (
 from .policy import Policy
 from .runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, ReferenceRuntime, Runtime
 from .store import Change, Delta, Snapshot, Store
+from .views import LinkView, SessionView, link_view, session_view
 
 __all__ = ["Batch", "Engine", "LinkView", "SessionView"]
 
@@ -84,30 +85,6 @@ class Batch(msgspec.Struct, frozen=True):
     deadline: float
 
 
-class SessionView(msgspec.Struct, frozen=True):
-    """A read-only copy of one session."""
-
-    id: str
-    state: SessionState
-    lane: Lane
-    #: Ack type name -> consecutive count since the last success; only
-    #: reasons with a count above zero appear, e.g. ``{"RateLimited": 2}``.
-    counts: dict[str, int]
-    retry_at: float | None
-    dirty: bool
-    attempts: int
-    dead_letter_reason: str | None
-    dead_lettered_at: float | None
-
-
-class LinkView(msgspec.Struct, frozen=True):
-    """A read-only copy of the relay link."""
-
-    state: LinkState
-    failures: int
-    resume_at: float | None
-
-
 class _OpenBatch:
     __slots__ = ("batch", "losses", "pending")
 
@@ -117,20 +94,6 @@ class _OpenBatch:
         self.pending: dict[str, None] = dict.fromkeys(batch.session_ids)
         # How many times the link had been lost when this batch was sent.
         self.losses = losses
-
-
-def _view(rec: SessionRecord) -> SessionView:
-    return SessionView(
-        id=rec.id,
-        state=rec.state,
-        lane=rec.lane,
-        counts={CHARGED_REASONS[i]: n for i, n in enumerate(rec.counts) if n},
-        retry_at=rec.retry_at,
-        dirty=rec.dirty,
-        attempts=rec.attempts,
-        dead_letter_reason=rec.dead_letter_reason,
-        dead_lettered_at=rec.dead_lettered_at,
-    )
 
 
 class Engine:
@@ -460,15 +423,15 @@ class Engine:
 
     def session(self, session_id: str) -> SessionView:
         """A read-only copy of the session, or ``UnknownSession``."""
-        return _view(self._get(session_id))
+        return session_view(self._get(session_id))
 
     def sessions(self) -> Iterator[SessionView]:
         """Every session, in the order first enqueued."""
-        return (_view(rec) for rec in self._sessions.values())
+        return (session_view(rec) for rec in self._sessions.values())
 
     def dead_letters(self) -> list[SessionView]:
         """Every dead-lettered session, oldest first."""
-        return [_view(self._sessions[sid]) for sid in self._dead]
+        return [session_view(self._sessions[sid]) for sid in self._dead]
 
     def counts(self) -> dict[SessionState, int]:
         """How many sessions are in each state (every state present)."""
@@ -481,8 +444,7 @@ class Engine:
     @property
     def link(self) -> LinkView:
         """The relay link's state."""
-        link = self._link
-        return LinkView(state=link.state, failures=link.failures, resume_at=link.resume_at)
+        return link_view(self._link)
 
     @property
     def now(self) -> float:

@@ -76,7 +76,6 @@ from ._errors import (
     UnknownSession,
     UsageError,
 )
-from .engine import LinkView, SessionView
 from .machine import (
     CHARGED_REASONS,
     ZERO_COUNTS,
@@ -94,8 +93,8 @@ from .store import (
     HistoryRetention,
     Snapshot,
     queue_positions,
-    session_view,
 )
+from .views import LinkView, SessionView, link_view, session_view
 
 if sys.platform != "win32":
     import fcntl
@@ -487,8 +486,7 @@ class SqliteStore:
     def link(self) -> LinkView:
         """The relay link as last saved."""
         row = self._query(_SELECT_ENGINE, ())[0]
-        link = _link_record(self._where, row[2], row[3], row[4])
-        return LinkView(state=link.state, failures=link.failures, resume_at=link.resume_at)
+        return link_view(_link_record(self._where, row[2], row[3], row[4]))
 
     def now(self) -> float | None:
         """The engine clock when last saved, or None for a new database."""

@@ -11,15 +11,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import msgspec
 
 from ._errors import StoreError, UnknownSession, UsageError
-from .machine import CHARGED_REASONS, LinkRecord, SessionRecord, SessionState
-
-if TYPE_CHECKING:  # the engine imports this module
-    from .engine import LinkView, SessionView
+from .machine import LinkRecord, SessionRecord, SessionState
+from .views import LinkView, SessionView, link_view, session_view
 
 __all__ = ["Change", "Delta", "HistoryRetention", "MemoryStore", "Snapshot", "Store"]
 
@@ -170,28 +168,6 @@ def queue_positions(
     return positions, head, tail
 
 
-def _views() -> tuple[type[SessionView], type[LinkView]]:
-    from .engine import LinkView, SessionView  # here: the engine imports this module
-
-    return SessionView, LinkView
-
-
-def session_view(rec: SessionRecord) -> SessionView:
-    """A read-only copy of a record, as ``Engine.session`` returns it."""
-    view, _ = _views()
-    return view(
-        id=rec.id,
-        state=rec.state,
-        lane=rec.lane,
-        counts={CHARGED_REASONS[i]: n for i, n in enumerate(rec.counts) if n},
-        retry_at=rec.retry_at,
-        dirty=rec.dirty,
-        attempts=rec.attempts,
-        dead_letter_reason=rec.dead_letter_reason,
-        dead_lettered_at=rec.dead_lettered_at,
-    )
-
-
 class MemoryStore:
     """A :class:`Store` that keeps everything in this process, history included.
 
@@ -306,9 +282,7 @@ class MemoryStore:
     def link(self) -> LinkView:
         """The relay link as last saved."""
         self._check_open()
-        _, view = _views()
-        link = self._link
-        return view(state=link.state, failures=link.failures, resume_at=link.resume_at)
+        return link_view(self._link)
 
     def now(self) -> float | None:
         """The engine clock when last saved, or None if nothing was."""

@@ -1,0 +1,57 @@
+"""Read-only copies of a session and of the relay link.
+
+The engine and every store hand these out, so a caller can never change a
+live record by accident.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .machine import CHARGED_REASONS, Lane, LinkRecord, LinkState, SessionRecord, SessionState
+
+__all__ = ["LinkView", "SessionView", "link_view", "session_view"]
+
+
+class SessionView(msgspec.Struct, frozen=True):
+    """A read-only copy of one session."""
+
+    id: str
+    state: SessionState
+    lane: Lane
+    #: Ack type name -> consecutive count since the last success; only
+    #: reasons with a count above zero appear, e.g. ``{"RateLimited": 2}``.
+    counts: dict[str, int]
+    retry_at: float | None
+    dirty: bool
+    attempts: int
+    dead_letter_reason: str | None
+    dead_lettered_at: float | None
+
+
+class LinkView(msgspec.Struct, frozen=True):
+    """A read-only copy of the relay link."""
+
+    state: LinkState
+    failures: int
+    resume_at: float | None
+
+
+def session_view(rec: SessionRecord) -> SessionView:
+    """A read-only copy of a record, as ``Engine.session`` returns it."""
+    return SessionView(
+        id=rec.id,
+        state=rec.state,
+        lane=rec.lane,
+        counts={CHARGED_REASONS[i]: n for i, n in enumerate(rec.counts) if n},
+        retry_at=rec.retry_at,
+        dirty=rec.dirty,
+        attempts=rec.attempts,
+        dead_letter_reason=rec.dead_letter_reason,
+        dead_lettered_at=rec.dead_lettered_at,
+    )
+
+
+def link_view(link: LinkRecord) -> LinkView:
+    """A read-only copy of the link record."""
+    return LinkView(state=link.state, failures=link.failures, resume_at=link.resume_at)
