@@ -143,6 +143,8 @@ INVARIANTS: Final[dict[str, str]] = {
     "inv8_no_lost_update": "a session changed in flight is never marked synced by that ack",
     "inv9_stamp_only_with_batch": "a lane's throttle stamp moves only when it forms a batch",
     "inv10_retry_at_and_counts": "retry_at iff backoff; a count grows by one per ack of it",
+    "paced_redrive_as_scheduled": "a paced redrive revives only dead letters scheduled "
+    "while dead and dead ever since, at most per_tick a tick",
     "no_crash": "no action on a valid engine raises",
     "live_session_can_rest": "from every state each session can still reach synced or dead",
     "live_lane_served": "a lane with a queued session gets a batch by time passing alone",
@@ -420,11 +422,13 @@ class _Shadow:
     ``changed``: sessions enqueued again while in flight (their ack is stale).
     ``lost``: open batches sent before the link was last lost (the outage ate
     their ack, so timing them out charges nobody).
+    ``scheduled``: dead letters a ``schedule_redrive`` covered, dead ever since.
     """
 
     stamps: tuple[float | None, float | None] = (None, None)
     changed: frozenset[str] = frozenset()
     lost: frozenset[int] = frozenset()
+    scheduled: frozenset[str] = frozenset()
 
 
 class _Model:
@@ -607,7 +611,9 @@ class _Model:
             last = round(last - now, _DIGITS)
         # Dead letters are scheduled oldest first, so their order matters then.
         dead = tuple(engine._dead) if self.paced_redrive else ()
-        parts.append((queue, engine._redrive_per_tick if queue else 0, last, dead))
+        parts.append(
+            (queue, engine._redrive_per_tick if queue else 0, last, dead, shadow.scheduled)
+        )
         intern = self._intern
         codes = [intern.get(part) for part in parts]
         if None in codes:
@@ -648,7 +654,13 @@ class _Model:
             lost = frozenset(open_now)
         else:
             lost = frozenset(bid for bid in shadow.lost if bid in open_now)
-        return _Shadow((stamps[0], stamps[1]), frozenset(changed), lost)
+        # "The dead letters there are now": a schedule covers those, for as
+        # long as they stay dead.
+        scheduled = set(shadow.scheduled)
+        if action[0] == "schedule_redrive":
+            scheduled.update(before._dead)
+        scheduled = {sid for sid in scheduled if sessions[sid].state is _DEAD}
+        return _Shadow((stamps[0], stamps[1]), frozenset(changed), lost, frozenset(scheduled))
 
     def check_state(self, engine: Engine, shadow: _Shadow) -> list[tuple[str, str]]:
         """Invariants that hold in every state, whatever led to it."""
@@ -742,6 +754,31 @@ class _Model:
                     why = "RelayUnavailable" if bid in shadow.lost else "AckTimeout"
                     received.update(dict.fromkeys(ob.pending, why))
         sent = {sid for batch in batches or () for sid in batch.session_ids}
+        # Dead letters the paced redrive revived in this tick: those whose
+        # schedule entry the tick used up, dead before it or dead-lettered by it.
+        revived: set[str] = set()
+        if ticked:
+            for sid in before._redrive_ids - after._redrive_ids:
+                got = received.get(sid)
+                died = got is not None and self._exhausts(old[sid], got)
+                if new[sid].state is not _DEAD and (old[sid].state is _DEAD or died):
+                    revived.add(sid)
+            for sid in sorted(revived - shadow.scheduled):
+                found.append(
+                    (
+                        "paced_redrive_as_scheduled",
+                        f"{sid!r} revived by the paced redrive at {now:g}, but no "
+                        "schedule_redrive covered it since it was last dead-lettered",
+                    )
+                )
+            if len(revived) > before._redrive_per_tick:
+                found.append(
+                    (
+                        "paced_redrive_as_scheduled",
+                        f"a tick revived {sorted(revived)}, more than "
+                        f"{before._redrive_per_tick} per tick",
+                    )
+                )
 
         for sid, pre in old.items():
             post = new.get(sid)
@@ -759,7 +796,7 @@ class _Model:
                     ticked,
                     shadow,
                     now,
-                    before._redrive_ids,
+                    sid in revived,
                 )
             )
         for sid in new.keys() - old.keys():
@@ -779,6 +816,14 @@ class _Model:
                 )
         return found
 
+    def _exhausts(self, pre: SessionRecord, got: str) -> bool:
+        """Whether an ack of kind ``got`` dead-letters a session like ``pre``."""
+        if got not in CHARGED_REASONS:
+            return False
+        rp = self.policy.reason(got)
+        count = pre.counts[CHARGED_REASONS.index(got)] + 1
+        return not rp.retryable or count >= rp.threshold
+
     def _delay(self, reason: str, count: int) -> float:
         """The backoff the policy prescribes for the count-th ``reason``."""
         rp = self.policy.reason(reason)
@@ -795,11 +840,12 @@ class _Model:
         ticked: bool,
         shadow: _Shadow,
         now: float,
-        scheduled: set[str] | frozenset[str],
+        revived: bool,
     ) -> list[tuple[str, str]]:
         """One session across one action. ``got``: the ack it was answered
         with (None: none); ``sent``: it went out in a batch of this tick;
-        ``scheduled``: the paced redrive's sessions before the action."""
+        ``revived``: the tick's paced redrive brought it back from dead
+        (checked on its own, in ``check_step``)."""
         found: list[tuple[str, str]] = []
         due = pre.state is _BACKOFF and pre.retry_at is not None and pre.retry_at <= now
         if got is not None and pre.state is not _IN_FLIGHT:
@@ -845,6 +891,8 @@ class _Model:
             count = pre.counts[i] + 1
             limit = rp.threshold if rp.retryable else 1
             if count >= limit:
+                if revived:
+                    return found
                 if post.state is not _DEAD or post.dead_letter_reason != got:
                     found.append(
                         (
@@ -908,9 +956,8 @@ class _Model:
                     f"{_counts(post.counts)} without an ack",
                 )
             )
-        # A tick may redrive a scheduled dead letter and send it at once.
-        redriven = ticked and pre.state is _DEAD and sid in scheduled
-        if sent and not (pre.state is _QUEUED or due or redriven):
+        # A tick may revive a dead letter by a paced redrive and send it at once.
+        if sent and not (pre.state is _QUEUED or due or revived):
             found.append(
                 (
                     "inv5_no_send_before_retry",
