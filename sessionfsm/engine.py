@@ -239,7 +239,7 @@ class Engine:
         if link.state is LinkState.PAUSED:
             self._fire_link("resumed", step)
         self._release_due(now)
-        if self._redrive_queue and link.state is LinkState.UP:
+        if self._redrive_ids and link.state is LinkState.UP:
             self._drain_redrive(now)
         formed: list[Batch] = []
         if link.state is LinkState.UP:
@@ -395,15 +395,15 @@ class Engine:
 
     def cancel_redrive(self) -> int:
         """Drop the rest of a paced redrive; return how many were still scheduled."""
-        left = len(self._redrive_queue)
+        left = len(self._redrive_ids)
         self._redrive_queue.clear()
         self._redrive_ids.clear()
         return left
 
     @property
     def redrive_backlog(self) -> int:
-        """Sessions a paced redrive has yet to reach (some may have left on their own)."""
-        return len(self._redrive_queue)
+        """Dead letters a paced redrive has yet to reach."""
+        return len(self._redrive_ids)
 
     def relay_ready(self, now: float) -> None:
         """The transport reports the relay ready: resume sending at once."""
@@ -477,7 +477,7 @@ class Engine:
             times.append(deadlines[0][0])
         if self._retry:
             times.append(self._retry[0][0])
-        if self._redrive_queue and self._link.state is LinkState.UP:
+        if self._redrive_ids and self._link.state is LinkState.UP:
             last = self._redrive_last
             times.append(
                 self._now if last is None else max(self._now, last + self.policy.tick_interval_s)
@@ -497,7 +497,7 @@ class Engine:
         """True when every session is at rest (synced or dead-lettered) and no
         paced redrive is pending."""
         resting = sum(self._by_state[s] for s in RESTING_STATES) == len(self._sessions)
-        return resting and not self._redrive_queue
+        return resting and not self._redrive_ids
 
     def check(self) -> None:
         """Assert the structural invariants (1, 3, 10) over every session.
@@ -582,6 +582,10 @@ class Engine:
                 self._dead[rec.id] = None
             if source is _DEAD:
                 del self._dead[rec.id]
+                # However it left (paced, by hand, in bulk), a session no
+                # longer dead is off the paced schedule: a later dead letter
+                # of it is new and was never scheduled.
+                self._redrive_ids.discard(rec.id)
         self._pending.append((rec, source, target, event, step.reason_name, rec.attempts))
         return True
 
@@ -651,11 +655,13 @@ class Engine:
         done = 0
         while queue and done < self._redrive_per_tick:
             sid = queue.popleft()
+            if sid not in ids:
+                continue  # it left the dead letters another way meanwhile
             ids.discard(sid)
-            rec = sessions[sid]
-            # Skip one that was redriven by hand meanwhile; it is no longer dead.
-            if rec.state is _DEAD and self._fire(rec, "redriven", step):
-                done += 1
+            self._fire(sessions[sid], "redriven", step)
+            done += 1
+        if not ids:
+            queue.clear()  # only entries that left another way remain
         if done:
             self._log.info("sessionfsm.redriven", sessions=done, paced=True, left=len(queue))
 

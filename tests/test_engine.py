@@ -650,3 +650,24 @@ def test_readme_loop_runs_as_written() -> None:
     match = re.search(r"## The loop\n\n```python\n(.*?)```", readme, re.S)
     assert match, "the README lost its loop example"
     exec(compile(match.group(1), "README.md", "exec"), {})
+
+
+def test_paced_redrive_forgets_a_session_redriven_another_way(engine: Engine, cycle: Cycle) -> None:
+    """A session redriven by hand leaves the paced schedule; dying again, it stays dead."""
+    engine = Engine(Policy(incremental_interval_s=0.0), log=False)
+    engine.enqueue("a")
+    engine.enqueue("b")
+    cycle(engine, 0.0, acks.PayloadTooLarge())
+    assert engine.schedule_redrive(per_tick=1) == 2
+    engine.redrive("a", now=1.0)
+    assert engine.redrive_backlog == 1  # "b" only
+    # The tick revives "b" (its turn) and sends both; "a" dies again: a new
+    # dead letter that no schedule covers.
+    cycle(engine, 1.0, {"a": acks.PayloadTooLarge(), "b": acks.Ok()})
+    assert engine.redrive_backlog == 0
+    engine.tick(10.0)
+    engine.tick(20.0)
+    assert engine.state("a") is DEAD
+    assert engine.state("b") is SYNCED
+    assert engine.idle()
+    engine.check()
