@@ -448,6 +448,9 @@ class _Model:
         self.factory = factory
         self.free_clock = free_clock
         self.paced_redrive = paced_redrive
+        #: ``schedule_redrive`` is offered only while the engine's redrive
+        #: queue holds fewer entries than this.
+        self.redrive_queue_bound = 2 * sessions
         self.tick_s = policy.tick_interval_s
         self.intervals = (policy.incremental_interval_s, policy.backfill_interval_s)
         self.failures_cap = _failures_that_matter(policy.relay_pause)
@@ -481,7 +484,14 @@ class _Model:
                         out.append(action("ack_session", bid, sid, kind))
         for sid in engine._dead:
             out.append(action("redrive", sid))
-        if self.paced_redrive and engine._dead.keys() - engine._redrive_ids:
+        # The engine leaves a schedule entry behind when its session stops
+        # being dead some other way, and such entries keep their place in
+        # line, so they are state; bounding the queue keeps the space finite.
+        if (
+            self.paced_redrive
+            and len(engine._redrive_queue) < self.redrive_queue_bound
+            and engine._dead.keys() - engine._redrive_ids
+        ):
             out.append(("schedule_redrive",))
         return out
 
@@ -1117,8 +1127,9 @@ def explore(
     ``free_clock`` lets the clock advance without a tick (a runner that
     sleeps through ticks); by default every advance ticks, as a runner that
     ticks each ``tick_interval_s`` does, and extra ticks may come between.
-    ``paced_redrive`` adds ``schedule_redrive(per_tick=1)`` to the actions
-    (it multiplies the states by about three, so it is opt-in).
+    ``paced_redrive`` adds ``schedule_redrive(per_tick=1)`` to the actions,
+    offered while the engine's redrive queue holds fewer than two entries per
+    session (it multiplies the states, so it is opt-in).
     ``stop_at_first`` returns at the first violation, with its shortest trace.
     ``progress(depth, states, transitions)`` is called after each level.
     Jitter in the policy is replaced by its upper bound.
