@@ -319,7 +319,8 @@ class Engine:
         if not pending:
             self._close(batch_id, "duplicate_ack")
         changes = self._changes(start)
-        self._commit()
+        # The store gets the same rows when they are all of this call's.
+        self._commit(changes if start == 0 else None)
         return changes
 
     def on_message(self, message: acks.BatchAck, now: float) -> list[Change]:
@@ -744,8 +745,12 @@ class Engine:
             for rec, source, target, event, reason, attempts in self._pending[start:]
         ]
 
-    def _commit(self) -> None:
-        """React, in one place: log what changed and hand it to the store."""
+    def _commit(self, changes: list[Change] | None = None) -> None:
+        """React, in one place: log what changed and hand it to the store.
+
+        ``changes``, if given, are this call's whole pending list already
+        turned into ``Change`` rows, so they are not built twice.
+        """
         pending = self._pending
         if not pending and not self._link_changed:
             return
@@ -773,7 +778,7 @@ class Engine:
             self._store.save(
                 Delta(
                     sessions=changed,
-                    changes=self._changes(0),
+                    changes=changes if changes is not None else self._changes(0),
                     link=self._link,
                     stamps={lane.value: at for lane, at in self._stamps.items()},
                     next_batch_id=self._next_batch_id,
