@@ -84,16 +84,16 @@ def test_flaw2_inv6_backfill_not_starved_while_incremental_all_backed_off(
     assert all(engine.state(f"inc{i}") is BACKOFF for i in range(3))
 
 
-def test_flaw2_inv9_throttle_not_stamped_when_no_batch_formed(engine: Engine, cycle: Cycle) -> None:
-    """An empty tick does not delay a session enqueued right after it."""
+def test_flaw2_inv9_throttle_not_stamped_when_no_batch_formed(cycle: Cycle) -> None:
+    """A tick that finds every session backed off does not delay one enqueued after it."""
+    slow = Policy(rate_limited=ReasonPolicy(threshold=5, backoff=Fixed(120.0)))
+    engine = Engine(slow, log=False)
     engine.enqueue("s1")
-    cycle(engine, 0.0, acks.RateLimited())  # s1 backed off; stamp at 0
-    assert cycle(engine, 31.0) == [] or True  # s1 due at 31 s goes at the 31 s tick
-    engine2 = Engine(engine.policy, log=False)
-    assert engine2.tick(0.0) == []  # nothing ready: must not stamp
-    engine2.enqueue("late")
-    (batch,) = engine2.tick(1.0)
-    assert batch.session_ids == ("late",)
+    cycle(engine, 0.0, acks.RateLimited())  # a real batch: stamped at 0; s1 waits to 120
+    assert engine.tick(40.0) == []  # the interval allows, but nothing is ready
+    engine.enqueue("s2")
+    (batch,) = engine.tick(41.0)  # stamped at 40 it would wait until 70
+    assert batch.session_ids == ("s2",)
 
 
 def test_inv9_incremental_interval_holds_between_real_batches(engine: Engine, cycle: Cycle) -> None:
