@@ -262,8 +262,7 @@ _COPIED: Final = frozenset(
         "_by_state",
         "_anomalies",
         "_link",
-        "_redrive_queue",
-        "_redrive_ids",
+        "_redrive",
     }
 )
 _SHARED: Final = frozenset(
@@ -318,9 +317,8 @@ def clone_engine(engine: Engine) -> Engine:
     state["_by_state"] = _dup_counter(old["_by_state"])
     state["_anomalies"] = _dup_counter(old["_anomalies"])
     state["_link"] = old["_link"].__copy__()
-    if "_redrive_queue" in old:
-        state["_redrive_queue"] = deque(old["_redrive_queue"])
-        state["_redrive_ids"] = set(old["_redrive_ids"])
+    if "_redrive" in old:
+        state["_redrive"] = old["_redrive"].copy()
     for name in old.keys() - _COPIED - _SHARED:
         value = old[name]
         if not isinstance(value, _IMMUTABLE):
@@ -448,9 +446,6 @@ class _Model:
         self.factory = factory
         self.free_clock = free_clock
         self.paced_redrive = paced_redrive
-        #: ``schedule_redrive`` is offered only while the engine's redrive
-        #: queue holds fewer entries than this.
-        self.redrive_queue_bound = 2 * sessions
         self.tick_s = policy.tick_interval_s
         self.intervals = (policy.incremental_interval_s, policy.backfill_interval_s)
         self.failures_cap = _failures_that_matter(policy.relay_pause)
@@ -484,14 +479,7 @@ class _Model:
                         out.append(action("ack_session", bid, sid, kind))
         for sid in engine._dead:
             out.append(action("redrive", sid))
-        # The engine leaves a schedule entry behind when its session stops
-        # being dead some other way, and such entries keep their place in
-        # line, so they are state; bounding the queue keeps the space finite.
-        if (
-            self.paced_redrive
-            and len(engine._redrive_queue) < self.redrive_queue_bound
-            and engine._dead.keys() - engine._redrive_ids
-        ):
+        if self.paced_redrive and engine._dead.keys() - engine._redrive.keys():
             out.append(("schedule_redrive",))
         return out
 
@@ -613,7 +601,7 @@ class _Model:
             )
         )
         # The paced redrive: who is scheduled, and whether it drained this tick.
-        queue = tuple(engine._redrive_queue)
+        queue = tuple(engine._redrive)
         last = engine._redrive_last
         if last is not None and now - last >= self.tick_s:
             last = None
@@ -768,7 +756,7 @@ class _Model:
         # schedule entry the tick used up, dead before it or dead-lettered by it.
         revived: set[str] = set()
         if ticked:
-            for sid in before._redrive_ids - after._redrive_ids:
+            for sid in before._redrive.keys() - after._redrive.keys():
                 got = received.get(sid)
                 died = got is not None and self._exhausts(old[sid], got)
                 if new[sid].state is not _DEAD and (old[sid].state is _DEAD or died):

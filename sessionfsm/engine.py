@@ -163,9 +163,10 @@ class Engine:
             tuple[SessionRecord, SessionState | None, SessionState, str, str | None, int]
         ] = []
         self._link_changed = False
-        # Paced redrive (``schedule_redrive``): ids in order, drained by ``tick``.
-        self._redrive_queue: deque[str] = deque()
-        self._redrive_ids: set[str] = set()
+        # Paced redrive (``schedule_redrive``): the scheduled dead letters, in
+        # order, drained by ``tick``. Always a subset of ``_dead``: a session
+        # that leaves the dead letters any way leaves the schedule too.
+        self._redrive: dict[str, None] = {}
         self._redrive_per_tick = 0
         self._redrive_last: float | None = None
         self._store = store
@@ -239,7 +240,7 @@ class Engine:
         if link.state is LinkState.PAUSED:
             self._fire_link("resumed", step)
         self._release_due(now)
-        if self._redrive_ids and link.state is LinkState.UP:
+        if self._redrive and link.state is LinkState.UP:
             self._drain_redrive(now)
         formed: list[Batch] = []
         if link.state is LinkState.UP:
@@ -385,26 +386,25 @@ class Engine:
             raise UsageError(f"per_tick must be an integer >= 1, got {per_tick!r}")
         self._redrive_per_tick = per_tick
         added = 0
+        schedule = self._redrive
         for sid in self._dead:
-            if sid not in self._redrive_ids and (
+            if sid not in schedule and (
                 reason is None or self._sessions[sid].dead_letter_reason == reason
             ):
-                self._redrive_queue.append(sid)
-                self._redrive_ids.add(sid)
+                schedule[sid] = None
                 added += 1
         return added
 
     def cancel_redrive(self) -> int:
         """Drop the rest of a paced redrive; return how many were still scheduled."""
-        left = len(self._redrive_ids)
-        self._redrive_queue.clear()
-        self._redrive_ids.clear()
+        left = len(self._redrive)
+        self._redrive.clear()
         return left
 
     @property
     def redrive_backlog(self) -> int:
         """Dead letters a paced redrive has yet to reach."""
-        return len(self._redrive_ids)
+        return len(self._redrive)
 
     def relay_ready(self, now: float) -> None:
         """The transport reports the relay ready: resume sending at once."""
@@ -478,7 +478,7 @@ class Engine:
             times.append(deadlines[0][0])
         if self._retry:
             times.append(self._retry[0][0])
-        if self._redrive_ids and self._link.state is LinkState.UP:
+        if self._redrive and self._link.state is LinkState.UP:
             last = self._redrive_last
             times.append(
                 self._now if last is None else max(self._now, last + self.policy.tick_interval_s)
@@ -498,7 +498,7 @@ class Engine:
         """True when every session is at rest (synced or dead-lettered) and no
         paced redrive is pending."""
         resting = sum(self._by_state[s] for s in RESTING_STATES) == len(self._sessions)
-        return resting and not self._redrive_ids
+        return resting and not self._redrive
 
     def check(self) -> None:
         """Assert the structural invariants (1, 3, 10) over every session.
@@ -586,7 +586,7 @@ class Engine:
                 # However it left (paced, by hand, in bulk), a session no
                 # longer dead is off the paced schedule: a later dead letter
                 # of it is new and was never scheduled.
-                self._redrive_ids.discard(rec.id)
+                self._redrive.pop(rec.id, None)
         self._pending.append((rec, source, target, event, step.reason_name, rec.attempts))
         return True
 
@@ -651,20 +651,16 @@ class Engine:
         if last is not None and now - last < self.policy.tick_interval_s:
             return
         self._redrive_last = now
-        queue, ids, sessions = self._redrive_queue, self._redrive_ids, self._sessions
+        schedule, sessions = self._redrive, self._sessions
         step = self._step.load(now)
         done = 0
-        while queue and done < self._redrive_per_tick:
-            sid = queue.popleft()
-            if sid not in ids:
-                continue  # it left the dead letters another way meanwhile
-            ids.discard(sid)
+        while schedule and done < self._redrive_per_tick:
+            sid = next(iter(schedule))
+            del schedule[sid]
             self._fire(sessions[sid], "redriven", step)
             done += 1
-        if not ids:
-            queue.clear()  # only entries that left another way remain
         if done:
-            self._log.info("sessionfsm.redriven", sessions=done, paced=True, left=len(queue))
+            self._log.info("sessionfsm.redriven", sessions=done, paced=True, left=len(schedule))
 
     def _has_ready(self, lane: Lane) -> bool:
         queue = self._ready[lane]

@@ -226,10 +226,10 @@ class StaleScheduleEntry(_Quiet):
     that no schedule_redrive covered."""
 
     def redrive(self, session_id: str, now: float) -> None:
-        scheduled = session_id in self._redrive_ids
+        scheduled = session_id in self._redrive
         super().redrive(session_id, now)
         if scheduled:
-            self._redrive_ids.add(session_id)
+            self._redrive[session_id] = None
 
 
 def test_check_one_session_paced_redrive_holds() -> None:
