@@ -265,18 +265,21 @@ _COPIED: Final = frozenset(
         "_redrive",
     }
 )
-_SHARED: Final = frozenset(
+# What an engine shares with every copy of it, left out of a frozen one.
+_CONSTANT: Final = (
+    "policy",
+    "_rng",
+    "_log",
+    "_logging",
+    "_runtime",
+    "_link_runtime",
+    "_step",
+    "_lane_size",
+    "_lane_interval",
+    "_store",
+)
+_SHARED: Final = frozenset(_CONSTANT) | frozenset(
     {
-        "policy",
-        "_rng",
-        "_log",
-        "_logging",
-        "_runtime",
-        "_link_runtime",
-        "_step",
-        "_lane_size",
-        "_lane_interval",
-        "_store",
         "_pending",
         "_link_changed",
         "_next_batch_id",
@@ -324,21 +327,6 @@ def clone_engine(engine: Engine) -> Engine:
         if not isinstance(value, _IMMUTABLE):
             state[name] = copy.deepcopy(value)
     return new
-
-
-# What an engine shares with every copy of it, left out of a frozen one.
-_CONSTANT: Final = (
-    "policy",
-    "_rng",
-    "_log",
-    "_logging",
-    "_runtime",
-    "_link_runtime",
-    "_step",
-    "_lane_size",
-    "_lane_interval",
-    "_store",
-)
 
 
 class _Frozen:
