@@ -307,12 +307,7 @@ class Engine:
                 unavailable = True
             else:
                 answered = True
-        if requeued:
-            # Back to the head of the queue, in batch order: they were first
-            # in line, and a relay flap must not send them to the back.
-            ready = self._ready
-            for sid in reversed(requeued):
-                ready[sessions[sid].lane].appendleft(sid)
+        self._to_front(requeued)
         if answered:
             self._fire_link("answered", step.load(now))
         if unavailable:
@@ -630,8 +625,7 @@ class Engine:
             requeued: list[str] = []
             for sid in open_batch.pending:
                 self._fire(self._sessions[sid], event, step.load(now, ack), front=requeued)
-            for sid in reversed(requeued):
-                self._ready[self._sessions[sid].lane].appendleft(sid)
+            self._to_front(requeued)
             open_batch.pending.clear()
             self._close(batch_id, "late_ack")
 
@@ -661,6 +655,17 @@ class Engine:
             done += 1
         if done:
             self._log.info("sessionfsm.redriven", sessions=done, paced=True, left=len(schedule))
+
+    def _to_front(self, session_ids: list[str]) -> None:
+        """Put sessions back at the head of their queues, in the order given.
+
+        They were first in line (their batch came back unsent, stale or eaten
+        by an outage, or the process died with them in flight), and a relay
+        flap must not send them to the back.
+        """
+        sessions, ready = self._sessions, self._ready
+        for sid in reversed(session_ids):
+            ready[sessions[sid].lane].appendleft(sid)
 
     def _has_ready(self, lane: Lane) -> bool:
         queue = self._ready[lane]
@@ -822,8 +827,7 @@ class Engine:
             elif state is _DEAD:
                 self._dead[rec.id] = None
         heapq.heapify(self._retry)
-        for rec in reversed(requeued):  # they were first in line when the process died
-            self._ready[rec.lane].appendleft(rec.id)
+        self._to_front([rec.id for rec in requeued])
         # In queue order, so that a store keeps them first in line in this order.
         self._pending.extend(
             (rec, _IN_FLIGHT, _QUEUED, "recovered", None, rec.attempts) for rec in requeued
