@@ -1,3 +1,3 @@
-from sessionfsm.cli import main
+from sessionfsm.tools import main
 
-main(prog_name="sessionfsm")
+main()

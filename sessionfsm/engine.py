@@ -55,8 +55,9 @@ from .machine import (
     Step,
 )
 from .policy import Policy
+from .records import Change, Delta, Snapshot
 from .runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, ReferenceRuntime, Runtime
-from .store import Change, Delta, Snapshot, Store
+from .store import Store
 from .views import LinkView, SessionView, link_view, session_view
 
 __all__ = ["Batch", "Engine", "LinkView", "SessionView"]
@@ -163,6 +164,10 @@ class Engine:
             tuple[SessionRecord, SessionState | None, SessionState, str, str | None, int]
         ] = []
         self._link_changed = False
+        # Where this call put sessions in line, in order: id -> True for the
+        # head of its queue, False for the tail (or the dead letters). Handed
+        # to the store in the Delta, so it writes the order down as decided.
+        self._placed: dict[str, bool] = {}
         # Paced redrive (``schedule_redrive``): the scheduled dead letters, in
         # order, drained by ``tick``. Always a subset of ``_dead``: a session
         # that leaves the dead letters any way leaves the schedule too.
@@ -205,6 +210,7 @@ class Engine:
             self._sessions[session_id] = rec
             self._by_state[_QUEUED] += 1
             self._ready[lane].append(session_id)
+            self._placed[session_id] = False
             self._pending.append((rec, None, _QUEUED, "enqueued", None, 0))
             self._commit()
             return
@@ -213,6 +219,8 @@ class Engine:
             if rec.state is _QUEUED:
                 # The backfill entry goes stale and is skipped when reached.
                 self._ready[_INCREMENTAL].append(session_id)
+                self._placed.pop(session_id, None)
+                self._placed[session_id] = False
             self._pending.append((rec, rec.state, rec.state, "promoted", None, rec.attempts))
         if rec.state is _DEAD:
             self._anomalies["enqueue_dead_lettered"] += 1
@@ -571,11 +579,15 @@ class Engine:
                     front.append(rec.id)
                 else:
                     self._ready[rec.lane].append(rec.id)
+                    self._placed.pop(rec.id, None)
+                    self._placed[rec.id] = False
             elif target is _BACKOFF:
                 assert rec.retry_at is not None  # charge always schedules (invariant 10)
                 heapq.heappush(self._retry, (rec.retry_at, rec.id))
             elif target is _DEAD:
                 self._dead[rec.id] = None
+                self._placed.pop(rec.id, None)
+                self._placed[rec.id] = False
             if source is _DEAD:
                 del self._dead[rec.id]
                 # However it left (paced, by hand, in bulk), a session no
@@ -663,9 +675,12 @@ class Engine:
         by an outage, or the process died with them in flight), and a relay
         flap must not send them to the back.
         """
-        sessions, ready = self._sessions, self._ready
+        sessions, ready, placed = self._sessions, self._ready, self._placed
         for sid in reversed(session_ids):
             ready[sessions[sid].lane].appendleft(sid)
+        for sid in session_ids:
+            placed.pop(sid, None)
+            placed[sid] = True
 
     def _has_ready(self, lane: Lane) -> bool:
         queue = self._ready[lane]
@@ -774,6 +789,7 @@ class Engine:
                     reason=rec.dead_letter_reason,
                     attempts=rec.attempts,
                 )
+        placed = self._placed
         if self._store is not None:
             changed = list({id(rec): rec for rec, *_ in pending}.values())
             self._store.save(
@@ -784,9 +800,12 @@ class Engine:
                     stamps={lane.value: at for lane, at in self._stamps.items()},
                     next_batch_id=self._next_batch_id,
                     now=self._now,
+                    queue_front=[sid for sid, head in placed.items() if head],
+                    queue_back=[sid for sid, head in placed.items() if not head],
                 )
             )
         pending.clear()
+        placed.clear()
         self._link_changed = False
 
     def _recover(self, snapshot: Snapshot) -> None:

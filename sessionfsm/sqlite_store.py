@@ -22,7 +22,8 @@ What it keeps
 ``session``: one row per session (state, lane, one count per charged reason,
 retry time, dirty flag, attempts, dead-letter reason and time) and its
 *position*, which keeps each lane's queue and the dead letters in order across
-a restart (see :func:`~sessionfsm.store.queue_positions`). ``engine``: one row
+a restart (the order the engine decided, from ``Delta.queue_front`` / ``queue_back``;
+see :func:`~sessionfsm.records.number_places`). ``engine``: one row
 with the engine clock, the next batch id and the relay link. ``lane``: each
 lane's last batch time. ``history``: the append-only transition history,
 pruned by a :class:`~sessionfsm.store.HistoryRetention` (30 days and a million
@@ -85,15 +86,8 @@ from .machine import (
     SessionRecord,
     SessionState,
 )
-from .store import (
-    DEFAULT_RETENTION,
-    KEEP_ALL,
-    Change,
-    Delta,
-    HistoryRetention,
-    Snapshot,
-    queue_positions,
-)
+from .records import Change, Delta, Snapshot, number_places
+from .store import DEFAULT_RETENTION, KEEP_ALL, HistoryRetention
 from .views import LinkView, SessionView, link_view, session_view
 
 if sys.platform != "win32":
@@ -330,7 +324,7 @@ class SqliteStore:
         if self.readonly:
             raise StoreError(f"cannot save to store {self._where}: it was opened read-only")
         changes = delta.changes
-        positions, head, tail = queue_positions(changes, self._head, self._tail)
+        positions, head, tail = number_places(delta, self._head, self._tail)
         where = positions.get
         rows: list[tuple[Any, ...]] = []
         append = rows.append

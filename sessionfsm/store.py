@@ -1,66 +1,40 @@
-"""What the engine hands a store, and what a store hands back.
+"""The store protocols, and the in-memory store.
 
 The engine is sans-IO: after each public call (``tick``, ``on_ack``,
 ``enqueue``, ...) it hands the store one :class:`Delta`, everything that
 changed in that call, and the store writes it in one transaction. On start-up
-the engine asks the store for a :class:`Snapshot` and recovers from it.
+the engine asks the store for a :class:`Snapshot` and recovers from it. Those
+records live in :mod:`sessionfsm.records` and are re-exported here.
+
+* :class:`Store`: what the engine needs (``load``, ``save``, ``close``);
+* :class:`StoreReader`: what the operating tools read (``counts``,
+  ``dead_letters``, ``session``, ``history``, ``link``, ``now``). The
+  ``sessionfsm status`` / ``dead-letters`` / ``history`` commands are
+  written against it alone.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
 from typing import Final, Protocol, runtime_checkable
 
 import msgspec
 
 from ._errors import StoreError, UnknownSession, UsageError
 from .machine import LinkRecord, SessionRecord, SessionState
+from .records import Change, Delta, Snapshot, number_places
 from .views import LinkView, SessionView, link_view, session_view
 
-__all__ = ["Change", "Delta", "HistoryRetention", "MemoryStore", "Snapshot", "Store"]
-
-
-class Change(msgspec.Struct, frozen=True, gc=False):
-    """One applied transition: a row of the history."""
-
-    session_id: str
-    #: None when the session was first enqueued.
-    source: str | None
-    target: str
-    event: str
-    #: The ack reason that caused it, if any (``RateLimited``, ...).
-    reason: str | None
-    at: float
-    #: The session's ``attempts`` after the transition.
-    attempt: int
-
-
-class Delta(msgspec.Struct, gc=False):
-    """Everything one engine call changed."""
-
-    #: The changed records, each once, as they are now. Serialise them before
-    #: returning: the engine keeps mutating the same objects.
-    sessions: list[SessionRecord]
-    changes: list[Change]
-    link: LinkRecord
-    #: Lane name -> when its last batch was formed.
-    stamps: dict[str, float | None]
-    next_batch_id: int
-    #: The engine's clock after the call.
-    now: float
-
-
-class Snapshot(msgspec.Struct):
-    """A store's whole persisted state, for the engine to recover from."""
-
-    sessions: list[SessionRecord]
-    link: LinkRecord
-    stamps: dict[str, float | None]
-    next_batch_id: int
-    #: The engine clock when last saved, or None for an empty store.
-    now: float | None
+__all__ = [
+    "Change",
+    "Delta",
+    "HistoryRetention",
+    "MemoryStore",
+    "Snapshot",
+    "Store",
+    "StoreReader",
+]
 
 
 @runtime_checkable
@@ -80,8 +54,45 @@ class Store(Protocol):
         ...
 
 
+@runtime_checkable
+class StoreReader(Protocol):
+    """What a store tells an operator, read as last saved.
+
+    :class:`MemoryStore` and :class:`~sessionfsm.SqliteStore` implement it;
+    a new store implements it to work with the operating commands.
+    """
+
+    def counts(self) -> dict[SessionState, int]:
+        """How many sessions are in each state (every state present)."""
+        ...
+
+    def dead_letters(self, reason: str | None = None) -> list[SessionView]:
+        """Dead letters (only ``reason``'s, if given), oldest first."""
+        ...
+
+    def session(self, session_id: str) -> SessionView:
+        """One session, or ``UnknownSession``."""
+        ...
+
+    def history(self, session_id: str, *, limit: int | None = None) -> list[Change]:
+        """The session's kept transitions, oldest first (the last ``limit``)."""
+        ...
+
+    def link(self) -> LinkView:
+        """The relay link."""
+        ...
+
+    def now(self) -> float | None:
+        """The engine clock when last saved, or None if nothing was."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's resources."""
+        ...
+
+
 # ---------------------------------------------------------------------------
-# What every store shares: the history's retention, and the queue order.
+# What every store shares: the history's retention.
 # ---------------------------------------------------------------------------
 
 
@@ -120,52 +131,6 @@ class HistoryRetention(msgspec.Struct, frozen=True, kw_only=True):
 DEFAULT_RETENTION: Final = HistoryRetention()
 #: Keep everything (``history_retention=None``): the history grows without limit.
 KEEP_ALL: Final = HistoryRetention(max_age_s=None, max_rows=None)
-
-
-def queue_positions(
-    changes: Iterable[Change], head: int, tail: int
-) -> tuple[dict[str, int], int, int]:
-    """Where the sessions these changes moved now stand in line.
-
-    The engine rebuilds its ready queues and its dead-letter list in the order
-    of ``Snapshot.sessions``, so a store keeps that order as one integer per
-    session, its *position*, and loads sessions sorted by it. A session that
-    comes back to ``queued`` from ``in_flight`` (bounced, stale, recovered)
-    goes to the head of its lane, as the engine puts it, in the order the
-    changes list them; every other arrival in ``queued`` (enqueued, retried,
-    redriven, promoted to another lane) and every new dead letter goes to the
-    tail. Positions of other sessions do not matter and are left alone.
-
-    Returns the new positions and the new ``head`` and ``tail`` counters.
-    """
-    front: dict[str, None] = {}
-    back: dict[str, None] = {}
-    for change in changes:
-        target = change.target
-        source = change.source
-        if target == "queued":
-            if source == "in_flight":
-                place = front
-            elif source != "queued" or change.event == "promoted":
-                place = back
-            else:
-                continue
-        elif target == "dead_lettered" and source != "dead_lettered":
-            place = back
-        else:
-            continue
-        sid = change.session_id
-        front.pop(sid, None)
-        back.pop(sid, None)
-        place[sid] = None
-    positions: dict[str, int] = {}
-    head -= len(front)
-    for offset, sid in enumerate(front):
-        positions[sid] = head + offset
-    for sid in back:
-        tail += 1
-        positions[sid] = tail
-    return positions, head, tail
 
 
 class MemoryStore:
@@ -213,7 +178,7 @@ class MemoryStore:
     def save(self, delta: Delta) -> None:
         """Keep a copy of one call's changes."""
         self._check_open()
-        positions, self._head, self._tail = queue_positions(delta.changes, self._head, self._tail)
+        positions, self._head, self._tail = number_places(delta, self._head, self._tail)
         records = self._records
         for rec in delta.sessions:
             old = records.get(rec.id)

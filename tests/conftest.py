@@ -139,7 +139,7 @@ def sessionfsm_cli(
     """``sessionfsm_cli(*args)`` runs the command line in a fresh directory
     (``tmp_path``, so the default ``./sessionfsm.db`` is private to the test).
     Exceptions other than exits propagate: an error path must never traceback."""
-    from sessionfsm.cli import main
+    from sessionfsm.tools.cli import main
 
     monkeypatch.chdir(tmp_path)
     runner = click.testing.CliRunner()
@@ -165,10 +165,10 @@ def scenario_file(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def counted_logs() -> Iterator[Any]:
-    """A ``sessionfsm.sim.LogCounter`` that every structlog event passes through
+    """A ``sessionfsm.tools.sim.LogCounter`` that every structlog event passes through
     (nothing is printed); pass it to ``Simulation(log_counter=...)``."""
-    from sessionfsm.sim import LogCounter
-    from sessionfsm.sim.command import counting_logs
+    from sessionfsm.tools.sim import LogCounter
+    from sessionfsm.tools.sim.command import counting_logs
 
     counter = LogCounter()
     with counting_logs(counter, "critical"):
@@ -215,8 +215,8 @@ def open_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callab
 
 @pytest.fixture(scope="session")
 def checked_two_sessions() -> Any:
-    """``sessionfsm.check.explore(sessions=2)``: the whole reachable space of two
+    """``sessionfsm.tools.check.explore(sessions=2)``: the whole reachable space of two
     sessions under the small policy, explored once per test run (a few seconds)."""
-    from sessionfsm.check import explore
+    from sessionfsm.tools.check import explore
 
     return explore(sessions=2)

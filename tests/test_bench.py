@@ -13,9 +13,9 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.bench import Floor, Report, ScanQueue, Sizes, Stat
 from sessionfsm import SessionState, bench
-from sessionfsm.bench import Floor, Report, ScanQueue, Sizes, Stat
-from sessionfsm.cli import main
+from sessionfsm.tools.cli import main
 
 TINY = Sizes(
     repeat=2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from sessionfsm.cli import main
+from sessionfsm.tools.cli import main
 
 
 def test_demo_dead_letters_the_oversized_session_and_syncs_the_rest() -> None:

@@ -15,19 +15,6 @@ from click.testing import CliRunner
 from statemachine import State, StateMachine
 
 from sessionfsm import Policy, ReasonPolicy, SessionState
-from sessionfsm.cli import main
-from sessionfsm.diagrams import (
-    MACHINES,
-    README_HEADING,
-    Machine,
-    find_stale,
-    generate,
-    readme_section,
-    regenerate_command,
-    render_svgs,
-    splice_readme,
-    write,
-)
 from sessionfsm.machine import (
     RESTING_STATES,
     bury,
@@ -39,6 +26,19 @@ from sessionfsm.machine import (
     steady,
 )
 from sessionfsm.runtime import SESSION_TABLE, Row, Table, compile_machine
+from sessionfsm.tools.cli import main
+from sessionfsm.tools.diagrams import (
+    MACHINES,
+    README_HEADING,
+    Machine,
+    find_stale,
+    generate,
+    readme_section,
+    regenerate_command,
+    render_svgs,
+    splice_readme,
+    write,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DIAGRAMS = REPO / "diagrams"
@@ -143,7 +143,7 @@ def test_generation_does_not_depend_on_the_interpreter_run(tmp_path: Path) -> No
         out = tmp_path / seed
         code = (
             "import sys; from pathlib import Path; "
-            "from sessionfsm.diagrams import generate, write; "
+            "from sessionfsm.tools.diagrams import generate, write; "
             "write(Path(sys.argv[1]), generate())"
         )
         env = {**os.environ, "PYTHONHASHSEED": seed}

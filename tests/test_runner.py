@@ -90,14 +90,17 @@ def _enqueue(engine: Engine, n: int, prefix: str = "s") -> list[str]:
 # ------------------------------------------------------------ run_until_idle
 
 
-def test_run_until_idle_syncs_everything_and_dead_letters_the_refused(engine: Engine) -> None:
+def test_run_until_idle_syncs_everything_and_dead_letters_the_refused(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """run_until_idle drives a ScriptedRelay to rest in simulated time, with no real sleep."""
     _enqueue(engine, 25)
     relay = ScriptedRelay()
     relay.always("s03", acks.RateLimited())
-    started = time.monotonic()
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
     done_at = run_until_idle(engine, relay)
-    assert time.monotonic() - started < 2.0
+    assert slept == []  # every wait was the fake clock's
     assert engine.idle()
     assert engine.state("s03") is SessionState.DEAD_LETTERED
     assert relay.sends_of("s03") == 5
@@ -106,13 +109,23 @@ def test_run_until_idle_syncs_everything_and_dead_letters_the_refused(engine: En
     assert 120.0 <= done_at <= 200.0
 
 
-def test_run_until_idle_accepts_an_async_transport(engine: Engine) -> None:
+def test_run_until_idle_accepts_an_async_transport(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An async Transport runs under run_until_idle on a fake clock: no real waiting."""
     _enqueue(engine, 12)
     transport = _Transport()
-    started = time.monotonic()
+    real_sleep = asyncio.sleep
+    waits: list[float] = []
+
+    async def recording_sleep(delay: float, *args: Any) -> Any:
+        waits.append(delay)
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
     done_at = run_until_idle(engine, transport)
-    assert time.monotonic() - started < 2.0
+    assert waits  # the loop yielded ...
+    assert max(waits) == 0  # ... but never waited: the fake clock moved instead
     assert engine.counts()[SessionState.SYNCED] == 12
     assert [len(b.session_ids) for b in transport.sent] == [10, 2]
     assert done_at >= engine.policy.incremental_interval_s

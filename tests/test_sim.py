@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 from sessionfsm import MemoryStore, Policy, SessionState, UsageError
 from sessionfsm.policy import Exponential, Fixed, ReasonPolicy
-from sessionfsm.sim import (
+from sessionfsm.tools.sim import (
     LogCounter,
     Scenario,
     ScenarioError,
@@ -23,7 +23,7 @@ from sessionfsm.sim import (
     scenario_names,
     sweep,
 )
-from sessionfsm.sim.plot import PlotError, check_plot_target, write_timeline
+from sessionfsm.tools.sim.plot import PlotError, check_plot_target, write_timeline
 
 from .strategies import flapping_scenarios
 

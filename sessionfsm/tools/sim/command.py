@@ -21,12 +21,12 @@ import click
 import msgspec
 import structlog
 
-from .._errors import UsageError
-from ..policy import Policy, load_policy
-from .database import DEFAULT_DB, mark, open_for_simulation
-from .logs import LogCounter
-from .plot import check_plot_target, write_timeline
-from .run import (
+from sessionfsm._errors import UsageError
+from sessionfsm.policy import Policy, load_policy
+from sessionfsm.tools.sim.database import DEFAULT_DB, mark, open_for_simulation
+from sessionfsm.tools.sim.logs import LogCounter
+from sessionfsm.tools.sim.plot import check_plot_target, write_timeline
+from sessionfsm.tools.sim.run import (
     DEFAULT_BACKOFFS,
     DEFAULT_THRESHOLDS,
     SimResult,
@@ -37,7 +37,7 @@ from .run import (
     parse_backoff,
     sweep,
 )
-from .scenario import Scenario, load_scenario, scenario_names
+from sessionfsm.tools.sim.scenario import Scenario, load_scenario, scenario_names
 
 __all__ = ["command"]
 

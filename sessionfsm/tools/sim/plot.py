@@ -11,9 +11,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from .._errors import UsageError
-from ..machine import SessionState
-from .run import SimResult
+from sessionfsm._errors import UsageError
+from sessionfsm.machine import SessionState
+from sessionfsm.tools.sim.run import SimResult
 
 __all__ = ["PlotError", "check_plot_target", "write_timeline"]
 

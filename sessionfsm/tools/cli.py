@@ -1,18 +1,25 @@
-"""The ``sessionfsm`` command line.
+"""The ``sessionfsm`` command line (the ``cli`` extra: click and rich).
 
 Only this module (and the runner) configures structlog; the library never
 does. Exit codes: 0 ok, 1 failure, 2 usage. Errors go to stderr in one line.
+
+The heavy subcommands (``check``, ``simulate``, ``diagrams``, ``bench``) are
+registered by name in :data:`LAZY_COMMANDS` and imported only when run (or
+listed by ``--help``), so ``sessionfsm status`` never loads the model
+checker, the simulator, the benchmark, cProfile or tracemalloc.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib
 import logging
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +27,14 @@ import click
 import msgspec
 import structlog
 
-from . import acks
-from ._errors import SessionFSMError
-from .bench import command as bench_command
-from .check import command as check_command
-from .diagrams import command as diagrams_command
-from .engine import Engine
-from .machine import CHARGED_REASONS
-from .policy import Policy, load_policy
-from .sim.command import command as simulate_command
-from .sqlite_store import SqliteStore
-from .testing import EngineHarness, ScriptedRelay
+from sessionfsm import acks
+from sessionfsm._errors import SessionFSMError
+from sessionfsm.engine import Engine
+from sessionfsm.machine import CHARGED_REASONS
+from sessionfsm.policy import Policy, load_policy
+from sessionfsm.sqlite_store import SqliteStore
+from sessionfsm.store import StoreReader
+from sessionfsm.testing import EngineHarness, ScriptedRelay
 
 __all__ = ["configure_logging", "main"]
 
@@ -58,8 +62,33 @@ def configure_logging(level: str = "warning", *, json: bool | None = None) -> No
     )
 
 
+#: Subcommands imported on first use: name -> (module, attribute). The
+#: attribute is the click command, or a function that returns it.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("sessionfsm.tools.bench_command", "load"),
+    "check": ("sessionfsm.tools.check", "command"),
+    "diagrams": ("sessionfsm.tools.diagrams", "command"),
+    "simulate": ("sessionfsm.tools.sim.command", "command"),
+}
+
+
 class _Group(click.Group):
-    """Turns library errors into one line on stderr and exit code 1."""
+    """Turns library errors into one line on stderr and exit code 1, and
+    imports the heavy subcommands only when they are asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        module_name, attribute = LAZY_COMMANDS[cmd_name]
+        found = getattr(importlib.import_module(module_name), attribute)
+        # A loader function picks the command at run time (bench: next to the source).
+        loaded: click.Command = found if isinstance(found, click.Command) else found()
+        self.add_command(loaded, cmd_name)
+        return loaded
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -144,11 +173,6 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
     Console().print(table)
 
 
-main.add_command(diagrams_command)
-main.add_command(bench_command)
-main.add_command(check_command)
-
-
 # ------------------------------------------------------------------------
 # Simulate, and operate a real store: status, dead-letters, history, redrive.
 # ------------------------------------------------------------------------
@@ -172,10 +196,16 @@ def _json_option(func: Any) -> Any:
     )
 
 
-def _read_store(db: Path) -> SqliteStore:
+@contextlib.contextmanager
+def _read_store(db: Path) -> Iterator[StoreReader]:
     # Read-only: works while a service holds the file for writing, and never
-    # creates an empty database by mistake.
-    return SqliteStore(db, readonly=True)
+    # creates an empty database by mistake. The commands below only use the
+    # StoreReader protocol, so another store plugs in here.
+    store = SqliteStore(db, readonly=True)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _when(at: float | None) -> str:
@@ -352,7 +382,7 @@ def redrive(
         raise click.UsageError("--limit goes with --all or --reason, not a SESSION_ID")
     policy = load_policy(policy_path) if policy_path is not None else Policy()
     if not db.exists():
-        from ._errors import StoreError
+        from sessionfsm._errors import StoreError
 
         # A writable store would create an empty database: nothing to redrive there.
         raise StoreError(f"cannot open store {str(db)!r}: the file does not exist")
@@ -375,9 +405,6 @@ def redrive(
     click.echo(f"redrove {len(ids)} session{plural}; {left} dead letters left")
     for sid in ids:
         click.echo(sid)
-
-
-main.add_command(simulate_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -100,11 +100,11 @@ from typing import Any, Final, Protocol
 import click
 import msgspec
 
-from . import acks
-from .engine import Engine
-from .machine import CHARGED_REASONS, Lane, LinkRecord, SessionRecord, SessionState
-from .policy import Fixed, Policy, ReasonPolicy
-from .store import Change, Delta, Snapshot, Store
+from sessionfsm import acks
+from sessionfsm.engine import Engine
+from sessionfsm.machine import CHARGED_REASONS, Lane, LinkRecord, SessionRecord, SessionState
+from sessionfsm.policy import Fixed, Policy, ReasonPolicy
+from sessionfsm.store import Change, Delta, Snapshot, Store
 
 __all__ = [
     "ACK_MIX",
@@ -937,7 +937,7 @@ def recovery_store(path: Path, n: int, ids: Sequence[str]) -> None:
     """Write a store of ``n`` sessions: 1/4 backed off, 1/4 synced, 1/2 queued
     in the backfill lane, with every 100th dead-lettered instead; one history
     row each."""
-    from .sqlite_store import SqliteStore
+    from sessionfsm.sqlite_store import SqliteStore
 
     records: list[SessionRecord] = []
     changes: list[Change] = []
@@ -994,7 +994,7 @@ def store_cost(
       times; closing is not timed.
     """
     try:
-        from .sqlite_store import SqliteStore
+        from sessionfsm.sqlite_store import SqliteStore
     except ImportError:
         return StoreCost(available=False, note="sessionfsm.sqlite_store does not exist")
     n = delta_sessions

@@ -23,8 +23,8 @@ import sqlite3
 from pathlib import Path
 from typing import Final
 
-from .._errors import StoreError, UsageError
-from ..sqlite_store import SqliteStore
+from sessionfsm._errors import StoreError, UsageError
+from sessionfsm.sqlite_store import SqliteStore
 
 __all__ = ["DEFAULT_DB", "MARKER_TABLE", "mark", "open_for_simulation", "simulated_by"]
 

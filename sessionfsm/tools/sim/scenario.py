@@ -3,7 +3,7 @@
 A scenario is a TOML or JSON file validated with msgspec. Unknown keys and
 out-of-range values are refused with :class:`ScenarioError`, which names the
 file and the field (``$.relay.flaps[0].for_s``). Named scenarios ship with
-the package in ``sessionfsm/scenarios/``; :func:`load_scenario` takes either
+the package in ``sessionfsm/tools/sim/scenarios/``; :func:`load_scenario` takes either
 a name or a path.
 
 A minimal file::
@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .._errors import UsageError
-from ..machine import Lane
+from sessionfsm._errors import UsageError
+from sessionfsm.machine import Lane
 
 __all__ = [
     "Flap",
@@ -157,7 +157,7 @@ class Scenario(_Spec, frozen=True):
 
 
 def _scenario_dir() -> Any:
-    return resources.files("sessionfsm").joinpath("scenarios")
+    return resources.files("sessionfsm.tools.sim").joinpath("scenarios")
 
 
 def scenario_names() -> list[str]:

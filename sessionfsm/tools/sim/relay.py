@@ -20,11 +20,11 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .. import acks
-from ..engine import Batch
-from ..machine import Lane
-from ..runner import Reply
-from .scenario import Flap, RateLimit, RelaySpec, Scenario, Throttle
+from sessionfsm import acks
+from sessionfsm.engine import Batch
+from sessionfsm.machine import Lane
+from sessionfsm.runner import Reply
+from sessionfsm.tools.sim.scenario import Flap, RateLimit, RelaySpec, Scenario, Throttle
 
 __all__ = ["SimRelay", "SimSession", "World"]
 

@@ -19,16 +19,16 @@ from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
-from .._errors import UsageError
-from ..engine import Batch, Engine
-from ..machine import SessionState
-from ..policy import Backoff, Exponential, Fixed, Policy, ReasonPolicy
-from ..runner import SyncRunner
-from ..store import Store
-from ..testing import FakeClock
-from .logs import LogCounter
-from .relay import SimRelay, World
-from .scenario import Scenario
+from sessionfsm._errors import UsageError
+from sessionfsm.engine import Batch, Engine
+from sessionfsm.machine import SessionState
+from sessionfsm.policy import Backoff, Exponential, Fixed, Policy, ReasonPolicy
+from sessionfsm.runner import SyncRunner
+from sessionfsm.store import Store
+from sessionfsm.testing import FakeClock
+from sessionfsm.tools.sim.logs import LogCounter
+from sessionfsm.tools.sim.relay import SimRelay, World
+from sessionfsm.tools.sim.scenario import Scenario
 
 __all__ = [
     "Figures",

@@ -37,9 +37,9 @@ from typing import Any, Final
 
 import click
 
-from .machine import ACK_EVENTS, GUARD_DOCS, RESTING_STATES
-from .policy import Policy, ReasonPolicy, load_policy
-from .runtime import LINK_TABLE, SESSION_TABLE, Row, Table
+from sessionfsm.machine import ACK_EVENTS, GUARD_DOCS, RESTING_STATES
+from sessionfsm.policy import Policy, ReasonPolicy, load_policy
+from sessionfsm.runtime import LINK_TABLE, SESSION_TABLE, Row, Table
 
 __all__ = [
     "MACHINES",

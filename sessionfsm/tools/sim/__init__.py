@@ -12,9 +12,9 @@ for a grid of policies. Runs are deterministic from a seed and never sleep.
 
 from __future__ import annotations
 
-from .logs import LogCounter
-from .relay import SimRelay, SimSession, World
-from .run import (
+from sessionfsm.tools.sim.logs import LogCounter
+from sessionfsm.tools.sim.relay import SimRelay, SimSession, World
+from sessionfsm.tools.sim.run import (
     DEFAULT_BACKOFFS,
     DEFAULT_THRESHOLDS,
     Figures,
@@ -28,7 +28,7 @@ from .run import (
     parse_backoff,
     sweep,
 )
-from .scenario import (
+from sessionfsm.tools.sim.scenario import (
     Flap,
     RateLimit,
     RelaySpec,

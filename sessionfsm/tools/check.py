@@ -63,9 +63,9 @@ from typing import Any, Final, TypeAlias
 import click
 import msgspec
 
-from . import acks
-from .engine import Batch, Engine, _OpenBatch
-from .machine import (
+from sessionfsm import acks
+from sessionfsm.engine import Batch, Engine, _OpenBatch
+from sessionfsm.machine import (
     CHARGED_REASONS,
     REASON_INDEX,
     Lane,
@@ -73,8 +73,8 @@ from .machine import (
     SessionRecord,
     SessionState,
 )
-from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
-from .runtime import CompiledRuntime
+from sessionfsm.policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
+from sessionfsm.runtime import CompiledRuntime
 
 __all__ = [
     "ACK_KINDS",
@@ -1435,10 +1435,12 @@ def format_result(result: CheckResult, *, policy_source: str | None = None) -> s
         call = f"replay({json.dumps([list(a) for a in v.trace])}{extra})"
         if v.invariant.startswith("live_"):
             # Liveness belongs to the whole graph: the trace only reaches the state.
-            lines.append(f"  reach it: from sessionfsm.check import replay; {call}")
+            lines.append(f"  reach it: from sessionfsm.tools.check import replay; {call}")
         else:
             lines.append("  as a test (fails until fixed):")
-            lines.append(f"    from sessionfsm.check import replay; assert not {call}.violations")
+            lines.append(
+                f"    from sessionfsm.tools.check import replay; assert not {call}.violations"
+            )
     return "\n".join(lines)
 
 

@@ -1,0 +1,3 @@
+from benchmarks.bench import command
+
+command(prog_name="python -m benchmarks")
