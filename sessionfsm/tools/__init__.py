@@ -20,7 +20,10 @@ __all__ = ["main"]
 #: What the command line needs beyond the core, by import name.
 CLI_REQUIRES = ("click", "rich")
 
-MISSING_CLI = "sessionfsm: the command line needs the 'cli' extra: pip install 'sessionfsm[cli]' (missing: {})"
+MISSING_CLI = (
+    "sessionfsm: the command line needs the 'cli' extra: "
+    "pip install 'sessionfsm[cli]' (missing: {})"
+)
 
 
 def main() -> None:
