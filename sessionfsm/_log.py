@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import structlog
-
 
 class NullLogger:
     """Swallows everything. The engine's fast path when logging is off."""
@@ -24,4 +22,8 @@ def get_logger(enabled: bool) -> Any:
     """structlog's logger named ``sessionfsm``, or a no-op one."""
     if not enabled:
         return NullLogger()
+    # Imported here, not at the top: structlog loads rich when it is installed,
+    # and ``import sessionfsm`` should load neither until something logs.
+    import structlog
+
     return structlog.get_logger("sessionfsm")

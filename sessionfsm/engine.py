@@ -104,7 +104,9 @@ class Engine:
     engine recovers from it at once), a ``rng`` for backoff jitter (seed it
     for reproducible runs), and ``log=False`` to skip logging entirely.
     ``runtime="reference"`` drives real python-statemachine instances instead
-    of the compiled table; it is for tests and benchmarks only.
+    of the compiled table; it is for tests and benchmarks only. Tests may
+    also pass a :class:`~sessionfsm.runtime.Runtime` object as ``runtime``
+    (and ``link_runtime``), e.g. one running a deliberately broken table.
     """
 
     def __init__(
@@ -114,7 +116,8 @@ class Engine:
         store: Store | None = None,
         rng: random.Random | None = None,
         log: bool = True,
-        runtime: str = "compiled",
+        runtime: str | Runtime = "compiled",
+        link_runtime: Runtime | None = None,
     ) -> None:
         self.policy = policy if policy is not None else Policy()
         if not isinstance(self.policy, Policy):
@@ -130,8 +133,17 @@ class Engine:
         elif runtime == "reference":
             self._runtime = ReferenceRuntime(SESSION_TABLE)
             self._link_runtime = ReferenceRuntime(LINK_TABLE)
+        elif not isinstance(runtime, str) and callable(getattr(runtime, "fire", None)):
+            self._runtime = runtime
+            self._link_runtime = CompiledRuntime(LINK_TABLE)
         else:
-            raise UsageError(f"runtime must be 'compiled' or 'reference', got {runtime!r}")
+            raise UsageError(
+                f"runtime must be 'compiled', 'reference' or a Runtime, got {runtime!r}"
+            )
+        if link_runtime is not None:
+            if not callable(getattr(link_runtime, "fire", None)):
+                raise UsageError(f"link_runtime must be a Runtime, got {link_runtime!r}")
+            self._link_runtime = link_runtime
         self._step = Step(self.policy, self._rng)
         self._sessions: dict[str, SessionRecord] = {}
         self._ready: dict[Lane, deque[str]] = {_INCREMENTAL: deque(), _BACKFILL: deque()}
@@ -858,12 +870,32 @@ class Engine:
     def _iter_records(self) -> Iterable[SessionRecord]:
         return self._sessions.values()
 
-    def _debug_state(self) -> dict[str, Any]:
-        """Everything the differential tests compare, as plain data."""
+    def debug_state(self) -> dict[str, Any]:
+        """Everything two engines are compared on in tests, as plain data (a copy).
+
+        Keys: ``sessions`` (id -> record as builtins), ``link``, ``stamps``
+        (lane -> when its last batch was formed), ``batches`` (open batch id
+        -> its session ids), ``pending`` (open batch id -> the ids still
+        awaiting an answer, in batch order), ``ready`` (lane -> the queued
+        sessions in sending order) and ``anomalies``. Slow: for tests only.
+        """
+        sessions = self._sessions
         return {
-            "sessions": {sid: msgspec.to_builtins(rec) for sid, rec in self._sessions.items()},
+            "sessions": {sid: msgspec.to_builtins(rec) for sid, rec in sessions.items()},
             "link": msgspec.to_builtins(self._link),
             "stamps": dict(self._stamps),
             "batches": {bid: ob.batch.session_ids for bid, ob in self._batches.items()},
+            "pending": {bid: tuple(ob.pending) for bid, ob in self._batches.items()},
+            "ready": {
+                lane: tuple(
+                    sid
+                    for sid in queue
+                    if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
+                )
+                for lane, queue in self._ready.items()
+            },
             "anomalies": dict(self._anomalies),
         }
+
+    # The old name, kept for code written against it.
+    _debug_state = debug_state

@@ -1,8 +1,8 @@
 """SqliteStore: an engine's whole state in one SQLite file, on the standard library.
 
 You pass a path; ``Engine(store=SqliteStore(path))`` creates the database or
-reopens it and carries on from its state (see ``Engine._recover`` for what
-recovery does). The engine stays sans-IO: after each public call it hands the
+reopens it and carries on from its state (sessions that were in flight go
+back to the head of their queue). The engine stays sans-IO: after each public call it hands the
 store one :class:`~sessionfsm.store.Delta`, and the store writes it.
 
 How it writes

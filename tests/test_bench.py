@@ -13,8 +13,9 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
+from benchmarks import bench
 from benchmarks.bench import Floor, Report, ScanQueue, Sizes, Stat
-from sessionfsm import SessionState, bench
+from sessionfsm import SessionState
 from sessionfsm.tools.cli import main
 
 TINY = Sizes(
@@ -170,6 +171,37 @@ def test_store_cost_measures_saves_and_recovery() -> None:
     assert store.recovery_sessions == TINY.store_recovery_sessions
     assert store.recovery_s is not None
     assert len(store.recovery_s.samples) == TINY.repeat
+    # Each figure has its raw-sqlite3 baseline from the same rounds.
+    assert store.raw_transitions_per_s is not None
+    assert store.save_over_raw is not None
+    assert len(store.save_over_raw.samples) == TINY.repeat
+    assert store.raw_read_s is not None
+    assert store.recovery_over_raw is not None
+    assert store.recovery_over_raw.median > 0
+
+
+def test_store_targets_are_ratios_against_the_raw_baselines() -> None:
+    """The store targets judge the ratio to raw sqlite3, whatever the absolute speed."""
+    report = tiny_report()
+    slow_machine = bench.StoreCost(
+        available=True,
+        note="fake",
+        transitions_per_s=Stat.of([5_000.0]),  # slow in absolute terms ...
+        recovery_sessions=1_000_000,
+        recovery_s=Stat.of([60.0]),
+        save_over_raw=Stat.of([1.2]),  # ... but close to the raw baseline
+        recovery_over_raw=Stat.of([2.0]),
+    )
+    targets = bench.evaluate(report.ack, report.tick, report.memory, slow_machine)
+    by_key = {t.key: t for t in targets}
+    assert by_key["store_throughput"].ok
+    assert by_key["recovery"].ok
+    far_behind = msgspec.structs.replace(
+        slow_machine, save_over_raw=Stat.of([2.5]), recovery_over_raw=Stat.of([3.5])
+    )
+    lines = bench.missed(bench.evaluate(report.ack, report.tick, report.memory, far_behind))
+    assert any(line.startswith("store_throughput:") and "2.5" in line for line in lines)
+    assert any(line.startswith("recovery:") and "3.5" in line for line in lines)
 
 
 def test_startup_times_engine_and_floor() -> None:
@@ -230,6 +262,8 @@ def test_check_passes_good_numbers_and_refuses_unmeasured_ones() -> None:
         transitions_per_s=Stat.of([200_000.0]),
         recovery_sessions=1_000_000,
         recovery_s=Stat.of([3.0]),
+        save_over_raw=Stat.of([1.5]),
+        recovery_over_raw=Stat.of([2.5]),
     )
     assert bench.missed(bench.evaluate(ack, tick, memory, good_store)) == []
     no_store = bench.StoreCost(available=False, note="no store")

@@ -18,8 +18,8 @@ import msgspec
 import pytest
 
 from sessionfsm import Engine, Lane, Policy, SessionState, acks
-from sessionfsm.machine import CHARGED_REASONS, SessionRecord, Step, bury, settle
-from sessionfsm.runtime import SESSION_TABLE, CompiledRuntime, Table
+from sessionfsm.machine import CHARGED_REASONS, LinkRecord, SessionRecord, Step, bury, settle
+from sessionfsm.runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, Table
 from sessionfsm.tools import check as checker
 from sessionfsm.tools.check import (
     CHECK_POLICY,
@@ -58,12 +58,10 @@ def _table_with(
 
 
 def _with_table(table: Table) -> Callable[[Policy], Engine]:
-    class FlawedTable(Engine):
-        def __init__(self, policy: Policy) -> None:
-            super().__init__(policy, rng=random.Random(0), log=False)
-            self._runtime = CompiledRuntime(table)
+    def flawed_table(policy: Policy) -> Engine:
+        return Engine(policy, rng=random.Random(0), log=False, runtime=CompiledRuntime(table))
 
-    return FlawedTable
+    return flawed_table
 
 
 def _charge_the_bounce(model: SessionRecord, step: Step) -> None:
@@ -140,15 +138,25 @@ class ThrottleStampedEmpty(_Quiet):
         return super()._pick_lane(now)
 
 
-class PausedForever(_Quiet):
-    """A link that, once lost, never resumes by itself and ignores relay_ready."""
+class _NeverResumes:
+    """A link runtime that, once lost, never resumes by itself and ignores relay_ready."""
 
-    def _fire_link(self, event: str, step: Step) -> None:
+    def __init__(self) -> None:
+        self.table = LINK_TABLE
+        self._inner = CompiledRuntime(LINK_TABLE)
+
+    def fire(self, record: LinkRecord, event: str, step: Step) -> Any:
         if event == "reported_ready":
-            return
-        super()._fire_link(event, step)
+            return None
+        target = self._inner.fire(record, event, step)
         if event == "lost":
-            self._link.resume_at = math.inf
+            record.resume_at = math.inf
+        return target
+
+
+def paused_forever(policy: Policy) -> Engine:
+    """An engine whose link, once lost, never resumes (a planted liveness flaw)."""
+    return Engine(policy, rng=random.Random(0), log=False, link_runtime=_NeverResumes())
 
 
 FLAWS: dict[str, tuple[Callable[[Policy], Engine], str]] = {
@@ -335,14 +343,14 @@ def test_check_reports_the_shortest_trace() -> None:
 def test_check_finds_liveness_violations() -> None:
     """A link that never resumes strands its sessions: both liveness
     properties fail, though no single step breaks a safety property."""
-    result = explore(sessions=1, engine_factory=PausedForever)
+    result = explore(sessions=1, engine_factory=paused_forever)
     assert sorted(v.invariant for v in result.violations) == [
         "live_lane_served",
         "live_session_can_rest",
     ]
     for violation in result.violations:
         assert ("relay_unavailable",) in violation.trace
-        assert replay(violation.trace, engine_factory=PausedForever).violations == []
+        assert replay(violation.trace, engine_factory=paused_forever).violations == []
 
 
 def test_check_reports_an_exception_as_a_crash() -> None:
@@ -372,7 +380,7 @@ def test_clone_engine_matches_deepcopy() -> None:
     (batch,) = engine.tick(0.0)
     engine.on_ack(batch.id, {batch.session_ids[0]: acks.RateLimited()}, now=0.0)
     engine.relay_unavailable(0.5)
-    before = engine._debug_state()
+    before = engine.debug_state()
     twins = [clone_engine(engine), copy.deepcopy(engine)]
     for twin in twins:
         twin.enqueue("a", "incremental", now=1.0)
@@ -382,8 +390,8 @@ def test_clone_engine_matches_deepcopy() -> None:
             twin.on_ack(open_batch.id, acks.Ok(), now=3.0)
         twin.tick(6.0)
         twin.check()
-    assert twins[0]._debug_state() == twins[1]._debug_state()
-    assert engine._debug_state() == before
+    assert twins[0].debug_state() == twins[1].debug_state()
+    assert engine.debug_state() == before
 
 
 def test_frozen_frontier_engine_thaws_to_the_same_engine() -> None:
@@ -396,7 +404,7 @@ def test_frozen_frontier_engine_thaws_to_the_same_engine() -> None:
     base = {name: vars(engine)[name] for name in checker._CONSTANT}
     thawed = checker._thaw(checker._freeze(engine, base))
     assert thawed is not engine
-    assert thawed._debug_state() == engine._debug_state()
+    assert thawed.debug_state() == engine.debug_state()
     thawed.tick(5.0)
     thawed.check()
     assert engine.in_flight() != thawed.in_flight()

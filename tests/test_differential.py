@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sessionfsm import Engine, Policy, SessionFSMError
+from sessionfsm.runtime import SESSION_TABLE, ReferenceRuntime
 from tests.strategies import operations, policies
 
 
@@ -63,7 +64,7 @@ def test_compiled_and_reference_runtimes_agree(
         got = _apply(compiled, op, now)
         want = _apply(reference, op, now)
         assert msgspec.to_builtins(got) == msgspec.to_builtins(want), (step, op)
-        assert compiled._debug_state() == reference._debug_state(), (step, op)
+        assert compiled.debug_state() == reference.debug_state(), (step, op)
     compiled.check()
     reference.check()
 
@@ -72,10 +73,11 @@ def test_reference_runtime_really_runs_python_statemachine() -> None:
     """The reference engine holds one live python-statemachine instance per session."""
     from statemachine import StateMachine
 
-    engine = Engine(Policy(), log=False, runtime="reference")
+    runtime = ReferenceRuntime(SESSION_TABLE)
+    engine = Engine(Policy(), log=False, runtime=runtime)
     engine.enqueue("s1")
     engine.enqueue("s2")
     engine.tick(0.0)
-    machines = engine._runtime._machines  # type: ignore[attr-defined]
+    machines = runtime._machines
     assert len(machines) == 2
     assert all(isinstance(m, StateMachine) for m in machines.values())

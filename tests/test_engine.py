@@ -32,7 +32,7 @@ SYNCED, DEAD = SessionState.SYNCED, SessionState.DEAD_LETTERED
 
 
 def _snapshot(engine: Engine) -> dict[str, Any]:
-    return engine._debug_state()
+    return engine.debug_state()
 
 
 # --------------------------------------------------------------------------

@@ -78,7 +78,8 @@ class EngineMachine(RuleBasedStateMachine):
             last = self.stamps[batch.lane]
             assert last is None or self.now - last >= interval
             self.stamps[batch.lane] = self.now
-        assert {lane: engine._stamps[lane] for lane in Lane} == self.stamps
+        stamps = engine.debug_state()["stamps"]
+        assert {lane: stamps[lane] for lane in Lane} == self.stamps
         self._check_no_starvation()
 
     @rule(pick=st.integers(0, 3), ack=any_ack, whole=st.booleans(), data=st.data())
@@ -100,7 +101,7 @@ class EngineMachine(RuleBasedStateMachine):
         before = {sid: engine.session(sid) for sid in targets}
         # Only sessions still awaiting an answer in *this* batch are affected;
         # one answered earlier may since be in flight again in another batch.
-        awaiting = set(engine._batches[batch.id].pending)
+        awaiting = set(engine.debug_state()["pending"][batch.id])
         engine.on_ack(batch.id, answer, now=self.now)
         for sid in targets:
             if sid not in awaiting:

@@ -74,12 +74,8 @@ def _engine(store: Store, policy: Policy = SMALL_POLICY) -> Engine:
 
 
 def _queues(engine: Engine) -> dict[Lane, list[str]]:
-    """Each lane's ready queue in sending order (engine internals, stale entries skipped)."""
-    sessions = engine._sessions
-    return {
-        lane: [sid for sid in queue if sessions[sid].state is QUEUED and sessions[sid].lane is lane]
-        for lane, queue in engine._ready.items()
-    }
+    """Each lane's ready queue in sending order (stale entries skipped)."""
+    return {lane: list(queue) for lane, queue in engine.debug_state()["ready"].items()}
 
 
 def _history_events(store: Any, session_id: str) -> list[tuple[str, str | None, str]]:
@@ -146,7 +142,7 @@ def _run(store: Store, restart: Callable[[], Store] | None, steps: int = 45) -> 
             harness = EngineHarness(_engine(store), relay, clock)
             restarts += 1
     engine = harness.engine
-    state = engine._debug_state()
+    state = engine.debug_state()
     sent = [(s.batch.id, s.batch.lane, s.batch.session_ids, s.at) for s in relay.sent]
     # A call that changes nothing saves nothing, so compare the saved clocks.
     return sent, state["sessions"], state["link"], state["stamps"], store.now(), restarts  # type: ignore[attr-defined]
@@ -952,7 +948,7 @@ def _apply(engine: Engine, op: tuple[Any, ...], now: float) -> list[int]:
 def _expected_after_restart(engine: Engine, saved_now: float | None) -> dict[str, Any]:
     """What a restarted engine must hold: the same, with in-flight sessions queued,
     and the clock of the last call that changed something (the last one saved)."""
-    state = engine._debug_state()
+    state = engine.debug_state()
     for rec in state["sessions"].values():
         if rec["state"] == "in_flight":
             rec["state"] = "queued"
@@ -963,7 +959,7 @@ def _expected_after_restart(engine: Engine, saved_now: float | None) -> dict[str
 
 
 def _observed(engine: Engine) -> dict[str, Any]:
-    state = engine._debug_state()
+    state = engine.debug_state()
     return {k: state[k] for k in ("sessions", "link", "stamps")} | {
         "now": engine.now,
         "dead": [v.id for v in engine.dead_letters()],

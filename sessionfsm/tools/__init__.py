@@ -12,7 +12,7 @@ first, so a library-only install gets one clear line instead of a traceback.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 
 __all__ = ["main"]
@@ -28,7 +28,12 @@ MISSING_CLI = (
 
 def main() -> None:
     """Run the ``sessionfsm`` command line, or say in one line what to install."""
-    missing = [name for name in CLI_REQUIRES if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in CLI_REQUIRES:
+        try:
+            importlib.import_module(name)  # needed next anyway
+        except ImportError:
+            missing.append(name)
     if missing:
         print(MISSING_CLI.format(", ".join(missing)), file=sys.stderr)
         raise SystemExit(1)
