@@ -45,11 +45,13 @@ from . import acks
 from ._errors import InvalidAck, UsageError
 from ._log import get_logger
 from .engine import Batch, Engine
-from .machine import Lane, LinkState
+from .machine import Lane
+from .records import Change
 from .store import Store
 
 __all__ = [
     "AckResult",
+    "FakeClock",
     "LinkEvent",
     "LinkReporter",
     "Reply",
@@ -115,19 +117,17 @@ class SyncRelay(Protocol):
 def next_delay(engine: Engine, now: float) -> float:
     """Seconds from ``now`` until the next tick, if nothing wakes the loop first.
 
-    At most ``policy.tick_interval_s``; sooner if ``engine.next_wakeup()`` or
-    the end of a link pause comes first. A wakeup at or before ``now`` right
-    after a tick means the tick could not act on it yet (the link is paused,
-    or every slot is in flight), so the loop waits a full interval or for an
-    ack instead of spinning.
+    At most ``policy.tick_interval_s``; sooner if ``engine.next_wakeup()``
+    comes first. That is the one answer to "when must I tick next": it already
+    covers the end of a link pause, retries, deadlines, lane throttles and
+    paced redrive, so the loop never works any of them out itself. A wakeup at
+    or before ``now`` right after a tick means the tick could not act on it
+    yet, so the loop waits a full interval or for an ack instead of spinning.
     """
     delay = engine.policy.tick_interval_s
     wake = engine.next_wakeup()
     if wake is not None and wake > now:
         delay = min(delay, wake - now)
-    link = engine.link
-    if link.state is LinkState.PAUSED and link.resume_at is not None and link.resume_at > now:
-        delay = min(delay, link.resume_at - now)
     return delay
 
 
@@ -382,13 +382,34 @@ class Runner:
         self.stop()
 
 
+class FakeClock:
+    """A clock that only moves when you say so. It may go backwards.
+
+    The default clock of :class:`SyncRunner` and :func:`run_until_idle`;
+    ``sessionfsm.testing.FakeClock`` is the same class.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        """Move forward (or back, if negative); return the new time."""
+        self.now += seconds
+        return self.now
+
+
 class SyncRunner:
     """Runs an engine against a :class:`SyncRelay` in one thread, in steps.
 
     It keeps a timeline of pending inputs (answers on their way back, and
     anything you schedule with :meth:`at`) and jumps from one to the next,
     ticking on the same rule as :class:`Runner`. With the default clock
-    (a :class:`sessionfsm.testing.FakeClock`) nothing really sleeps.
+    (a :class:`FakeClock`) nothing really sleeps. It is the one loop in
+    simulated time: :func:`run_until_idle`, the simulator and
+    :class:`sessionfsm.testing.EngineHarness` all run on it.
 
     ``latency`` is the delay of answers returned as a bare ack rather than
     a :class:`Reply`.
@@ -406,8 +427,6 @@ class SyncRunner:
         if not isinstance(relay, SyncRelay):
             raise UsageError(f"relay must have answer(batch, now), got {relay!r}")
         if clock is None:
-            from .testing import FakeClock
-
             clock = FakeClock(engine.now)
         self.engine = engine
         self.relay = relay
@@ -423,6 +442,8 @@ class SyncRunner:
         self._next_tick: float | None = None
         #: Called after every tick with the time and the batches it formed.
         self.on_tick: Callable[[float, list[Batch]], Any] | None = None
+        #: Called with the ``Change`` rows of every answer delivered.
+        self.on_changes: Callable[[list[Change]], Any] | None = None
 
     def at(self, when: float, action: Callable[[float], Any], *, essential: bool = True) -> None:
         """Call ``action(now)`` at ``when``. Until every ``essential`` action
@@ -446,12 +467,12 @@ class SyncRunner:
         limit = start + max_seconds
         while True:
             now = self.clock()
-            if self._deliver(now):
+            if self.deliver(now):
                 self._next_tick = now
             if self._next_tick is None or now >= self._next_tick:
                 batches = engine.tick(now)
                 for batch in batches:
-                    self._send(batch, now)
+                    self.send(batch, now)
                 self._next_tick = now + next_delay(engine, now)
                 if self.on_tick is not None:
                     self.on_tick(now, batches)
@@ -466,7 +487,8 @@ class SyncRunner:
             if target > now:
                 self._sleep(target - now)
 
-    def _send(self, batch: Batch, now: float) -> None:
+    def send(self, batch: Batch, now: float) -> None:
+        """Hand ``batch`` to the relay at ``now`` and schedule its answer, if any."""
         result = _result_of(self.relay.answer(batch, now), self.latency)
         if result is None:
             return
@@ -475,11 +497,14 @@ class SyncRunner:
             return  # every session's answer was lost
 
         def deliver(at: float, batch_id: int = batch.id, ack: AckResult = ack) -> None:
-            self.engine.on_ack(batch_id, ack, at)
+            changes = self.engine.on_ack(batch_id, ack, at)
+            if self.on_changes is not None:
+                self.on_changes(changes)
 
         self.at(now + max(0.0, delay), deliver, essential=False)
 
-    def _deliver(self, now: float) -> bool:
+    def deliver(self, now: float) -> bool:
+        """Run every scheduled input due at or before ``now``; True if any ran."""
         timeline = self._timeline
         delivered = False
         while timeline and timeline[0][0] <= now:
@@ -514,8 +539,6 @@ def run_until_idle(
     if not isinstance(relay, Transport):
         raise UsageError(f"expected a SyncRelay or a Transport, got {relay!r}")
     if clock is None:
-        from .testing import FakeClock
-
         clock = FakeClock(engine.now)
     sleep: Callable[[float], Awaitable[Any]] | None = None
     advance = getattr(clock, "advance", None)

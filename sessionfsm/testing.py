@@ -1,39 +1,30 @@
 """Helpers for testing code that embeds sessionfsm (and for our own tests).
 
-* :class:`FakeClock`: time you move by hand.
+* :class:`FakeClock`: time you move by hand (the same class as
+  ``sessionfsm.runner.FakeClock``).
 * :class:`ScriptedRelay`: a relay whose answers you script per session.
 * :class:`EngineHarness`: ties an engine, a relay and a clock together and
-  runs the tick loop synchronously, with no real sleeping.
+  runs the tick loop synchronously, with no real sleeping. It is a thin
+  wrapper over :class:`~sessionfsm.SyncRunner`, the one loop in simulated
+  time, so it ticks on the same rule as every other loop.
 
-Nothing here does I/O; it is safe to use from any test framework.
+Nothing here does I/O; it is safe to use from any test framework. The core
+never imports this module.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import acks
 from .engine import Batch, Engine
-from .store import Change
+from .records import Change
+from .runner import FakeClock, Reply, SyncRelay, SyncRunner
 
 __all__ = ["EngineHarness", "FakeClock", "ScriptedRelay", "Sent"]
-
-
-class FakeClock:
-    """A clock that only moves when you say so. It may go backwards."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self.now = float(start)
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        """Move forward (or back, if negative); return the new time."""
-        self.now += seconds
-        return self.now
 
 
 @dataclass
@@ -42,7 +33,7 @@ class Sent:
 
     batch: Batch
     at: float
-    answer: acks.Ack | dict[str, acks.Ack] | None
+    answer: acks.Ack | dict[str, acks.Ack] | Reply | None
 
 
 AnswerFn = Callable[[str], acks.Ack | None]
@@ -122,56 +113,68 @@ class ScriptedRelay:
 class EngineHarness:
     """Runs the tick loop by hand: tick, send to the relay, ack, advance.
 
-    Acks arrive ``latency`` seconds after the send (and before the next
-    tick). You own the engine, relay and clock and may poke any of them
-    between steps.
+    A thin wrapper over :class:`~sessionfsm.SyncRunner` (``self.runner``):
+    the relay may be any :class:`~sessionfsm.runner.SyncRelay`, and its
+    answers may be bare acks (they arrive ``latency`` seconds after the send)
+    or :class:`~sessionfsm.runner.Reply` objects with their own delay. You own
+    the engine, relay and clock and may poke any of them between steps.
     """
 
     def __init__(
         self,
         engine: Engine,
-        relay: ScriptedRelay | None = None,
+        relay: SyncRelay | None = None,
         clock: FakeClock | None = None,
         *,
         latency: float = 0.5,
     ) -> None:
         self.engine = engine
-        self.relay = relay if relay is not None else ScriptedRelay()
+        self.relay: SyncRelay = relay if relay is not None else ScriptedRelay()
         self.clock = clock if clock is not None else FakeClock()
-        self.latency = latency
+        self.runner = SyncRunner(engine, self.relay, self.clock, latency=latency)
+        #: Every ``Change`` the relay's answers caused, in order.
         self.changes: list[Change] = []
+        self.runner.on_changes = self.changes.extend
+
+    @property
+    def latency(self) -> float:
+        """Delay of answers returned as a bare ack."""
+        return self.runner.latency
 
     def enqueue(self, session_ids: Iterable[str], lane: str = "incremental") -> None:
         for sid in session_ids:
             self.engine.enqueue(sid, lane=lane, now=self.clock.now)
 
     def step(self, dt: float | None = None) -> list[Batch]:
-        """One tick at the current time, answer its batches, then advance ``dt``
-        (default: the policy's tick interval). Returns the batches sent."""
-        engine, clock = self.engine, self.clock
-        batches = engine.tick(clock.now)
+        """One tick at the current time, send its batches, let every answer due
+        within ``dt`` arrive, then advance ``dt`` (default: the policy's tick
+        interval). Returns the batches sent."""
+        engine, clock, runner = self.engine, self.clock, self.runner
+        now = clock.now
+        end = now + (engine.policy.tick_interval_s if dt is None else dt)
+        batches = engine.tick(now)
         for batch in batches:
-            answer = self.relay.answer(batch, clock.now)
-            if answer is None:
-                continue
-            at = clock.now + self.latency
-            if isinstance(answer, Mapping) and not answer:
-                continue  # every session's answer was scripted as lost
-            self.changes.extend(engine.on_ack(batch.id, answer, now=at))
-        clock.advance(engine.policy.tick_interval_s if dt is None else dt)
+            runner.send(batch, now)
+        while (due := runner.next_event_at()) is not None and due <= end:
+            clock.now = max(clock.now, due)
+            runner.deliver(clock.now)
+        clock.now = end
         return batches
 
     def run_until_idle(self, max_seconds: float = 86_400.0, dt: float | None = None) -> float:
-        """Step until every session is synced or dead-lettered; return the time.
+        """Run until every session is synced or dead-lettered; return the time.
 
+        Ticks on the :class:`~sessionfsm.SyncRunner` rule (sooner when
+        ``engine.next_wakeup()`` says so, at most every tick interval).
         Raises ``TimeoutError`` if that takes longer than ``max_seconds`` of
         simulated time (a bug, or a relay scripted never to recover).
+        ``dt`` is deprecated and ignored: there is one loop, with one rule.
         """
-        deadline = self.clock.now + max_seconds
-        while not self.engine.idle():
-            if self.clock.now > deadline:
-                raise TimeoutError(
-                    f"not idle after {max_seconds} simulated seconds: {self.engine.counts()}"
-                )
-            self.step(dt)
-        return self.clock.now
+        if dt is not None:
+            warnings.warn(
+                "EngineHarness.run_until_idle(dt=...) is ignored: the loop ticks on the "
+                "SyncRunner rule",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return self.runner.run_until_idle(max_seconds)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import sessionfsm.runner
 from sessionfsm import Batch, Engine, LinkState, Policy, SessionState, StoreError, UsageError, acks
 from sessionfsm.runner import (
     AckResult,
@@ -25,7 +26,7 @@ from sessionfsm.runner import (
 )
 from sessionfsm.sqlite_store import SqliteStore
 from sessionfsm.store import MemoryStore
-from sessionfsm.testing import FakeClock, ScriptedRelay
+from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
 
 
 class _Transport:
@@ -561,3 +562,64 @@ def test_runner_with_sqlite_loses_nothing_across_a_stop(tmp_path: Path) -> None:
     reopened.close()
     with SqliteStore(tmp_path / "s.db", readonly=True) as check:
         assert check.counts()[SessionState.SYNCED] == 12
+
+
+# ------------------------------------------------------------ one loop in simulated time
+
+
+class _SlowRelay:
+    """Answers every batch Ok, ``delay`` seconds later, as a Reply."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def answer(self, batch: Batch, now: float) -> Reply:
+        return Reply(acks.Ok(), delay_s=self.delay)
+
+
+def test_engine_harness_takes_replies_with_their_own_delay(policy: Policy) -> None:
+    """EngineHarness delivers a Reply after its own delay, not the default latency."""
+    engine = Engine(policy, rng=random.Random(0), log=False)
+    harness = EngineHarness(engine, _SlowRelay(3.0))
+    harness.enqueue(["s1"])
+    harness.step(dt=2.0)  # sent at 0; the answer is due at 3
+    assert engine.state("s1") is SessionState.IN_FLIGHT
+    harness.step(dt=2.0)  # it lands at 3, within this step
+    assert engine.state("s1") is SessionState.SYNCED
+    assert [c.event for c in harness.changes] == ["acked"]
+    assert harness.changes[0].at == 3.0
+
+
+def test_harness_and_run_until_idle_share_one_loop(policy: Policy) -> None:
+    """The harness and run_until_idle tick on the same rule: same end time, same sends."""
+
+    def scripted() -> ScriptedRelay:
+        relay = ScriptedRelay()
+        relay.always("s03", acks.RateLimited())
+        relay.script("s05", acks.AckTimeout())
+        return relay
+
+    ends = []
+    sends = []
+    for via_harness in (True, False):
+        engine = Engine(policy, rng=random.Random(3), log=False)
+        relay = scripted()
+        for i in range(12):
+            engine.enqueue(f"s{i:02d}", now=0.0)
+        if via_harness:
+            ends.append(EngineHarness(engine, relay).run_until_idle())
+        else:
+            ends.append(run_until_idle(engine, relay))
+        sends.append([(s.at, s.batch.session_ids) for s in relay.sent])
+    assert ends[0] == ends[1]
+    assert sends[0] == sends[1]
+
+
+def test_runner_module_never_imports_testing() -> None:
+    """The core loop does not depend on the testing helpers (they depend on it)."""
+    source = Path(sessionfsm.runner.__file__).read_text()
+    assert "testing" not in [
+        line.split()[1].lstrip(".").split(".")[-1]
+        for line in source.splitlines()
+        if line.startswith(("from ", "import "))
+    ]
