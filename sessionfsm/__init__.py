@@ -26,9 +26,10 @@ from ._errors import (
 from .engine import Batch, Engine, LinkView, SessionView
 from .machine import Lane, LinkState, SessionState
 from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
+from .records import Change, Delta, Snapshot
 from .runner import LinkEvent, LinkReporter, Runner, SyncRunner, Transport, run_until_idle
 from .sqlite_store import SqliteStore
-from .store import Change, Delta, HistoryRetention, MemoryStore, Snapshot, Store
+from .store import HistoryRetention, MemoryStore, Store, StoreReader
 
 __all__ = [
     "Batch",
@@ -60,6 +61,7 @@ __all__ = [
     "StoreError",
     "StoreLocked",
     "StoreReadOnly",
+    "StoreReader",
     "StoreTooNew",
     "SyncRunner",
     "TransitionNotAllowed",

@@ -372,3 +372,32 @@ def test_the_installed_entry_point_runs_the_main_job(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["dead_lettered"] == {"RateLimited": 1}
     assert (tmp_path / "sessionfsm.db").exists()
+
+
+def test_operating_commands_read_any_store_reader(
+    sessionfsm_cli: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status, dead-letters and history work on any StoreReader, here a MemoryStore."""
+    from sessionfsm import MemoryStore, acks, run_until_idle
+    from sessionfsm.testing import ScriptedRelay
+    from sessionfsm.tools import cli
+
+    def populated(db: Path) -> MemoryStore:
+        # A fresh store per command: each one closes the store it read.
+        store = MemoryStore()
+        engine = Engine(Policy(), store=store, log=False)
+        for sid in ("m1", "m2"):
+            engine.enqueue(sid, now=0.0)
+        relay = ScriptedRelay()
+        relay.always("m2", acks.PayloadTooLarge())
+        run_until_idle(engine, relay)
+        return store
+
+    monkeypatch.setattr(cli, "open_reader", populated)
+    status = _json(sessionfsm_cli("status", "--json"))
+    assert status["counts"]["synced"] == 1
+    assert status["counts"]["dead_lettered"] == 1
+    dead = _json(sessionfsm_cli("dead-letters", "--json"))
+    assert [s["id"] for s in dead["sessions"]] == ["m2"]
+    history = _json(sessionfsm_cli("history", "m1", "--json"))
+    assert history["session"]["state"] == "synced"

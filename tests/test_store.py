@@ -38,11 +38,13 @@ from sessionfsm import (
     Store,
     StoreError,
     StoreLocked,
+    StoreReader,
     StoreReadOnly,
     StoreTooNew,
     UnknownSession,
     UsageError,
     acks,
+    run_until_idle,
 )
 from sessionfsm import sqlite_store as sqlite_store_module
 from sessionfsm.machine import LinkRecord, SessionRecord
@@ -1059,3 +1061,50 @@ def test_readme_durable_state_example_runs(tmp_path: Path) -> None:
     exec(compile(code, "README.md", "exec"), {})
     with SqliteStore(tmp_path / "sessions.db", readonly=True) as store:
         assert store.session("s1").state is IN_FLIGHT
+
+
+# ---------------------------------------------------------------------------
+# The reading protocol, and the queue order a Delta carries
+# ---------------------------------------------------------------------------
+
+
+def test_every_store_is_a_store_reader_that_agrees_with_its_engine(
+    open_store: OpenStore,
+) -> None:
+    """Both stores implement StoreReader, and read back what the engine holds."""
+    store = open_store()
+    assert isinstance(store, StoreReader)
+    engine = _engine(store)
+    relay = ScriptedRelay()
+    relay.always("s2", acks.PayloadTooLarge())
+    for sid in ("s1", "s2", "s3"):
+        engine.enqueue(sid, now=0.0)
+    run_until_idle(engine, relay)
+    assert store.counts() == engine.counts()
+    assert store.dead_letters() == engine.dead_letters()
+    assert store.dead_letters("RateLimited") == []
+    assert store.session("s1") == engine.session("s1")
+    assert [c.event for c in store.history("s2")][-1] == "rejected"
+    assert store.link() == engine.link
+    assert store.now() == engine.now
+
+
+def test_a_store_writes_down_the_queue_order_it_is_given(open_store: OpenStore) -> None:
+    """A store keeps the order a Delta states, without working it out from the changes."""
+    store = open_store()
+    records = [SessionRecord(sid, SessionState.QUEUED, Lane.INCREMENTAL) for sid in "abc"]
+    store.save(
+        Delta(
+            sessions=records,
+            changes=[],  # nothing to derive an order from
+            link=LinkRecord(),
+            stamps={},
+            next_batch_id=1,
+            now=1.0,
+            queue_front=["c"],
+            queue_back=["b", "a"],
+        )
+    )
+    snapshot = store.load()
+    assert snapshot is not None
+    assert [rec.id for rec in snapshot.sessions] == ["c", "b", "a"]

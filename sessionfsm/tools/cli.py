@@ -36,7 +36,7 @@ from sessionfsm.sqlite_store import SqliteStore
 from sessionfsm.store import StoreReader
 from sessionfsm.testing import EngineHarness, ScriptedRelay
 
-__all__ = ["configure_logging", "main"]
+__all__ = ["configure_logging", "main", "open_reader"]
 
 
 def configure_logging(level: str = "warning", *, json: bool | None = None) -> None:
@@ -196,12 +196,18 @@ def _json_option(func: Any) -> Any:
     )
 
 
+def open_reader(db: Path) -> StoreReader:
+    """The store the operating commands read (``status``, ``dead-letters``,
+    ``history``). They use only the :class:`~sessionfsm.store.StoreReader`
+    protocol, so another store plugs in here."""
+    # Read-only: works while a service holds the file for writing, and never
+    # creates an empty database by mistake.
+    return SqliteStore(db, readonly=True)
+
+
 @contextlib.contextmanager
 def _read_store(db: Path) -> Iterator[StoreReader]:
-    # Read-only: works while a service holds the file for writing, and never
-    # creates an empty database by mistake. The commands below only use the
-    # StoreReader protocol, so another store plugs in here.
-    store = SqliteStore(db, readonly=True)
+    store = open_reader(db)
     try:
         yield store
     finally:
