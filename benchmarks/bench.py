@@ -611,7 +611,7 @@ def outcome(impl: Engine | Floor) -> Outcome:
         v.id: (
             v.state.value,
             v.attempts,
-            tuple(v.counts.get(name, 0) for name in CHARGED_REASONS),
+            tuple(v.charges.get(name, 0) for name in CHARGED_REASONS),
             v.dead_letter_reason,
         )
         for v in impl.sessions()

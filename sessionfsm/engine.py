@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -449,9 +450,19 @@ class Engine:
         """Every dead-lettered session, oldest first."""
         return [session_view(self._sessions[sid]) for sid in self._dead]
 
-    def counts(self) -> dict[SessionState, int]:
+    def sessions_by_state(self) -> dict[SessionState, int]:
         """How many sessions are in each state (every state present)."""
         return {state: self._by_state[state] for state in SessionState}
+
+    def counts(self) -> dict[SessionState, int]:
+        """Deprecated name of :meth:`sessions_by_state` (``counts`` now only
+        means a session's per-reason charges)."""
+        warnings.warn(
+            "Engine.counts() is deprecated; use Engine.sessions_by_state()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.sessions_by_state()
 
     def in_flight(self) -> list[Batch]:
         """The open batches, oldest first."""

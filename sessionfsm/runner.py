@@ -132,7 +132,7 @@ def next_delay(engine: Engine, now: float) -> float:
 
 
 def _counts(engine: Engine) -> str:
-    return ", ".join(f"{state.value}={n}" for state, n in engine.counts().items() if n)
+    return ", ".join(f"{state.value}={n}" for state, n in engine.sessions_by_state().items() if n)
 
 
 def _result_of(answer: AckResult | Reply | None, latency: float) -> tuple[AckResult, float] | None:
@@ -362,7 +362,7 @@ class Runner:
         self._log.info(
             "sessionfsm.runner_stopped",
             sessions_in_flight=cut,
-            counts={state.value: n for state, n in self.engine.counts().items() if n},
+            counts={state.value: n for state, n in self.engine.sessions_by_state().items() if n},
         )
         if self.store is not None:
             self.store.close()

@@ -62,6 +62,7 @@ import os
 import sqlite3
 import stat
 import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -471,6 +472,15 @@ class SqliteStore:
         return [session_view(rec) for rec in self._decode(rows)]
 
     def counts(self) -> dict[SessionState, int]:
+        """Deprecated name of :meth:`sessions_by_state`."""
+        warnings.warn(
+            "store.counts() is deprecated; use sessions_by_state()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.sessions_by_state()
+
+    def sessions_by_state(self) -> dict[SessionState, int]:
         """How many sessions are in each state as last saved (every state present)."""
         counts = dict.fromkeys(SessionState, 0)
         for state, n in self._query("SELECT state, count(*) FROM session GROUP BY state", ()):

@@ -7,7 +7,7 @@ the engine asks the store for a :class:`Snapshot` and recovers from it. Those
 records live in :mod:`sessionfsm.records` and are re-exported here.
 
 * :class:`Store`: what the engine needs (``load``, ``save``, ``close``);
-* :class:`StoreReader`: what the operating tools read (``counts``,
+* :class:`StoreReader`: what the operating tools read (``sessions_by_state``,
   ``dead_letters``, ``session``, ``history``, ``link``, ``now``). The
   ``sessionfsm status`` / ``dead-letters`` / ``history`` commands are
   written against it alone.
@@ -16,6 +16,7 @@ records live in :mod:`sessionfsm.records` and are re-exported here.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from typing import Final, Protocol, runtime_checkable
 
@@ -58,11 +59,13 @@ class Store(Protocol):
 class StoreReader(Protocol):
     """What a store tells an operator, read as last saved.
 
-    :class:`MemoryStore` and :class:`~sessionfsm.SqliteStore` implement it;
+    :class:`MemoryStore` and :class:`~sessionfsm.SqliteStore` implement it
+    (they also keep ``counts()``, the deprecated name of
+    ``sessions_by_state()``);
     a new store implements it to work with the operating commands.
     """
 
-    def counts(self) -> dict[SessionState, int]:
+    def sessions_by_state(self) -> dict[SessionState, int]:
         """How many sessions are in each state (every state present)."""
         ...
 
@@ -237,6 +240,15 @@ class MemoryStore:
         return [session_view(rec) for _, rec in dead]
 
     def counts(self) -> dict[SessionState, int]:
+        """Deprecated name of :meth:`sessions_by_state`."""
+        warnings.warn(
+            "store.counts() is deprecated; use sessions_by_state()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.sessions_by_state()
+
+    def sessions_by_state(self) -> dict[SessionState, int]:
         """How many sessions are in each state as last saved (every state present)."""
         self._check_open()
         counts = dict.fromkeys(SessionState, 0)

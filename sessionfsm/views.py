@@ -6,6 +6,8 @@ live record by accident.
 
 from __future__ import annotations
 
+import warnings
+
 import msgspec
 
 from .machine import CHARGED_REASONS, Lane, LinkRecord, LinkState, SessionRecord, SessionState
@@ -19,14 +21,25 @@ class SessionView(msgspec.Struct, frozen=True):
     id: str
     state: SessionState
     lane: Lane
-    #: Ack type name -> consecutive count since the last success; only
-    #: reasons with a count above zero appear, e.g. ``{"RateLimited": 2}``.
-    counts: dict[str, int]
+    #: Charged reason -> consecutive charges since the last success; only
+    #: reasons charged at least once appear, e.g. ``{"RateLimited": 2}``.
+    charges: dict[str, int]
     retry_at: float | None
     dirty: bool
     attempts: int
     dead_letter_reason: str | None
     dead_lettered_at: float | None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Deprecated name of :attr:`charges` (``counts`` read like the
+        per-state counts of the engine)."""
+        warnings.warn(
+            "SessionView.counts is deprecated; use SessionView.charges",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.charges
 
 
 class LinkView(msgspec.Struct, frozen=True):
@@ -43,7 +56,7 @@ def session_view(rec: SessionRecord) -> SessionView:
         id=rec.id,
         state=rec.state,
         lane=rec.lane,
-        counts={CHARGED_REASONS[i]: n for i, n in enumerate(rec.counts) if n},
+        charges={CHARGED_REASONS[i]: n for i, n in enumerate(rec.counts) if n},
         retry_at=rec.retry_at,
         dirty=rec.dirty,
         attempts=rec.attempts,

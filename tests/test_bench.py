@@ -111,7 +111,7 @@ def test_ack_cost_rows_and_ratios() -> None:
 def test_tick_population_is_half_backed_off_half_queued() -> None:
     """The tick benchmark's engine holds half its sessions in backoff, half queued."""
     engine = bench.tick_population(bench.session_ids(200))
-    counts = engine.counts()
+    counts = engine.sessions_by_state()
     assert counts[SessionState.BACKOFF] == 100
     assert counts[SessionState.QUEUED] == 100
     engine.check()

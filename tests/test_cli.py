@@ -110,7 +110,7 @@ def test_simulate_refuses_a_database_a_service_wrote(sessionfsm_cli: Cli, tmp_pa
     assert "holds 3 sessions that no simulation wrote" in message
     assert "--fresh" in message
     with SqliteStore(tmp_path / "service.db", readonly=True) as store:
-        assert sum(store.counts().values()) == 3  # untouched
+        assert sum(store.sessions_by_state().values()) == 3  # untouched
     data = _json(sessionfsm_cli("simulate", "incident", "--db", "service.db", "--fresh", "--json"))
     assert data["synced"] == 45
 

@@ -16,6 +16,7 @@ from sessionfsm import (
     InvalidAck,
     Lane,
     LinkState,
+    MemoryStore,
     Policy,
     ReasonPolicy,
     SessionState,
@@ -50,7 +51,7 @@ def test_flaw1_inv4_relay_flap_never_dead_letters_a_good_session(
         harness.step()
         for sid in ("s1", "s2"):
             view = engine.session(sid)
-            assert view.counts == {}
+            assert view.charges == {}
             assert view.state is not DEAD
     bounces = sum(isinstance(s.answer, acks.RelayUnavailable) for s in relay.sent)
     assert bounces > engine.policy.rate_limited.threshold
@@ -121,17 +122,17 @@ def test_inv2_success_resets_every_counter_so_the_count_restarts(
         cycle(engine, t, acks.RateLimited())
         t += 31.0
     cycle(engine, t, acks.AckTimeout())
-    assert engine.session("s1").counts == {"RateLimited": 4, "AckTimeout": 1}
+    assert engine.session("s1").charges == {"RateLimited": 4, "AckTimeout": 1}
     t += 31.0
     cycle(engine, t, acks.Ok())
     view = engine.session("s1")
-    assert (view.state, view.counts, view.retry_at, view.attempts) == (SYNCED, {}, None, 0)
+    assert (view.state, view.charges, view.retry_at, view.attempts) == (SYNCED, {}, None, 0)
     engine.enqueue("s1")
     for _ in range(4):
         t += 31.0
         cycle(engine, t, acks.RateLimited())
     assert engine.state("s1") is BACKOFF
-    assert engine.session("s1").counts == {"RateLimited": 4}
+    assert engine.session("s1").charges == {"RateLimited": 4}
 
 
 def test_inv3_dead_letter_clears_every_reason_counter(engine: Engine, cycle: Cycle) -> None:
@@ -143,7 +144,7 @@ def test_inv3_dead_letter_clears_every_reason_counter(engine: Engine, cycle: Cyc
         t += 31.0
     view = engine.session("s1")
     assert view.state is DEAD
-    assert view.counts == {}
+    assert view.charges == {}
     assert view.retry_at is None
     assert view.dead_letter_reason == "RateLimited"
     assert view.attempts == 7
@@ -213,7 +214,7 @@ def test_inv7_reasons_count_separately(engine: Engine, cycle: Cycle) -> None:
         cycle(engine, t, ack)
         t += 31.0
     assert engine.state("s1") is BACKOFF
-    assert engine.session("s1").counts == {"RateLimited": 4, "AckTimeout": 2}
+    assert engine.session("s1").charges == {"RateLimited": 4, "AckTimeout": 2}
 
 
 def test_inv8_update_made_in_flight_is_never_marked_synced(engine: Engine) -> None:
@@ -251,7 +252,7 @@ def test_inv1_check_passes_after_a_busy_run(
     relay.up()
     harness.run_until_idle()
     engine.check()
-    assert engine.counts()[SYNCED] == 58
+    assert engine.sessions_by_state()[SYNCED] == 58
     assert {v.id for v in engine.dead_letters()} == {"s3", "b5"}
 
 
@@ -321,7 +322,7 @@ def test_redrive_gives_a_dead_letter_a_clean_slate(engine: Engine, cycle: Cycle)
     assert engine.state("s1") is DEAD
     engine.redrive("s1", now=t)
     view = engine.session("s1")
-    assert (view.state, view.counts, view.attempts, view.dead_letter_reason) == (
+    assert (view.state, view.charges, view.attempts, view.dead_letter_reason) == (
         QUEUED,
         {},
         0,
@@ -372,7 +373,7 @@ def test_engine_times_out_an_unanswered_batch_and_ignores_the_late_ack(
     assert engine.tick(29.9) == []
     assert engine.state("s1") is IN_FLIGHT
     engine.tick(30.0)
-    assert engine.session("s1").counts == {"AckTimeout": 1}
+    assert engine.session("s1").charges == {"AckTimeout": 1}
     assert engine.on_ack(batch.id, acks.Ok(), now=31.0) == []
     assert engine.state("s1") is BACKOFF
     assert engine.anomalies == {"late_ack": 1}
@@ -388,7 +389,7 @@ def test_inv4_timeout_after_the_link_was_lost_charges_nobody(engine: Engine) -> 
     (again,) = engine.tick(30.0)  # bounced at the deadline, then sent again at once
     assert again.session_ids == ("a", "b")
     for sid in ("a", "b"):
-        assert engine.session(sid).counts == {}
+        assert engine.session(sid).charges == {}
     assert engine.on_ack(batch.id, acks.Ok(), now=31.0) == []
     assert engine.anomalies == {"late_ack": 1}
 
@@ -639,8 +640,8 @@ def test_views_are_read_only_copies(engine: Engine) -> None:
     view = engine.session("s1")
     with pytest.raises(AttributeError):
         view.state = SYNCED  # type: ignore[misc]
-    view.counts["RateLimited"] = 3
-    assert engine.session("s1").counts == {}
+    view.charges["RateLimited"] = 3
+    assert engine.session("s1").charges == {}
     assert msgspec.json.decode(msgspec.json.encode(view))["state"] == "queued"
 
 
@@ -671,3 +672,18 @@ def test_paced_redrive_forgets_a_session_redriven_another_way(engine: Engine, cy
     assert engine.state("b") is SYNCED
     assert engine.idle()
     engine.check()
+
+
+def test_old_names_still_work_but_warn() -> None:
+    """Engine.counts() and SessionView.counts, once in the README, are deprecated aliases."""
+    engine = Engine(Policy(), log=False)
+    engine.enqueue("s1", now=0.0)
+    with pytest.warns(DeprecationWarning, match="sessions_by_state"):
+        assert engine.counts() == engine.sessions_by_state()
+    view = engine.session("s1")
+    with pytest.warns(DeprecationWarning, match="charges"):
+        assert view.counts == view.charges == {}
+    store = MemoryStore()
+    Engine(Policy(), store=store, log=False).enqueue("s2", now=0.0)
+    with pytest.warns(DeprecationWarning, match="sessions_by_state"):
+        assert store.counts() == store.sessions_by_state()

@@ -105,7 +105,7 @@ def test_run_until_idle_syncs_everything_and_dead_letters_the_refused(
     assert engine.idle()
     assert engine.state("s03") is SessionState.DEAD_LETTERED
     assert relay.sends_of("s03") == 5
-    assert engine.counts()[SessionState.SYNCED] == 24
+    assert engine.sessions_by_state()[SessionState.SYNCED] == 24
     # Three incremental batches at least 30 s apart, plus four retries of s03.
     assert 120.0 <= done_at <= 200.0
 
@@ -127,7 +127,7 @@ def test_run_until_idle_accepts_an_async_transport(
     done_at = run_until_idle(engine, transport)
     assert waits  # the loop yielded ...
     assert max(waits) == 0  # ... but never waited: the fake clock moved instead
-    assert engine.counts()[SessionState.SYNCED] == 12
+    assert engine.sessions_by_state()[SessionState.SYNCED] == 12
     assert [len(b.session_ids) for b in transport.sent] == [10, 2]
     assert done_at >= engine.policy.incremental_interval_s
 
@@ -139,8 +139,8 @@ def test_run_until_idle_times_out_when_the_relay_never_comes_back(engine: Engine
     relay.down()
     with pytest.raises(TimeoutError, match="not idle after 600 s"):
         run_until_idle(engine, relay, max_seconds=600.0)
-    assert engine.counts()[SessionState.DEAD_LETTERED] == 0
-    assert all(not view.counts for view in engine.sessions())
+    assert engine.sessions_by_state()[SessionState.DEAD_LETTERED] == 0
+    assert all(not view.charges for view in engine.sessions())
 
 
 def test_run_until_idle_refuses_what_is_neither_relay_nor_transport(engine: Engine) -> None:
@@ -251,9 +251,9 @@ def test_runner_syncs_everything_and_closes_the_store() -> None:
     _enqueue(engine, 15)
     clock = FakeClock()
     asyncio.run(_runner(engine, _Transport(), clock, store=store).run(until_idle=True))
-    assert engine.counts()[SessionState.SYNCED] == 15
+    assert engine.sessions_by_state()[SessionState.SYNCED] == 15
     with pytest.raises(StoreError, match="closed"):
-        store.counts()
+        store.sessions_by_state()
 
 
 def test_runner_sends_batches_concurrently() -> None:
@@ -271,7 +271,7 @@ def test_runner_sends_batches_concurrently() -> None:
     clock = FakeClock()
     asyncio.run(_runner(engine, transport, clock).run(until_idle=True))
     assert transport.most_open == 3
-    assert engine.counts()[SessionState.SYNCED] == 6
+    assert engine.sessions_by_state()[SessionState.SYNCED] == 6
 
 
 def test_runner_cancels_a_send_that_outlives_its_deadline() -> None:
@@ -476,7 +476,7 @@ def test_runner_cancellation_closes_the_store_and_propagates() -> None:
     asyncio.run(main())
     assert transport.cancelled == [1]
     with pytest.raises(StoreError, match="closed"):
-        store.counts()
+        store.sessions_by_state()
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="Unix signals")
@@ -496,7 +496,7 @@ def test_runner_stops_cleanly_on_sigterm() -> None:
         await asyncio.wait_for(task, timeout=5.0)
 
     asyncio.run(main())
-    assert engine.counts()[SessionState.SYNCED] == 3
+    assert engine.sessions_by_state()[SessionState.SYNCED] == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
@@ -536,7 +536,7 @@ def test_runner_times_out_with_max_seconds(engine: Engine) -> None:
     runner = _runner(engine, _Transport(lambda b: acks.RelayUnavailable()), clock)
     with pytest.raises(TimeoutError):
         asyncio.run(runner.run(until_idle=True, max_seconds=300.0))
-    assert engine.session("a").counts == {}
+    assert engine.session("a").charges == {}
 
 
 def test_runner_with_sqlite_loses_nothing_across_a_stop(tmp_path: Path) -> None:
@@ -561,7 +561,7 @@ def test_runner_with_sqlite_loses_nothing_across_a_stop(tmp_path: Path) -> None:
     run_until_idle(revived, ScriptedRelay())
     reopened.close()
     with SqliteStore(tmp_path / "s.db", readonly=True) as check:
-        assert check.counts()[SessionState.SYNCED] == 12
+        assert check.sessions_by_state()[SessionState.SYNCED] == 12
 
 
 # ------------------------------------------------------------ one loop in simulated time

@@ -297,7 +297,7 @@ def test_a_token_bucket_answers_with_retry_after() -> None:
         store=store,
     )
     assert sum(s.answers["RateLimited"] for s in sim.world.sessions.values()) > 0
-    assert sim.engine.counts()[SessionState.SYNCED] == 6
+    assert sim.engine.sessions_by_state()[SessionState.SYNCED] == 6
     waits = [c.at for sid in sim.world.sessions for c in store.history(sid) if c.event == "elapsed"]
     assert waits  # refused sessions waited out the hint, then went again
 

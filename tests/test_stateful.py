@@ -115,7 +115,7 @@ class EngineMachine(RuleBasedStateMachine):
         if sid in self.engine and self.engine.state(sid) is DEAD:
             self.engine.redrive(sid, now=self.now)
             view = self.engine.session(sid)
-            assert (view.state, view.counts, view.attempts) == (QUEUED, {}, 0)
+            assert (view.state, view.charges, view.attempts) == (QUEUED, {}, 0)
 
     @rule()
     def relay_ready(self) -> None:
@@ -124,9 +124,9 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule()
     def relay_unavailable(self) -> None:
-        counts = {v.id: v.counts for v in self.engine.sessions()}
+        counts = {v.id: v.charges for v in self.engine.sessions()}
         self.engine.relay_unavailable(now=self.now)
-        assert {v.id: v.counts for v in self.engine.sessions()} == counts  # inv4
+        assert {v.id: v.charges for v in self.engine.sessions()} == counts  # inv4
 
     # ------------------------------------------------------------- invariants
 
@@ -134,12 +134,12 @@ class EngineMachine(RuleBasedStateMachine):
     def inv1_every_session_in_exactly_one_state_and_place(self) -> None:
         self.engine.check()
         assert {v.id for v in self.engine.sessions()} == self.enqueued
-        assert sum(self.engine.counts().values()) == len(self.enqueued)
+        assert sum(self.engine.sessions_by_state().values()) == len(self.enqueued)
 
     @invariant()
     def inv3_dead_letters_hold_no_counters(self) -> None:
         for view in self.engine.dead_letters():
-            assert view.counts == {}
+            assert view.charges == {}
             assert view.retry_at is None
             assert view.dead_letter_reason in CHARGED_REASONS
 
@@ -169,18 +169,18 @@ class EngineMachine(RuleBasedStateMachine):
         policy = self.engine.policy
         if isinstance(ack, acks.Ok):
             # inv2 reset on success; inv8 no lost update
-            assert new.counts == {}
+            assert new.charges == {}
             assert new.retry_at is None
             assert new.state is (QUEUED if old.dirty else SYNCED)
             return
         if isinstance(ack, acks.RelayUnavailable):
             # inv4: never charged, never dead-lettered
-            assert new.counts == old.counts
+            assert new.charges == old.charges
             assert new.state is QUEUED
             return
         reason = type(ack).__name__
         rp = policy.reason(reason)
-        count = old.counts.get(reason, 0) + 1
+        count = old.charges.get(reason, 0) + 1
         if new.state is DEAD:
             # inv7: exactly at the threshold, or non-retryable
             assert not rp.retryable or count == rp.threshold
@@ -189,9 +189,9 @@ class EngineMachine(RuleBasedStateMachine):
             assert new.state is BACKOFF
             assert rp.retryable
             assert count < rp.threshold
-            assert new.counts.get(reason) == count  # inv10
-            others = {k: v for k, v in old.counts.items() if k != reason}
-            assert {k: v for k, v in new.counts.items() if k != reason} == others
+            assert new.charges.get(reason) == count  # inv10
+            others = {k: v for k, v in old.charges.items() if k != reason}
+            assert {k: v for k, v in new.charges.items() if k != reason} == others
 
 
 EngineMachine.TestCase.settings = EngineMachine.TestCase.settings  # profile from conftest

@@ -186,9 +186,9 @@ def test_in_flight_batches_are_sent_again_first_with_counters_intact(
 
     store = open_store()
     restarted = _engine(store, FAST)
-    assert restarted.counts()[QUEUED] == 3
+    assert restarted.sessions_by_state()[QUEUED] == 3
     s1 = restarted.session("s1")
-    assert (s1.state, s1.attempts, s1.counts) == (QUEUED, 2, {"AckTimeout": 1})
+    assert (s1.state, s1.attempts, s1.charges) == (QUEUED, 2, {"AckTimeout": 1})
     assert _history_events(store, "s1")[-1] == ("recovered", IN_FLIGHT, QUEUED)
     assert _queues(restarted)[Lane.INCREMENTAL] == ["s4", "s5", "s1"]
     (again,) = restarted.tick(32.0)
@@ -473,10 +473,10 @@ def test_the_default_retention_is_thirty_days_and_a_million_rows() -> None:
 def _dead_letters(engine: Engine, reasons: dict[str, acks.Ack], now: float = 0.0) -> None:
     for sid in reasons:
         engine.enqueue(sid, now=now)
-    while engine.counts()[QUEUED] or engine.in_flight():
+    while engine.sessions_by_state()[QUEUED] or engine.in_flight():
         for batch in engine.tick(now):
             engine.on_ack(batch.id, {s: reasons[s] for s in batch.session_ids}, now=now)
-    assert engine.counts()[DEAD] == len(reasons)
+    assert engine.sessions_by_state()[DEAD] == len(reasons)
 
 
 def test_redriving_one_session_clears_its_counters_and_is_saved(open_store: OpenStore) -> None:
@@ -489,7 +489,7 @@ def test_redriving_one_session_clears_its_counters_and_is_saved(open_store: Open
     store = open_store()
     restarted = _engine(store, FAST)
     view = restarted.session("s1")
-    assert (view.state, view.attempts, view.counts) == (QUEUED, 0, {})
+    assert (view.state, view.attempts, view.charges) == (QUEUED, 0, {})
     assert (view.dead_letter_reason, view.dead_lettered_at) == (None, None)
     assert _history_events(store, "s1")[-1] == ("redriven", DEAD, QUEUED)
 
@@ -514,7 +514,7 @@ def test_redriving_by_reason_leaves_the_other_dead_letters(open_store: OpenStore
     assert engine.redrive_all(200.0, reason="PayloadTooLarge") == ["big1", "big2"]
     restarted = _engine(open_store(), FAST)
     assert [v.id for v in restarted.dead_letters()] == ["slow"]
-    assert restarted.counts()[QUEUED] == 2
+    assert restarted.sessions_by_state()[QUEUED] == 2
 
 
 def test_a_paced_redrive_redrives_at_most_per_tick_each_tick_interval(
@@ -545,10 +545,10 @@ def test_a_paced_redrive_waits_while_the_link_is_paused(open_store: OpenStore) -
     engine.schedule_redrive(per_tick=1)
     engine.relay_unavailable(now=1.0)
     engine.tick(1.5)
-    assert engine.counts()[DEAD] == 2
+    assert engine.sessions_by_state()[DEAD] == 2
     engine.relay_ready(now=2.0)
     engine.tick(2.0)
-    assert engine.counts()[DEAD] == 1
+    assert engine.sessions_by_state()[DEAD] == 1
 
 
 def test_a_paced_redrive_is_not_persisted(open_store: OpenStore) -> None:
@@ -562,7 +562,7 @@ def test_a_paced_redrive_is_not_persisted(open_store: OpenStore) -> None:
     assert restarted.redrive_backlog == 0
     assert [v.id for v in restarted.dead_letters()] == ["s2", "s3"]
     restarted.tick(100.0)
-    assert restarted.counts()[DEAD] == 2
+    assert restarted.sessions_by_state()[DEAD] == 2
 
 
 def test_a_paced_redrive_skips_what_was_redriven_by_hand_and_can_be_cancelled(
@@ -609,7 +609,7 @@ def test_the_read_helpers_need_no_engine(db_path: Path) -> None:
         engine.enqueue("fresh", now=2.0)
         engine.relay_unavailable(now=3.0)
         with SqliteStore(db_path, readonly=True) as reader:
-            assert reader.counts() == engine.counts()
+            assert reader.sessions_by_state() == engine.sessions_by_state()
             assert reader.dead_letters() == engine.dead_letters()
             assert reader.dead_letters(reason="PayloadTooLarge") == engine.dead_letters()
             assert reader.dead_letters(reason="AckTimeout") == []
@@ -637,7 +637,7 @@ def test_the_memory_store_has_the_same_read_helpers() -> None:
     store = MemoryStore()
     engine = _engine(store, FAST)
     _dead_letters(engine, {"big": acks.PayloadTooLarge()})
-    assert store.counts() == engine.counts()
+    assert store.sessions_by_state() == engine.sessions_by_state()
     assert store.dead_letters("PayloadTooLarge") == engine.dead_letters()
     assert store.session("big") == engine.session("big")
     assert store.link() == engine.link
@@ -715,7 +715,7 @@ def test_a_read_only_file_is_refused_for_writing_but_can_be_inspected(db_path: P
         SqliteStore(db_path)
     check()
     with SqliteStore(db_path, readonly=True) as reader:
-        assert reader.counts()[QUEUED] == 1
+        assert reader.sessions_by_state()[QUEUED] == 1
     check()
 
 
@@ -768,7 +768,7 @@ def test_an_empty_file_becomes_a_new_store(db_path: Path) -> None:
         assert store.load() is None
         _engine(store).enqueue("s1", now=0.0)
     with SqliteStore(db_path) as store:
-        assert store.counts()[QUEUED] == 1
+        assert store.sessions_by_state()[QUEUED] == 1
 
 
 def test_read_only_mode_never_creates_a_file(db_path: Path) -> None:
@@ -789,7 +789,7 @@ def test_a_second_writable_store_on_one_file_is_refused(db_path: Path) -> None:
             SqliteStore(db_path)
         engine.enqueue("s1", now=0.0)
     with SqliteStore(db_path) as again:  # closing released it
-        assert again.counts()[QUEUED] == 1
+        assert again.sessions_by_state()[QUEUED] == 1
 
 
 _HOLD_LOCK = """
@@ -835,7 +835,7 @@ def test_a_database_locked_by_another_process_is_refused(db_path: Path) -> None:
         SqliteStore(db_path, timeout=0.05)
     check()
     with SqliteStore(db_path) as store:
-        assert store.counts()[QUEUED] == 1
+        assert store.sessions_by_state()[QUEUED] == 1
 
 
 def test_a_save_that_fails_on_a_lock_is_caught_up_by_the_next(db_path: Path) -> None:
@@ -847,12 +847,12 @@ def test_a_save_that_fails_on_a_lock_is_caught_up_by_the_next(db_path: Path) -> 
         with _locked_by_another_process(db_path):
             with pytest.raises(StoreLocked, match="locked by another process"):
                 engine.enqueue("s2", now=1.0)
-            assert store.counts()[QUEUED] == 1
+            assert store.sessions_by_state()[QUEUED] == 1
         engine.enqueue("s3", now=2.0)
-        assert store.counts()[QUEUED] == 3
+        assert store.sessions_by_state()[QUEUED] == 3
         assert [c.event for c in store.history("s2")] == ["enqueued"]
     with SqliteStore(db_path) as store:
-        assert _engine(store).counts()[QUEUED] == 3
+        assert _engine(store).sessions_by_state()[QUEUED] == 3
 
 
 def test_a_save_that_fails_halfway_is_rolled_back(db_path: Path) -> None:
@@ -868,7 +868,7 @@ def test_a_save_that_fails_halfway_is_rolled_back(db_path: Path) -> None:
             store.save(Delta([rec], [bad], LinkRecord(), {}, 5, 9.0))
         assert store.load() == before
         engine.enqueue("s3", now=1.0)
-        assert store.counts()[QUEUED] == 2
+        assert store.sessions_by_state()[QUEUED] == 2
 
 
 def test_a_closed_store_refuses_every_call(db_path: Path) -> None:
@@ -879,7 +879,7 @@ def test_a_closed_store_refuses_every_call(db_path: Path) -> None:
     with pytest.raises(StoreError, match="closed"):
         store.load()
     with pytest.raises(StoreError, match="closed"):
-        store.counts()
+        store.sessions_by_state()
     with pytest.raises(StoreError, match="closed"):
         _engine(store)
 
@@ -1080,7 +1080,7 @@ def test_every_store_is_a_store_reader_that_agrees_with_its_engine(
     for sid in ("s1", "s2", "s3"):
         engine.enqueue(sid, now=0.0)
     run_until_idle(engine, relay)
-    assert store.counts() == engine.counts()
+    assert store.sessions_by_state() == engine.sessions_by_state()
     assert store.dead_letters() == engine.dead_letters()
     assert store.dead_letters("RateLimited") == []
     assert store.session("s1") == engine.session("s1")

@@ -157,7 +157,7 @@ def demo(seed: int) -> None:
         ("session", "lane", "state", "sends", "dead-letter reason"),
         rows,
     )
-    counts = {state.value: n for state, n in engine.counts().items() if n}
+    counts = {state.value: n for state, n in engine.sessions_by_state().items() if n}
     click.echo(f"states: {counts}  link: {engine.link.state.value}  ignored: {engine.anomalies}")
 
 
@@ -244,7 +244,7 @@ def _show_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]
 def status(db: Path, as_json: bool) -> None:
     """Sessions by state, and the relay link, as last saved in the database."""
     with _read_store(db) as store:
-        counts = {state.value: n for state, n in store.counts().items()}
+        counts = {state.value: n for state, n in store.sessions_by_state().items()}
         link, now = store.link(), store.now()
     if as_json:
         _echo_json(

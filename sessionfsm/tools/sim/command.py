@@ -355,7 +355,7 @@ def command(
         with counting_logs(counter, level):
             simulation = Simulation(loaded, policy, seed=run_seed, store=store, log_counter=counter)
             result = simulation.run(progress=lambda now, done, total: bar(done, total))
-        persisted = {state.value: n for state, n in store.counts().items()}
+        persisted = {state.value: n for state, n in store.sessions_by_state().items()}
     finally:
         bar.close()
         store.close()

@@ -90,7 +90,7 @@ def open_for_simulation(path: Path, *, fresh: bool = False) -> tuple[SqliteStore
     if path.exists():
         # Opening for writing first also proves no other process holds it.
         store = SqliteStore(path)
-        sessions = sum(store.counts().values())
+        sessions = sum(store.sessions_by_state().values())
         store.close()
         if sessions:
             previous = simulated_by(path)

@@ -186,7 +186,7 @@ class Simulation:
         last: dict[str, int] = {}
 
         def on_tick(now: float, batches: list[Batch]) -> None:
-            counts = {state.value: n for state, n in engine.counts().items()}
+            counts = {state.value: n for state, n in engine.sessions_by_state().items()}
             if counts != last:
                 last.clear()
                 last.update(counts)
@@ -201,7 +201,7 @@ class Simulation:
         except TimeoutError:
             drained = False
             end = self.clock.now
-        counts = {state.value: n for state, n in engine.counts().items()}
+        counts = {state.value: n for state, n in engine.sessions_by_state().items()}
         self.timeline.append((end - start, counts))
         return SimResult(figures=self._figures(drained, end - start), timeline=self.timeline)
 
