@@ -1,5 +1,8 @@
 """``sessionfsm bench``: every performance comparison, side by side, in one run.
 
+This module is not part of the installed package: it lives in ``benchmarks/``
+of a source checkout, and ``sessionfsm bench`` finds it there.
+
 Absolute times drift on a shared machine, so every headline figure is a ratio
 against a baseline measured in the same process, in the same run, with the
 rounds interleaved (baseline, engine, baseline, engine, ...) so that a noisy
@@ -70,7 +73,12 @@ What is measured
    reference runtime, whose instances only exist once a session has fired an
    event.
 
-4. **Store cost**, through ``SqliteStore`` (see :func:`store_cost`).
+4. **Store cost**, through ``SqliteStore`` (see :func:`store_cost`), each
+   against a raw ``sqlite3`` baseline in the same round: persisted
+   transitions/s against :func:`raw_write` (the same rows in the same
+   transactions, target: within 2x), and recovering the store's sessions
+   against :func:`raw_read` (the same file read into plain tuples, target:
+   within 3x). The absolute figures are printed for information only.
 
 5. **Start-up**: enqueue N sessions into a new engine, against the floor's
    enqueue (a record, a dict insert and a deque append).

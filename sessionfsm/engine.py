@@ -98,6 +98,18 @@ class _OpenBatch:
         self.losses = losses
 
 
+def _queue_order(placed: list[tuple[str, bool]]) -> dict[str, list[str]]:
+    """A call's placements as ``Delta`` fields: where each session was put last."""
+    last: dict[str, bool] = {}
+    for sid, head in placed:
+        last.pop(sid, None)
+        last[sid] = head
+    return {
+        "queue_front": [sid for sid, head in last.items() if head],
+        "queue_back": [sid for sid, head in last.items() if not head],
+    }
+
+
 class Engine:
     """The session engine. Not thread-safe: drive it from one task or thread.
 
@@ -177,10 +189,11 @@ class Engine:
             tuple[SessionRecord, SessionState | None, SessionState, str, str | None, int]
         ] = []
         self._link_changed = False
-        # Where this call put sessions in line, in order: id -> True for the
-        # head of its queue, False for the tail (or the dead letters). Handed
-        # to the store in the Delta, so it writes the order down as decided.
-        self._placed: dict[str, bool] = {}
+        # Where this call put sessions in line, in order: (id, True) for the
+        # head of its queue, (id, False) for the tail or the dead letters.
+        # Handed to the store in the Delta, so it writes the order down as
+        # decided. A list, appended on the hot path; resolved only for a store.
+        self._placed: list[tuple[str, bool]] = []
         # Paced redrive (``schedule_redrive``): the scheduled dead letters, in
         # order, drained by ``tick``. Always a subset of ``_dead``: a session
         # that leaves the dead letters any way leaves the schedule too.
@@ -223,7 +236,7 @@ class Engine:
             self._sessions[session_id] = rec
             self._by_state[_QUEUED] += 1
             self._ready[lane].append(session_id)
-            self._placed[session_id] = False
+            self._placed.append((session_id, False))
             self._pending.append((rec, None, _QUEUED, "enqueued", None, 0))
             self._commit()
             return
@@ -232,8 +245,7 @@ class Engine:
             if rec.state is _QUEUED:
                 # The backfill entry goes stale and is skipped when reached.
                 self._ready[_INCREMENTAL].append(session_id)
-                self._placed.pop(session_id, None)
-                self._placed[session_id] = False
+                self._placed.append((session_id, False))
             self._pending.append((rec, rec.state, rec.state, "promoted", None, rec.attempts))
         if rec.state is _DEAD:
             self._anomalies["enqueue_dead_lettered"] += 1
@@ -602,15 +614,13 @@ class Engine:
                     front.append(rec.id)
                 else:
                     self._ready[rec.lane].append(rec.id)
-                    self._placed.pop(rec.id, None)
-                    self._placed[rec.id] = False
+                    self._placed.append((rec.id, False))
             elif target is _BACKOFF:
                 assert rec.retry_at is not None  # charge always schedules (invariant 10)
                 heapq.heappush(self._retry, (rec.retry_at, rec.id))
             elif target is _DEAD:
                 self._dead[rec.id] = None
-                self._placed.pop(rec.id, None)
-                self._placed[rec.id] = False
+                self._placed.append((rec.id, False))
             if source is _DEAD:
                 del self._dead[rec.id]
                 # However it left (paced, by hand, in bulk), a session no
@@ -701,9 +711,7 @@ class Engine:
         sessions, ready, placed = self._sessions, self._ready, self._placed
         for sid in reversed(session_ids):
             ready[sessions[sid].lane].appendleft(sid)
-        for sid in session_ids:
-            placed.pop(sid, None)
-            placed[sid] = True
+        placed.extend((sid, True) for sid in session_ids)
 
     def _has_ready(self, lane: Lane) -> bool:
         queue = self._ready[lane]
@@ -823,8 +831,7 @@ class Engine:
                     stamps={lane.value: at for lane, at in self._stamps.items()},
                     next_batch_id=self._next_batch_id,
                     now=self._now,
-                    queue_front=[sid for sid, head in placed.items() if head],
-                    queue_back=[sid for sid, head in placed.items() if not head],
+                    **_queue_order(placed),
                 )
             )
         pending.clear()

@@ -310,7 +310,7 @@ def clone_engine(engine: Engine) -> Engine:
     state = new.__dict__
     state.update(old)
     state["_pending"] = []
-    state["_placed"] = {}  # per-call scratch, empty between calls like _pending
+    state["_placed"] = []  # per-call scratch, empty between calls like _pending
     state["_sessions"] = {sid: rec.__copy__() for sid, rec in old["_sessions"].items()}
     state["_ready"] = {lane: deque(q) for lane, q in old["_ready"].items()}
     state["_batches"] = {bid: _dup_batch(ob) for bid, ob in old["_batches"].items()}
