@@ -298,3 +298,12 @@ def test_cli_json_is_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 0, result.output
     start = result.output.index("{")
     assert msgspec.json.decode(result.output[start:], type=Report) == report
+
+
+def test_cli_quick_says_it_is_a_smoke_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sessionfsm bench --quick`` says plainly that its figures are not the targets'."""
+    report = tiny_report()
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: report)
+    result = CliRunner().invoke(main, ["bench", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "--quick is a smoke test" in result.output

@@ -25,8 +25,10 @@ NOT_HERE = (
 def find_benchmarks() -> Path | None:
     """The checkout's ``benchmarks/`` directory beside this package, if any."""
     root = Path(__file__).resolve().parents[2]
-    found = root / "benchmarks" / "bench.py"
-    return root if found.is_file() else None
+    # A checkout has its pyproject.toml beside benchmarks/; site-packages has neither.
+    if (root / "benchmarks" / "bench.py").is_file() and (root / "pyproject.toml").is_file():
+        return root
+    return None
 
 
 def load() -> click.Command:
