@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from sessionfsm import Batch, Engine, MemoryStore, Policy, SqliteStore, Store
+from sessionfsm import Batch, Engine, MemoryStore, Policy, SqliteStore, Store, StoreError
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
 
 settings.register_profile(
@@ -220,3 +221,63 @@ def checked_two_sessions() -> Any:
     from sessionfsm.check import explore
 
     return explore(sessions=2)
+
+
+# ------------------------------------------------------------ faulty stores
+
+
+class FailingStore:
+    """A store wrapper that makes chosen saves fail, the way real ones do.
+
+    ``fail_next(kind)`` makes the next save fail: ``"locked"`` holds the
+    database's write lock from a second connection (a real ``StoreLocked``;
+    open the inner ``SqliteStore`` with ``timeout=0``), ``"full"`` caps the
+    file at its current size so the transaction runs out of disk half-way (a
+    real SQLITE_FULL, rolled back), ``"io"`` raises ``StoreError`` before
+    anything is written (an I/O error SQLite cannot be made to produce here).
+    """
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self._next: str | None = None
+        self.saves = 0
+        self.failures = 0
+
+    def fail_next(self, kind: str) -> None:
+        assert kind in ("locked", "full", "io")
+        self._next = kind
+
+    def load(self) -> Any:
+        return self.inner.load()
+
+    def save(self, delta: Any) -> None:
+        kind, self._next = self._next, None
+        if kind is None:
+            self.inner.save(delta)
+            self.saves += 1
+            return
+        self.failures += 1
+        inner = self.inner
+        if kind == "io" or not isinstance(inner, SqliteStore):
+            raise StoreError(f"injected I/O error saving to {inner!r}")
+        if kind == "locked":
+            other = sqlite3.connect(inner.path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                inner.save(delta)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+        else:
+            conn = inner._conn
+            assert conn is not None
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            try:
+                inner.save(delta)
+            finally:
+                conn.execute("PRAGMA max_page_count = 4294967294")
+        raise AssertionError(f"the injected {kind!r} fault did not make the save fail")
+
+    def close(self) -> None:
+        self.inner.close()

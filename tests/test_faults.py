@@ -1,0 +1,166 @@
+"""Faults never cost a session: hostile input, failed saves, refused stores."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sessionfsm import (
+    Engine,
+    InvalidAck,
+    MemoryStore,
+    SqliteStore,
+    StoreError,
+    TransitionNotAllowed,
+    UsageError,
+    acks,
+)
+from tests.conftest import SMALL_POLICY, FailingStore
+from tests.strategies import hostile_objects, hostile_wire
+
+# ------------------------------------------------------------ decoding
+
+
+@given(data=hostile_wire)
+def test_decode_raises_only_invalid_ack_or_usage_error(data: Any) -> None:
+    """decode and decode_message turn any input into an ack or a sessionfsm error."""
+    for decode in (acks.decode, acks.decode_message):
+        with contextlib.suppress(InvalidAck, UsageError):
+            decode(data)
+
+
+def test_deeply_nested_json_is_an_invalid_ack() -> None:
+    """A 2 KB message nested 1000 deep is the relay's fault, not a RecursionError."""
+    deep = b'{"type":"Ok","x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    with pytest.raises(InvalidAck, match="nested too deeply"):
+        acks.decode(deep)
+    with pytest.raises(InvalidAck, match="nested too deeply"):
+        acks.decode_message(b'{"batch_id":1,"ack":' + b"[" * 1000 + b"]" * 1000 + b"}")
+
+
+def test_text_with_a_lone_surrogate_is_an_invalid_ack() -> None:
+    """A str that is not valid Unicode came from a broken wire: InvalidAck."""
+    with pytest.raises(InvalidAck, match="unpaired surrogate"):
+        acks.decode('{"type":"Ok"}\udcff')
+    with pytest.raises(InvalidAck, match="unpaired surrogate"):
+        acks.decode_message("\udcff")
+
+
+def test_decoding_something_that_is_not_json_text_is_a_usage_error() -> None:
+    """Passing an int or None to a decoder is the caller's mistake."""
+    with pytest.raises(UsageError, match="bytes or str, got int"):
+        acks.decode(5)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="bytes or str, got NoneType"):
+        acks.decode_message(None)  # type: ignore[arg-type]
+
+
+def _engine_with_a_batch() -> tuple[Engine, int]:
+    engine = Engine(SMALL_POLICY, rng=random.Random(0), log=False)
+    engine.enqueue("s1", now=0.0)
+    (batch,) = engine.tick(0.0)
+    return engine, batch.id
+
+
+@given(batch_id=hostile_objects | st.integers(), ack=hostile_objects, message=hostile_objects)
+def test_on_ack_and_on_message_raise_only_sessionfsm_errors(
+    batch_id: Any, ack: Any, message: Any
+) -> None:
+    """on_ack and on_message turn any input into a result or InvalidAck/UsageError."""
+    engine, _ = _engine_with_a_batch()
+    with contextlib.suppress(InvalidAck, UsageError):
+        engine.on_ack(batch_id, ack, 1.0)
+    with contextlib.suppress(InvalidAck, UsageError):
+        engine.on_message(message, 1.0)
+    engine.check()
+
+
+def test_misused_ack_calls_are_usage_errors_and_change_nothing() -> None:
+    """A list as batch id, or a non-BatchAck message, is a UsageError, not a TypeError."""
+    engine, batch_id = _engine_with_a_batch()
+    before = engine._debug_state()
+    with pytest.raises(UsageError, match="batch_id must be an int, got list"):
+        engine.on_ack([1], acks.Ok(), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"takes an acks.BatchAck .*got dict"):
+        engine.on_message({"batch_id": batch_id}, 1.0)  # type: ignore[arg-type]
+    assert engine._debug_state() == before
+    assert engine.now == 0.0
+
+
+def test_a_refused_redrive_does_not_move_the_clock() -> None:
+    """redrive of a session that is not dead-lettered raises and leaves the clock alone."""
+    engine, _ = _engine_with_a_batch()
+    with pytest.raises(TransitionNotAllowed):
+        engine.redrive("s1", 99.0)
+    assert engine.now == 0.0
+
+
+# ------------------------------------------------------------ session ids
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ("\udcff", "encode as UTF-8"),
+        ("", "must not be empty"),
+        ("é" * 513, "at most 1024 bytes"),
+        (b"s1", "must be a str, got bytes"),
+        (7, "must be a str, got int"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["none", "memory", "sqlite"])
+def test_an_invalid_session_id_is_refused_at_the_door_for_every_store(
+    bad: Any, why: str, kind: str, db_path: Any
+) -> None:
+    """enqueue refuses a bad id with UsageError and it never enters memory or the file."""
+    store = {"none": None, "memory": MemoryStore(), "sqlite": SqliteStore(db_path)}[kind]
+    engine = Engine(store=store, log=False)
+    engine.enqueue("before", now=0.0)
+    with pytest.raises(UsageError, match=why):
+        engine.enqueue(bad)
+    engine.enqueue("after")
+    assert bad not in engine
+    if isinstance(store, SqliteStore):
+        store.close()
+        store = SqliteStore(db_path)
+    if store is not None:
+        assert [s.id for s in Engine(store=store, log=False).sessions()] == ["before", "after"]
+        store.close()
+
+
+def test_the_longest_allowed_id_round_trips_through_sqlite(db_path: Any) -> None:
+    """An id of exactly 1024 UTF-8 bytes is accepted and saved."""
+    longest = "é" * 512
+    with SqliteStore(db_path) as store:
+        Engine(store=store, log=False).enqueue(longest, now=0.0)
+    with SqliteStore(db_path) as store:
+        assert longest in Engine(store=store, log=False)
+
+
+# ------------------------------------------------------- a failed save
+
+
+def test_a_tick_whose_save_fails_charges_nobody_later(db_path: Any) -> None:
+    """A tick that raises StoreError takes its batch back: no AckTimeout is charged later."""
+    store = FailingStore(SqliteStore(db_path))
+    engine = Engine(SMALL_POLICY, store=store, log=False)
+    engine.enqueue("s1", now=0.0)
+    for t in (1.0, 2.0, 3.0):
+        store.fail_next("locked")
+        with pytest.raises(StoreError):
+            engine.tick(t)
+        engine.check()
+        assert engine.session("s1").state == "queued"
+        assert engine.session("s1").attempts == 0
+        assert engine.in_flight() == []
+    (batch,) = engine.tick(100.0)  # sent now, for real
+    assert batch.session_ids == ("s1",)
+    assert engine.tick(200.0) == []  # timed out: charged once, for that one send
+    view = engine.session("s1")
+    assert view.counts == {"AckTimeout": 1}
+    assert view.attempts == 1
+    store.close()
