@@ -61,14 +61,15 @@ import os
 import sqlite3
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
 from ._errors import (
     NotAStore,
+    SessionFSMError,
     StoreError,
     StoreLocked,
     StoreReadOnly,
@@ -94,6 +95,7 @@ from .store import (
     Snapshot,
     queue_positions,
 )
+from .validation import first_bad_record, link_problems, record_problems, snapshot_problems
 from .views import LinkView, SessionView, link_view, session_view
 
 if sys.platform != "win32":
@@ -216,7 +218,8 @@ _LINK_STATES: Final = {s.value: s for s in LinkState}
 _SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
 
 # Primary result codes (the low byte of ``sqlite3.Error.sqlite_errorcode``).
-_BUSY, _LOCKED, _READONLY, _NOTADB = 5, 6, 8, 26
+_BUSY, _LOCKED, _READONLY, _CORRUPT, _NOTADB = 5, 6, 8, 11, 26
+_T = TypeVar("_T")
 
 
 class SqliteStore:
@@ -261,21 +264,23 @@ class SqliteStore:
         self._since_prune = 0
         self._fresh = False  # no file yet, or an empty one: nothing to lose
         self._opened = False  # recognised as ours and set up
+        self._synchronous = _SYNCHRONOUS[synchronous]
+        # A read-only store on a file no connection has open (no WAL next to
+        # it) reads it as immutable: no lock, no -shm, no -wal, so a reader
+        # that cannot write the directory still reads, and never leaves files
+        # another user's service then cannot write. It re-checks the file
+        # around every read and reconnects once a writer appears.
+        self._immutable = False
+        self._signature: tuple[int, ...] | None = None
+        self._conn: sqlite3.Connection | None = None
         self._check_path()
-        mode = "ro" if readonly else "rwc"
         try:
-            conn = sqlite3.connect(
-                f"{self.path.absolute().as_uri()}?mode={mode}",
-                uri=True,
-                timeout=self._timeout,
-                isolation_level=None,  # we BEGIN and COMMIT ourselves
-                check_same_thread=False,
-            )
-        except sqlite3.Error as exc:
-            raise self._error("open", exc) from exc
-        self._conn: sqlite3.Connection | None = conn
-        try:
-            self._open(conn, _SYNCHRONOUS[synchronous])
+            if not readonly:
+                # Before SQLite touches the file: a store that is refused
+                # (another writer holds it) has written nothing, not even a
+                # pruned history row or a PRAGMA.
+                self._claim()
+            self._connect()
         except BaseException:
             self.close()
             raise
@@ -295,26 +300,44 @@ class SqliteStore:
     def load(self) -> Snapshot | None:
         """Everything saved, sessions in queue order; None for a new database.
 
-        One SELECT per table, in one read transaction.
+        One SELECT per table, in one read transaction. A state that breaks an
+        invariant is refused with ``StoreError`` naming the session and the
+        rule, never handed to an engine (:meth:`verify` lists every problem).
         """
-        conn = self._live()
+        snapshot = self._read(self._load)
+        if snapshot is None:
+            return None
+        head = snapshot_problems(
+            Snapshot(
+                sessions=[],
+                link=snapshot.link,
+                stamps=snapshot.stamps,
+                next_batch_id=snapshot.next_batch_id,
+                now=snapshot.now,
+            )
+        )
+        bad = first_bad_record(snapshot.sessions)
+        problems = head + (record_problems(bad) if bad is not None else [])
+        if problems:
+            raise StoreError(
+                f"store {self._where} is damaged: {problems[0]}; nothing was loaded "
+                f"(`sessionfsm doctor --db {os.fspath(self.path)}` lists every problem)"
+            )
+        return snapshot
+
+    def _load(self, conn: sqlite3.Connection) -> Snapshot | None:
+        conn.execute("BEGIN")
         try:
-            conn.execute("BEGIN")
-            try:
-                row = self._engine_row(conn)
-                if row[0] is None:
-                    return None
-                stamps = dict(conn.execute("SELECT name, stamped_at FROM lane").fetchall())
-                # Sorting in Python is about twice as fast as ORDER BY here.
-                rows = conn.execute(_SELECT_FOR_LOAD).fetchall()
-                rows.sort(key=_by_position)
-                sessions = _records(rows)
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise self._error("read", exc) from exc
-        except KeyError as exc:
-            raise StoreError(f"store {self._where} is damaged: unknown value {exc}") from None
+            row = self._engine_row(conn)
+            if row[0] is None:
+                return None
+            stamps = dict(conn.execute("SELECT name, stamped_at FROM lane").fetchall())
+            # Sorting in Python is about twice as fast as ORDER BY here.
+            rows = conn.execute(_SELECT_FOR_LOAD).fetchall()
+            rows.sort(key=_by_position)
+            sessions = self._decode(rows)
+        finally:
+            _rollback(conn)
         now, next_batch_id, link_state, failures, resume_at, _, _ = row
         return Snapshot(
             sessions=sessions,
@@ -323,6 +346,38 @@ class SqliteStore:
             next_batch_id=next_batch_id,
             now=now,
         )
+
+    def verify(self) -> list[str]:
+        """Check the file and the state in it; you get every problem found (empty if none).
+
+        It runs SQLite's ``integrity_check``, then the rules :meth:`load`
+        enforces on every session, then loads the state into an engine and
+        runs ``Engine.check()``. Nothing is written. Reading a large database
+        takes a few seconds; ``sessionfsm doctor --db PATH`` runs it.
+        """
+        problems = [
+            f"sqlite: {message}"
+            for (message,) in self._query("PRAGMA integrity_check", ())
+            if message != "ok"
+        ]
+        try:
+            snapshot = self._read(self._load)
+        except StoreError as exc:
+            return [*problems, str(exc)]
+        if snapshot is None:
+            return problems
+        found = snapshot_problems(snapshot)
+        problems.extend(found)
+        if not found:
+            from .engine import Engine  # the engine imports stores, not the reverse
+
+            try:
+                Engine(store=_Loaded(snapshot), log=False).check()
+            except AssertionError as exc:
+                problems.append(f"engine: {exc}")
+            except SessionFSMError as exc:
+                problems.append(f"engine: {exc}")
+        return problems
 
     def save(self, delta: Delta) -> None:
         """Write one engine call's changes in one transaction, or raise ``StoreError``."""
@@ -393,7 +448,11 @@ class SqliteStore:
         self._since_prune = 0 if prune else self._since_prune + len(changes)
 
     def close(self) -> None:
-        """Close the database and release the file. Any later call raises ``StoreError``."""
+        """Close the database and release the file. Any later call raises ``StoreError``.
+
+        A writable store also removes its lock file: a clean close leaves
+        only the database behind.
+        """
         conn, self._conn = self._conn, None
         if conn is not None:
             # Never on a file that was refused: it may be another application's.
@@ -403,6 +462,13 @@ class SqliteStore:
             conn.close()
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
+            # Unlinked while still held, and only if it is still ours: a
+            # process that opened it meanwhile finds it gone after its flock
+            # and opens a new one (see _claim).
+            lock_path = self._lock_path()
+            with contextlib.suppress(OSError):
+                if _same_file(fd, lock_path):
+                    os.unlink(lock_path)
             os.close(fd)  # releases the lock
 
     # --------------------------------------------------------- maintenance
@@ -446,6 +512,8 @@ class SqliteStore:
             params = (session_id, limit)
         rows = self._query(sql, params)
         states = _STATES
+        if not all(type(row[0]) is str and type(row[3]) is str for row in rows):
+            raise StoreError(f"store {self._where} is damaged: a history row is malformed")
         return [
             Change(
                 session_id=sid,
@@ -464,7 +532,7 @@ class SqliteStore:
         rows = self._query(f"{_SELECT_SESSIONS} WHERE id = ?", (session_id,))
         if not rows:
             raise UnknownSession(session_id)
-        return session_view(self._decode(rows)[0])
+        return session_view(self._checked(self._decode(rows))[0])
 
     def dead_letters(self, reason: str | None = None) -> list[SessionView]:
         """Dead letters as last saved (only ``reason``'s, if given), oldest first."""
@@ -474,24 +542,45 @@ class SqliteStore:
             sql += " AND dead_letter_reason = ?"
             params = (reason,)
         rows = self._query(sql + " ORDER BY position", params)
-        return [session_view(rec) for rec in self._decode(rows)]
+        return [session_view(rec) for rec in self._checked(self._decode(rows))]
+
+    def _checked(self, records: list[SessionRecord]) -> list[SessionRecord]:
+        bad = first_bad_record(records)
+        problems = record_problems(bad) if bad is not None else []
+        if problems:
+            raise StoreError(f"store {self._where} is damaged: {problems[0]}")
+        return records
 
     def counts(self) -> dict[SessionState, int]:
         """How many sessions are in each state as last saved (every state present)."""
         counts = dict.fromkeys(SessionState, 0)
         for state, n in self._query("SELECT state, count(*) FROM session GROUP BY state", ()):
+            if state not in _STATES:
+                raise StoreError(f"store {self._where} is damaged: unknown state {state!r}")
             counts[_STATES[state]] = n
         return counts
 
     def link(self) -> LinkView:
         """The relay link as last saved."""
-        row = self._query(_SELECT_ENGINE, ())[0]
-        return link_view(_link_record(self._where, row[2], row[3], row[4]))
+        row = self._engine_query()
+        link = _link_record(self._where, row[2], row[3], row[4])
+        problems = link_problems(link)
+        if problems:
+            raise StoreError(f"store {self._where} is damaged: {problems[0]}")
+        return link_view(link)
 
     def now(self) -> float | None:
         """The engine clock when last saved, or None for a new database."""
-        now: float | None = self._query(_SELECT_ENGINE, ())[0][0]
+        now = self._engine_query()[0]
+        if now is not None and not isinstance(now, float):
+            raise StoreError(f"store {self._where} is damaged: engine clock {now!r}")
         return now
+
+    def _engine_query(self) -> Any:
+        rows = self._query(_SELECT_ENGINE, ())
+        if not rows:
+            raise StoreError(f"store {self._where} is damaged: its engine row is missing")
+        return rows[0]
 
     # ------------------------------------------------------------ internals
 
@@ -611,7 +700,6 @@ class SqliteStore:
             if self.readonly:
                 conn.execute("PRAGMA query_only = ON")
             else:
-                self._claim()
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode != "wal":
                     raise StoreError(f"cannot open store {where}: WAL mode refused ({mode})")
@@ -626,27 +714,36 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
 
+    def _lock_path(self) -> str:
+        return f"{os.fspath(self.path)}-lock"
+
     def _claim(self) -> None:
         """Hold ``<path>-lock`` for as long as the store is open (one writer per file)."""
         if sys.platform == "win32":  # pragma: no cover
             return
-        lock_path = f"{os.fspath(self.path)}-lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot open store {self._where}: cannot open its lock file {lock_path!r}: "
-                f"{exc.strerror}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        lock_path = self._lock_path()
+        while True:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot open store {self._where}: cannot open its lock file "
+                    f"{lock_path!r}: {exc.strerror}"
+                ) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise StoreLocked(
+                    f"cannot open store {self._where}: another store holds it for writing "
+                    f"(pid {holder}); close that one first, or pass readonly=True to inspect it"
+                ) from None
+            if _same_file(fd, lock_path):
+                break
+            # Its holder closed and removed it between our open and our
+            # flock: this lock guards nothing any more; take the new file.
             os.close(fd)
-            raise StoreLocked(
-                f"cannot open store {self._where}: another store holds it for writing "
-                f"(pid {holder}); close that one first, or pass readonly=True to inspect it"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -674,16 +771,79 @@ class SqliteStore:
         return self._conn
 
     def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        return self._read(lambda conn: conn.execute(sql, params).fetchall())
+
+    def _read(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run one read, mapping every failure of a damaged file to ``StoreError``.
+
+        An immutable reader checks the file did not change under it (a writer
+        appeared, or checkpointed); if it did, it reconnects and reads again.
+        """
+        for _ in range(5):
+            conn = self._live()
+            if self._immutable and self._file_signature() != self._signature:
+                self._reconnect()
+                continue
+            try:
+                result = read(conn)
+            except sqlite3.Error as exc:
+                if self._immutable and self._file_signature() != self._signature:
+                    continue
+                raise self._error("read", exc) from exc
+            except MemoryError:
+                # SQLite reports some damaged pages as out of memory.
+                raise StoreError(
+                    f"cannot read store {self._where}: it is damaged (SQLite ran out of memory "
+                    "decoding a page); `sessionfsm doctor` checks it"
+                ) from None
+            if not self._immutable or self._file_signature() == self._signature:
+                return result
+        raise StoreLocked(f"cannot read store {self._where}: it kept changing while being read")
+
+    def _file_signature(self) -> tuple[int, ...]:
+        """What changes when a writer touches the file: its WAL, size and times."""
         try:
-            return self._live().execute(sql, params).fetchall()
+            info = os.stat(self.path)
+        except OSError:
+            return ()
+        wal = os.path.exists(f"{os.fspath(self.path)}-wal")
+        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, wal)
+
+    def _connect(self) -> None:
+        """Open the connection: read-write, read-only, or read-only and immutable."""
+        if self.readonly:
+            self._signature = self._file_signature()
+            wal = bool(self._signature and self._signature[-1])
+            self._immutable = not wal or _on_read_only_fs(self.path)
+            mode = "ro&immutable=1" if self._immutable else "ro"
+        else:
+            mode = "rwc"
+        try:
+            conn = sqlite3.connect(
+                f"{self.path.absolute().as_uri()}?mode={mode}",
+                uri=True,
+                timeout=self._timeout,
+                isolation_level=None,  # we BEGIN and COMMIT ourselves
+                check_same_thread=False,
+            )
         except sqlite3.Error as exc:
-            raise self._error("read", exc) from exc
+            raise self._error("open", exc) from exc
+        self._conn = conn
+        self._open(conn, self._synchronous)
+
+    def _reconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        self._connect()
 
     def _decode(self, rows: Iterable[Any]) -> list[SessionRecord]:
         try:
             return _records(rows)
         except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"store {self._where} is damaged: bad session row ({exc})") from None
+            raise StoreError(
+                f"store {self._where} is damaged: bad session row (unknown value {exc})"
+            ) from None
 
     def _error(self, doing: str, exc: sqlite3.Error) -> StoreError:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
@@ -702,7 +862,45 @@ class SqliteStore:
             return StoreReadOnly(f"cannot {doing} store {where}: the database is read-only ({exc})")
         if code == _NOTADB:
             return NotAStore(f"cannot {doing} store {where}: it is not a SQLite database")
+        if code == _CORRUPT:
+            return StoreError(
+                f"cannot {doing} store {where}: it is damaged ({exc}); `sessionfsm doctor` "
+                "checks it"
+            )
         return StoreError(f"cannot {doing} store {where}: {exc}")
+
+
+class _Loaded:
+    """A store that hands out one snapshot and keeps nothing: for verify()."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def load(self) -> Snapshot:
+        return self._snapshot
+
+    def save(self, delta: Delta) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open ``fd`` is still the file at ``path``."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _on_read_only_fs(path: Path) -> bool:
+    """Whether the file sits on a file system mounted read-only: nobody can write it."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
+        return False
 
 
 def _inspect(conn: sqlite3.Connection) -> tuple[int, int, list[str]]:

@@ -185,12 +185,14 @@ def first_bad_record(records: list[SessionRecord]) -> SessionRecord | None:
             or type(rec.dirty) is not bool
             or (retry_at is None) == (state is _BACKOFF)
             or len(counts) != _N_COUNTS
-            or ((counts[0] or counts[1] or counts[2])
-            and (
-                state is _DEAD
-                or state is _SYNCED
-                or not all(type(n) is int and n >= 0 for n in counts)
-            ))
+            or (
+                (counts[0] or counts[1] or counts[2])
+                and (
+                    state is _DEAD
+                    or state is _SYNCED
+                    or not all(type(n) is int and n >= 0 for n in counts)
+                )
+            )
             or (rec.dead_letter_reason is None) == (state is _DEAD)
             or (state is _DEAD and rec.dead_lettered_at is None)
             or (retry_at is not None and not (type(retry_at) is float and math.isfinite(retry_at)))

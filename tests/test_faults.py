@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,15 +15,20 @@ from hypothesis import strategies as st
 
 from sessionfsm import (
     Engine,
+    HistoryRetention,
     InvalidAck,
     MemoryStore,
+    NotAStore,
     SqliteStore,
     StoreError,
+    StoreLocked,
+    StoreReadOnly,
+    StoreTooNew,
     TransitionNotAllowed,
     UsageError,
     acks,
 )
-from tests.conftest import SMALL_POLICY, FailingStore
+from tests.conftest import SMALL_POLICY, FailingStore, filled_store
 from tests.strategies import hostile_objects, hostile_wire
 
 # ------------------------------------------------------------ decoding
@@ -164,3 +172,80 @@ def test_a_tick_whose_save_fails_charges_nobody_later(db_path: Any) -> None:
     assert view.counts == {"AckTimeout": 1}
     assert view.attempts == 1
     store.close()
+
+
+# --------------------------------------------------- refuse before writing
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _history_rows(path: Path) -> int:
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM history").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_store_refused_for_a_lock_has_written_nothing(
+    db_path: Path, held_store: Callable[[Path], Any]
+) -> None:
+    """Opening a store another process holds raises StoreLocked before pruning its history."""
+    filled_store(db_path)
+    rows = _history_rows(db_path)
+    assert rows > 60
+    holder = held_store(db_path)
+    before = _files(db_path.parent)
+    with pytest.raises(StoreLocked, match=f"pid {holder.proc.pid}"):
+        SqliteStore(db_path, history_retention=HistoryRetention(max_rows=0))
+    assert _files(db_path.parent) == before
+    assert _history_rows(db_path) == rows
+    holder.stop()
+    with SqliteStore(db_path, readonly=True) as reader:
+        assert len(reader.history("s000")) > 0
+
+
+def _too_new(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+
+
+def _foreign(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA application_id = 42")
+    conn.close()
+
+
+def _read_only_file(path: Path) -> None:
+    path.chmod(0o444)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "error"),
+    [(_too_new, StoreTooNew), (_foreign, NotAStore), (_read_only_file, StoreReadOnly)],
+)
+def test_every_refusal_leaves_the_file_and_its_directory_as_they_were(
+    db_path: Path, spoil: Callable[[Path], None], error: type[Exception]
+) -> None:
+    """A store refused for its schema, owner or permissions changes no byte and adds no file."""
+    filled_store(db_path)
+    spoil(db_path)
+    before = _files(db_path.parent)
+    with pytest.raises(error):
+        SqliteStore(db_path, history_retention=HistoryRetention(max_rows=0))
+    assert _files(db_path.parent) == before
+
+
+def test_a_clean_close_leaves_no_lock_file(db_path: Path) -> None:
+    """After a writable store closes, only the database is left: no ``-lock`` file."""
+    with SqliteStore(db_path) as store:
+        Engine(store=store, log=False).enqueue("s1", now=0.0)
+        assert Path(f"{db_path}-lock").exists()
+    assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
+    with SqliteStore(db_path) as again:  # the lock still excludes a second writer
+        with pytest.raises(StoreLocked):
+            SqliteStore(db_path)
+        assert again.load() is not None
