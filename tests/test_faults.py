@@ -249,3 +249,132 @@ def test_a_clean_close_leaves_no_lock_file(db_path: Path) -> None:
         with pytest.raises(StoreLocked):
             SqliteStore(db_path)
         assert again.load() is not None
+
+
+# ------------------------------------------------ read-only means read-only
+
+
+def _owned_by(directory: Path, uid: int) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.stat().st_uid == uid)
+
+
+def test_a_second_user_reads_a_cleanly_closed_store_in_a_directory_it_cannot_write(
+    shared_dir: Callable[[int], Path], as_other_user: Callable[..., Any]
+) -> None:
+    """status, dead-letters, history and doctor work as another user and change nothing."""
+    directory = shared_dir(0o755)
+    db = directory / "s.db"
+    filled_store(db)
+    before = _files(directory)
+    for args in (
+        ("status", "--json"),
+        ("dead-letters", "--json"),
+        ("history", "s000"),
+        ("doctor",),
+    ):
+        done = (
+            as_other_user(*args, "--db", str(db))
+            if args[0] != "history"
+            else (as_other_user("history", "--db", str(db), "s000"))
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+    assert _files(directory) == before
+
+
+def test_a_second_user_reads_a_live_store_and_the_service_keeps_working(
+    shared_dir: Callable[[int], Path],
+    as_other_user: Callable[..., Any],
+    other_user: tuple[int, int],
+) -> None:
+    """A reader in a shared directory leaves no file of its own; the service then redrives."""
+    directory = shared_dir(0o1777)
+    db = directory / "s.db"
+    filled_store(db)
+    # Cleanly closed first, then live: neither may leave the reader's files behind.
+    done = as_other_user("status", "--json", "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    assert _owned_by(directory, other_user[0]) == []
+    with SqliteStore(db) as store:
+        engine = Engine(SMALL_POLICY, store=store, log=False)
+        dead = [view.id for view in engine.dead_letters()]
+        assert dead
+        for args in (("status", "--json"), ("dead-letters", "--json"), ("doctor",)):
+            done = as_other_user(*args, "--db", str(db))
+            assert done.returncode == 0, done.stderr
+        assert _owned_by(directory, other_user[0]) == []
+        engine.redrive(dead[0], engine.now + 1)
+        engine.redrive_all(engine.now + 2)
+        engine.enqueue("new", now=engine.now + 3)
+        assert engine.tick(engine.now + 100)
+    with SqliteStore(db, readonly=True) as reader:
+        assert reader.dead_letters() == []
+        assert reader.session("new").state != "dead_lettered"
+
+
+def test_a_second_user_reads_a_consistent_state_while_the_service_writes(
+    shared_dir: Callable[[int], Path], as_other_user: Callable[..., Any]
+) -> None:
+    """doctor run as another user during a stream of saves finds every invariant intact."""
+    import threading
+
+    directory = shared_dir(0o755)
+    db = directory / "s.db"
+    filled_store(db)
+    stop = threading.Event()
+    saves = 0
+
+    def serve() -> None:
+        nonlocal saves
+        with SqliteStore(db) as store:
+            engine = Engine(SMALL_POLICY, store=store, rng=random.Random(2), log=False)
+            t = engine.now
+            i = 0
+            while not stop.is_set():
+                t += 7.0
+                engine.enqueue(f"live{i % 50}", now=t)
+                for batch in engine.tick(t):
+                    engine.on_ack(batch.id, (acks.Ok(), acks.RateLimited())[batch.id % 2], t)
+                i += 1
+                saves += 1
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        for _ in range(3):
+            done = as_other_user("doctor", "--db", str(db))
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert done.stdout.strip().endswith(": ok")
+    finally:
+        stop.set()
+        server.join()
+    assert saves > 0
+
+
+def test_a_store_on_a_read_only_mount_can_be_read(
+    tmp_path: Path, read_only_mount: Callable[[], None]
+) -> None:
+    """readonly=True reads a database on a file system mounted read-only; writing is refused."""
+    db = tmp_path / "ro" / "s.db"
+    filled_store(db)
+    with SqliteStore(db, readonly=True) as reader:
+        expected = (reader.counts(), reader.dead_letters(), reader.history("s001"))
+    read_only_mount()
+    with SqliteStore(db, readonly=True) as reader:
+        assert (reader.counts(), reader.dead_letters(), reader.history("s001")) == expected
+        assert reader.verify() == []
+        assert reader.load() is not None
+    with pytest.raises(StoreReadOnly):
+        SqliteStore(db)
+
+
+def test_an_immutable_reader_sees_a_writer_that_starts_after_it(db_path: Path) -> None:
+    """A read-only store opened on a closed file still sees what a later writer saves."""
+    filled_store(db_path)
+    with SqliteStore(db_path, readonly=True) as reader:
+        total = sum(reader.counts().values())
+        with SqliteStore(db_path) as store:
+            Engine(SMALL_POLICY, store=store, log=False).enqueue("later", now=10_000.0)
+            assert sum(reader.counts().values()) == total + 1
+            assert reader.session("later").state == "queued"
+        assert sum(reader.counts().values()) == total + 1
