@@ -355,11 +355,11 @@ class SqliteStore:
         runs ``Engine.check()``. Nothing is written. Reading a large database
         takes a few seconds; ``sessionfsm doctor --db PATH`` runs it.
         """
-        problems = [
-            f"sqlite: {message}"
-            for (message,) in self._query("PRAGMA integrity_check", ())
-            if message != "ok"
-        ]
+        try:
+            checked = self._query("PRAGMA integrity_check", ())
+        except StoreError as exc:
+            checked = [(str(exc),)]
+        problems = [f"sqlite: {message}" for (message,) in checked if message != "ok"]
         try:
             snapshot = self._read(self._load)
         except StoreError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -378,3 +379,119 @@ def test_an_immutable_reader_sees_a_writer_that_starts_after_it(db_path: Path) -
             assert sum(reader.counts().values()) == total + 1
             assert reader.session("later").state == "queued"
         assert sum(reader.counts().values()) == total + 1
+
+
+# ------------------------------------------- corruption and load validation
+
+
+def _memory_error_corruption(db: Path, session_id: str) -> bytes:
+    """Bytes of ``db`` with 32 bytes of 0xFF in a page, chosen so that plain
+    sqlite3 raises MemoryError reading ``session_id``'s history."""
+    data = db.read_bytes()
+    conn = sqlite3.connect(db)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = [n for (n,) in conn.execute("SELECT pageno FROM dbstat WHERE name = 'history'")]
+    conn.close()
+    probe = db.with_name("probe.db")
+    for start in ((n - 1) * page for n in pages):
+        for offset in range(0, page, 8):
+            spoiled = bytearray(data)
+            spoiled[start + offset : start + offset + 32] = b"\xff" * 32
+            probe.write_bytes(spoiled)
+            conn = sqlite3.connect(probe)
+            try:  # what the bytes do to SQLite itself, not to sessionfsm
+                conn.execute("SELECT * FROM history WHERE session_id = ?", (session_id,)).fetchall()
+            except MemoryError:
+                return bytes(spoiled)
+            except sqlite3.Error:
+                pass
+            finally:
+                conn.close()
+    raise AssertionError("no 32-byte corruption makes SQLite run out of memory")
+
+
+def test_a_damaged_history_page_is_a_store_error_naming_the_file(
+    db_path: Path, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """A page that makes SQLite report out-of-memory is a StoreError, and one CLI line."""
+    filled_store(db_path, sessions=300, rounds=5)
+    db_path.write_bytes(_memory_error_corruption(db_path, "s005"))
+    with SqliteStore(db_path, readonly=True) as reader:
+        with pytest.raises(StoreError, match=re.escape(repr(str(db_path)))):
+            reader.history("s005")
+        assert reader.verify() != []
+    result = sessionfsm_cli("history", "--db", str(db_path), "s005")
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1
+    assert result.output.startswith("sessionfsm: error: cannot read store")
+    result = sessionfsm_cli("doctor", "--db", str(db_path))
+    assert result.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        ("UPDATE session SET retry_at = 5.0 WHERE state = 'synced'", "invariant 10"),
+        (
+            "UPDATE session SET dead_letter_reason = NULL WHERE state = 'dead_lettered'",
+            "invariant 7",
+        ),
+        ("UPDATE session SET rate_limits = -1 WHERE state = 'backoff'", "counts must be"),
+        ("UPDATE session SET ack_timeouts = 'many' WHERE state = 'backoff'", "counts must be"),
+        ("UPDATE session SET attempts = 'x' WHERE state = 'queued'", "attempts must be"),
+        ("UPDATE session SET too_large = 1 WHERE state = 'dead_lettered'", "invariant 3"),
+        ("UPDATE engine SET link_failures = -3", "link: failures"),
+        ("UPDATE engine SET next_batch_id = 0", "next batch id"),
+    ],
+)
+def test_a_state_that_breaks_an_invariant_is_refused_on_load(
+    db_path: Path, sql: str, rule: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """load raises StoreError naming the session and the rule; no engine starts on it."""
+    filled_store(db_path)
+    conn = sqlite3.connect(db_path)
+    with conn:
+        assert conn.execute(sql).rowcount > 0
+    conn.close()
+    with SqliteStore(db_path) as store:
+        with pytest.raises(StoreError, match=rule) as caught:
+            Engine(SMALL_POLICY, store=store, log=False)
+        if not rule.startswith(("link", "next")):
+            assert "session 's" in str(caught.value)
+        problems = store.verify()
+        assert any(rule in problem for problem in problems)
+    result = sessionfsm_cli("doctor", "--db", str(db_path))
+    assert result.exit_code == 1
+    assert rule in result.output
+
+
+def test_a_healthy_store_verifies_clean(db_path: Path, sessionfsm_cli: Callable[..., Any]) -> None:
+    """verify() finds nothing wrong with a store an engine wrote; doctor says ok."""
+    filled_store(db_path)
+    with SqliteStore(db_path) as store:
+        assert store.verify() == []
+    result = sessionfsm_cli("doctor", "--db", str(db_path))
+    assert result.exit_code == 0
+    assert result.output.strip().endswith(": ok")
+
+
+def test_the_read_helpers_refuse_a_damaged_row(db_path: Path) -> None:
+    """session, dead_letters, counts and link name the damage instead of crashing."""
+    filled_store(db_path)
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute("UPDATE session SET state = 'lost' WHERE id = 's000'")
+        conn.execute("UPDATE session SET attempts = 'x' WHERE state = 'dead_lettered'")
+        conn.execute("UPDATE engine SET link_state = 'sideways'")
+    conn.close()
+    dead = "SELECT id FROM session WHERE state = 'dead_lettered' LIMIT 1"
+    with SqliteStore(db_path, readonly=True) as reader:
+        for call in (
+            reader.counts,
+            reader.dead_letters,
+            reader.link,
+            lambda: reader.session("s000"),
+            lambda: reader.session(reader._query(dead, ())[0][0]),
+        ):
+            with pytest.raises(StoreError, match="is damaged"):
+                call()
