@@ -231,9 +231,9 @@ class FailingStore:
 
     ``fail_next(kind)`` makes the next save fail: ``"locked"`` holds the
     database's write lock from a second connection (a real ``StoreLocked``;
-    open the inner ``SqliteStore`` with ``timeout=0``), ``"full"`` caps the
-    file at its current size so the transaction runs out of disk half-way (a
-    real SQLITE_FULL, rolled back), ``"io"`` raises ``StoreError`` before
+    open the inner ``SqliteStore`` with ``timeout=0``), ``"full"`` makes the
+    transaction fail half-way, after its session and history rows, as a disk
+    filling up does (SQLite rolls it back), ``"io"`` raises ``StoreError`` before
     anything is written (an I/O error SQLite cannot be made to produce here).
     """
 
@@ -243,8 +243,9 @@ class FailingStore:
         self.saves = 0
         self.failures = 0
 
-    def fail_next(self, kind: str) -> None:
-        assert kind in ("locked", "full", "io")
+    def fail_next(self, kind: str | None) -> None:
+        """Make the next save fail this way (None: the next save succeeds)."""
+        assert kind in (None, "locked", "full", "io")
         self._next = kind
 
     def load(self) -> Any:
@@ -269,14 +270,19 @@ class FailingStore:
                 other.execute("ROLLBACK")
                 other.close()
         else:
+            # The engine row is written last, after every session and history
+            # row of the save: failing there leaves a half-written transaction
+            # for the store to roll back, as a disk that fills up mid-way does.
             conn = inner._conn
             assert conn is not None
-            (pages,) = conn.execute("PRAGMA page_count").fetchone()
-            conn.execute(f"PRAGMA max_page_count = {pages}")
+            conn.execute(
+                "CREATE TEMP TRIGGER disk_full BEFORE UPDATE ON main.engine "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
             try:
                 inner.save(delta)
             finally:
-                conn.execute("PRAGMA max_page_count = 4294967294")
+                conn.execute("DROP TRIGGER temp.disk_full")
         raise AssertionError(f"the injected {kind!r} fault did not make the save fail")
 
     def close(self) -> None:

@@ -170,3 +170,20 @@ hostile_objects = st.one_of(
     st.floats(),
     st.lists(st.integers(), max_size=3),
 )
+
+
+#: One public call for the fault test, and the fault (if any) its save meets:
+#: ("enqueue", sid, lane) ("tick", dt) ("ack", pick, ack) ("acks", pick, ack)
+#: ("redrive", pick) ("redrive_all",) ("ready",) ("unavailable",).
+faults = st.sampled_from([None, None, None, "locked", "full", "io"])
+fault_calls = st.one_of(
+    st.tuples(st.just("enqueue"), session_ids, lanes),
+    st.tuples(st.just("tick"), st.sampled_from([0.0, 1.0, 5.0, 10.0, 25.0, 60.0])),
+    st.tuples(st.just("ack"), st.integers(0, 3), any_ack),
+    st.tuples(st.just("acks"), st.integers(0, 3), any_ack),
+    st.tuples(st.just("redrive"), st.integers(0, 5)),
+    st.tuples(st.just("redrive_all")),
+    st.tuples(st.just("ready")),
+    st.tuples(st.just("unavailable")),
+)
+fault_scripts = st.lists(st.tuples(fault_calls, faults), min_size=1, max_size=40)

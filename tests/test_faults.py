@@ -6,12 +6,15 @@ import contextlib
 import random
 import re
 import sqlite3
+import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sessionfsm import (
@@ -30,7 +33,7 @@ from sessionfsm import (
     acks,
 )
 from tests.conftest import SMALL_POLICY, FailingStore, filled_store
-from tests.strategies import hostile_objects, hostile_wire
+from tests.strategies import fault_scripts, hostile_objects, hostile_wire
 
 # ------------------------------------------------------------ decoding
 
@@ -495,3 +498,94 @@ def test_the_read_helpers_refuse_a_damaged_row(db_path: Path) -> None:
         ):
             with pytest.raises(StoreError, match="is damaged"):
                 call()
+
+
+# ------------------------------------- random calls against a failing store
+
+
+def _saved_state(engine: Engine) -> dict[str, Any]:
+    state = engine._debug_state()
+    return {
+        "sessions": state["sessions"],
+        "link": state["link"],
+        "now": engine.now,
+        "stamps": {lane.value: at for lane, at in state["stamps"].items()},
+    }
+
+
+def _file_state(db: Path) -> dict[str, Any]:
+    with SqliteStore(db, readonly=True) as reader:
+        snapshot = reader.load()
+    assert snapshot is not None
+    return {
+        "sessions": {rec.id: msgspec.to_builtins(rec) for rec in snapshot.sessions},
+        "link": msgspec.to_builtins(snapshot.link),
+        "now": snapshot.now,
+        "stamps": {lane: snapshot.stamps.get(lane) for lane in ("incremental", "backfill")},
+    }
+
+
+def _call(engine: Engine, call: tuple[Any, ...], sends: Counter[str]) -> None:
+    t = engine.now
+    match call:
+        case ("enqueue", sid, lane):
+            engine.enqueue(sid, lane, now=t + 0.5)
+        case ("tick", dt):
+            for batch in engine.tick(t + dt):
+                sends.update(batch.session_ids)
+        case ("ack" | "acks", pick, ack):
+            open_batches = engine.in_flight()
+            if open_batches:
+                batch = open_batches[pick % len(open_batches)]
+                answer = ack if call[0] == "ack" else dict.fromkeys(batch.session_ids[:2], ack)
+                engine.on_ack(batch.id, answer, t + 0.5)
+        case ("redrive", pick):
+            dead = engine.dead_letters()
+            if dead:
+                engine.redrive(dead[pick % len(dead)].id, t + 0.5)
+        case ("redrive_all",):
+            engine.redrive_all(t + 0.5)
+        case ("ready",):
+            engine.relay_ready(t + 0.5)
+        case ("unavailable",):
+            engine.relay_unavailable(t + 0.5)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(script=fault_scripts)
+def test_random_calls_against_a_failing_store_never_lose_or_charge_anything(
+    script: list[tuple[tuple[Any, ...], str | None]],
+) -> None:
+    """After every call, failed or not: Engine.check() holds, the file holds the state
+    of the last successful call, and no session is charged more than it was sent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "s.db"
+        store = FailingStore(SqliteStore(db, timeout=0))
+        engine = Engine(SMALL_POLICY, store=store, rng=random.Random(0), log=False)
+        engine.enqueue("s0", now=0.0)
+        last_saved = _saved_state(engine)
+        sends: Counter[str] = Counter()
+        for call, fault in script:
+            if fault is not None:
+                store.fail_next(fault)
+            failures, saves = store.failures, store.saves
+            try:
+                _call(engine, call, sends)
+            except StoreError:
+                assert store.failures == failures + 1, "only the injected fault may fail"
+            if store.saves > saves:
+                last_saved = _saved_state(engine)
+            store.fail_next(None)  # a call that saved nothing never met its fault
+            engine.check()
+            assert _file_state(db) == last_saved
+            for view in engine.sessions():
+                charged = sum(view.counts.values())
+                assert charged <= sends[view.id], (
+                    f"{view.id} charged {charged}, sent {sends[view.id]}"
+                )
+                assert view.attempts <= sends[view.id]
+        store.close()
+        with SqliteStore(db) as reopened:
+            recovered = Engine(SMALL_POLICY, store=reopened, log=False)
+            recovered.check()
+            assert set(recovered._debug_state()["sessions"]) == set(last_saved["sessions"])
