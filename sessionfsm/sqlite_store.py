@@ -10,7 +10,8 @@ How it writes
 * One ``Delta`` is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): the
   file always holds the state after some whole engine call, never half of one.
   A save that fails rolls back and raises :class:`StoreError`; the engine's
-  memory is then ahead of the file, and its next successful save catches up.
+  memory is then ahead of the file, and its next successful save catches up
+  (a tick takes back the batches it formed; see docs/faults.md).
 * WAL journal mode, ``synchronous=NORMAL`` by default: a killed process loses
   nothing it saved; a power cut may lose the last few transactions (and never
   corrupts the file). ``synchronous="full"`` syncs every commit to disk.
@@ -43,7 +44,18 @@ A missing directory, a read-only file, a database another process holds, a
 file that is not a sessionfsm database (not SQLite, or another application's
 SQLite), or one written by a newer sessionfsm: each raises a
 :class:`StoreError` naming the path and the problem, before anything is
-written. A foreign file is never changed.
+written (the writer's lock is taken before SQLite opens the file, so not even
+retention pruning runs). A foreign file is never changed. A damaged file is a
+``StoreError`` naming it on every read, and a state that breaks an invariant
+is refused on load; :meth:`SqliteStore.verify` lists every problem.
+
+Read-only
+---------
+``readonly=True`` never creates, changes or chowns a file. A database no
+connection has open (no ``-wal`` beside it) or one on a read-only file system
+is read as ``immutable``: no lock, no ``-shm``; the reader re-checks the file
+around each read and reconnects when a writer appears. A live database is
+read with ``mode=ro`` through the writer's own ``-wal`` and ``-shm``.
 
 Schema and migrations
 ---------------------
@@ -56,6 +68,7 @@ in one transaction. A version newer than this code knows is refused.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import os
 import sqlite3
@@ -95,7 +108,7 @@ from .store import (
     Snapshot,
     queue_positions,
 )
-from .validation import first_bad_record, link_problems, record_problems, snapshot_problems
+from .validation import link_problems, record_problems, snapshot_problems
 from .views import LinkView, SessionView, link_view, session_view
 
 if sys.platform != "win32":
@@ -235,8 +248,10 @@ class SqliteStore:
     against a power cut, at the cost of a disk sync per call).
 
     Only one writable store may hold a file at a time (a lock file next to it,
-    ``<path>-lock``, says which process; POSIX only). Not thread-safe: use it
-    from one thread at a time, like the engine.
+    ``<path>-lock``, says which process, and is removed on a clean close;
+    POSIX only). A read-only store writes nothing at all, so another OS user
+    can read a service's database (see the module notes). Not thread-safe:
+    use it from one thread at a time, like the engine.
     """
 
     def __init__(
@@ -316,8 +331,7 @@ class SqliteStore:
                 now=snapshot.now,
             )
         )
-        bad = first_bad_record(snapshot.sessions)
-        problems = head + (record_problems(bad) if bad is not None else [])
+        problems = head  # the sessions were checked as they were read (_records)
         if problems:
             raise StoreError(
                 f"store {self._where} is damaged: {problems[0]}; nothing was loaded "
@@ -325,7 +339,7 @@ class SqliteStore:
             )
         return snapshot
 
-    def _load(self, conn: sqlite3.Connection) -> Snapshot | None:
+    def _load(self, conn: sqlite3.Connection, check: bool = True) -> Snapshot | None:
         conn.execute("BEGIN")
         try:
             row = self._engine_row(conn)
@@ -335,7 +349,7 @@ class SqliteStore:
             # Sorting in Python is about twice as fast as ORDER BY here.
             rows = conn.execute(_SELECT_FOR_LOAD).fetchall()
             rows.sort(key=_by_position)
-            sessions = self._decode(rows)
+            sessions = self._decode(rows, check)
         finally:
             _rollback(conn)
         now, next_batch_id, link_state, failures, resume_at, _, _ = row
@@ -361,7 +375,7 @@ class SqliteStore:
             checked = [(str(exc),)]
         problems = [f"sqlite: {message}" for (message,) in checked if message != "ok"]
         try:
-            snapshot = self._read(self._load)
+            snapshot = self._read(lambda conn: self._load(conn, check=False))
         except StoreError as exc:
             return [*problems, str(exc)]
         if snapshot is None:
@@ -532,7 +546,7 @@ class SqliteStore:
         rows = self._query(f"{_SELECT_SESSIONS} WHERE id = ?", (session_id,))
         if not rows:
             raise UnknownSession(session_id)
-        return session_view(self._checked(self._decode(rows))[0])
+        return session_view(self._decode(rows)[0])
 
     def dead_letters(self, reason: str | None = None) -> list[SessionView]:
         """Dead letters as last saved (only ``reason``'s, if given), oldest first."""
@@ -542,14 +556,7 @@ class SqliteStore:
             sql += " AND dead_letter_reason = ?"
             params = (reason,)
         rows = self._query(sql + " ORDER BY position", params)
-        return [session_view(rec) for rec in self._checked(self._decode(rows))]
-
-    def _checked(self, records: list[SessionRecord]) -> list[SessionRecord]:
-        bad = first_bad_record(records)
-        problems = record_problems(bad) if bad is not None else []
-        if problems:
-            raise StoreError(f"store {self._where} is damaged: {problems[0]}")
-        return records
+        return [session_view(rec) for rec in self._decode(rows)]
 
     def counts(self) -> dict[SessionState, int]:
         """How many sessions are in each state as last saved (every state present)."""
@@ -837,9 +844,14 @@ class SqliteStore:
             conn.close()
         self._connect()
 
-    def _decode(self, rows: Iterable[Any]) -> list[SessionRecord]:
+    def _decode(self, rows: Iterable[Any], check: bool = True) -> list[SessionRecord]:
         try:
-            return _records(rows)
+            return _records(rows, check)
+        except _Damaged as exc:
+            raise StoreError(
+                f"store {self._where} is damaged: {exc}; nothing was loaded "
+                f"(`sessionfsm doctor --db {os.fspath(self.path)}` lists every problem)"
+            ) from None
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(
                 f"store {self._where} is damaged: bad session row (unknown value {exc})"
@@ -918,26 +930,63 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _records(rows: Iterable[Any]) -> list[SessionRecord]:
+class _Damaged(ValueError):
+    """A row breaks a rule of :mod:`sessionfsm.validation`; the message says which."""
+
+
+def _records(rows: Iterable[Any], check: bool = True) -> list[SessionRecord]:
     """Rows of ``_SELECT_SESSIONS`` as records (a trailing position is ignored):
-    the hot loop of a recovery."""
+    the hot loop of a recovery.
+
+    It screens each row on the columns it already holds, which costs far less
+    than a second pass; a row the screen flags is checked in full by
+    :func:`~sessionfsm.validation.record_problems` and, if it breaks a rule,
+    refused with ``_Damaged``. ``check=False`` reads rows as they are, for
+    :meth:`SqliteStore.verify` to report every problem.
+    """
     states, lanes, zero, make = _STATES, _LANES, ZERO_COUNTS, SessionRecord
+    backoff, dead, synced = SessionState.BACKOFF, SessionState.DEAD_LETTERED, SessionState.SYNCED
+    inf = math.inf
     out: list[SessionRecord] = []
     append = out.append
     for sid, state, lane, c0, c1, c2, retry_at, dirty, attempts, reason, at, *_ in rows:
-        append(
-            make(
-                sid,
-                states[state],
-                lanes[lane],
-                (c0, c1, c2) if c0 or c1 or c2 else zero,
-                retry_at,
-                dirty == 1,
-                attempts,
-                reason,
-                at,
-            )
+        st = states[state]
+        rec = make(
+            sid,
+            st,
+            lanes[lane],
+            (c0, c1, c2) if c0 or c1 or c2 else zero,
+            retry_at,
+            dirty == 1,
+            attempts,
+            reason,
+            at,
         )
+        if check and (
+            type(attempts) is not int
+            or attempts < 0
+            or (retry_at is None) == (st is backoff)
+            or (reason is None) == (st is dead)
+            or (
+                (c0 or c1 or c2)
+                and (
+                    st is dead
+                    or st is synced
+                    or not (type(c0) is int and type(c1) is int and type(c2) is int)
+                    or c0 < 0
+                    or c1 < 0
+                    or c2 < 0
+                )
+            )
+            or (retry_at is not None and not -inf < retry_at < inf)
+            or (st is dead and at is None)
+            or type(sid) is not str
+            or not sid
+        ):
+            problems = record_problems(rec)
+            if problems:
+                raise _Damaged(problems[0])
+        append(rec)
     return out
 
 
