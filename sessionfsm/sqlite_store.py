@@ -868,8 +868,9 @@ class SqliteStore:
         if code == _READONLY:
             if self.readonly:
                 return StoreReadOnly(
-                    f"cannot {doing} store {where} read-only: an interrupted write must be "
-                    f"recovered first; open it once without readonly=True ({exc})"
+                    f"cannot {doing} store {where} read-only: the process writing it stopped "
+                    "without closing it, and only a writer can recover its last changes; start "
+                    f"the service, or open it once for writing as the file's owner ({exc})"
                 )
             return StoreReadOnly(f"cannot {doing} store {where}: the database is read-only ({exc})")
         if code == _NOTADB:

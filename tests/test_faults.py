@@ -589,3 +589,34 @@ def test_random_calls_against_a_failing_store_never_lose_or_charge_anything(
             recovered = Engine(SMALL_POLICY, store=reopened, log=False)
             recovered.check()
             assert set(recovered._debug_state()["sessions"]) == set(last_saved["sessions"])
+
+
+def test_a_second_user_reads_what_a_killed_writer_left(
+    shared_dir: Callable[[int], Path], as_other_user: Callable[..., Any]
+) -> None:
+    """A writer killed mid-run leaves its -wal and -shm; another user still reads the
+    last saved state from them, and a new writer then recovers the file as usual."""
+    import signal
+    import subprocess
+    import sys
+
+    directory = shared_dir(0o755)
+    db = directory / "s.db"
+    code = (
+        "import os, signal\n"
+        "from sessionfsm import Engine, SqliteStore\n"
+        f"engine = Engine(store=SqliteStore({str(db)!r}), log=False)\n"
+        "for i in range(50):\n"
+        "    engine.enqueue(f's{i}', now=float(i))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert Path(f"{db}-wal").exists()
+    before = _files(directory)
+    read = as_other_user("status", "--json", "--db", str(db))
+    assert read.returncode == 0, read.stderr
+    assert msgspec.json.decode(read.stdout)["counts"]["queued"] == 50
+    assert _files(directory) == before
+    with SqliteStore(db) as store:
+        assert len(Engine(store=store, log=False)) == 50
