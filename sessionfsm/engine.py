@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import reprlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -71,6 +72,9 @@ _BACKFILL: Final = Lane.BACKFILL
 # Lane by name or by member: a StrEnum hashes as its value, so one dict
 # lookup replaces the much slower ``Lane(lane)`` on every enqueue.
 _LANES: Final[dict[str, Lane]] = {lane.value: lane for lane in Lane}
+# Larger than any time a caller means (about 3e300 years), and small enough
+# that adding a policy's delays to it stays finite.
+_MAX_TIME: Final = 1e300
 # How many closed batch ids to remember, to tell a late ack from a bogus one.
 _CLOSED_MEMORY: Final = 4096
 
@@ -565,8 +569,11 @@ class Engine:
         return rec
 
     def _clock(self, now: float) -> float:
-        if not isinstance(now, (int, float)) or math.isnan(now) or math.isinf(now):
-            raise UsageError(f"now must be a finite number of seconds, got {now!r}")
+        if (
+            not isinstance(now, (int, float))
+            or not -_MAX_TIME < now < _MAX_TIME  # also NaN, inf, and ints beyond any float
+        ):
+            raise UsageError(f"now must be a finite number of seconds, got {reprlib.repr(now)}")
         if now < self._now:
             self._anomalies["clock_regressed"] += 1
             self._log.warning("sessionfsm.clock_regressed", now=now, last=self._now)

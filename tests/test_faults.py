@@ -620,3 +620,26 @@ def test_a_second_user_reads_what_a_killed_writer_left(
     assert _files(directory) == before
     with SqliteStore(db) as store:
         assert len(Engine(store=store, log=False)) == 50
+
+
+@given(now=hostile_objects | st.integers() | st.floats())
+def test_any_time_is_a_time_or_a_usage_error(now: Any) -> None:
+    """Every call taking ``now`` accepts a usable time or raises UsageError, never
+    OverflowError or TypeError, and a refused time changes nothing."""
+    engine, batch_id = _engine_with_a_batch()
+    engine.enqueue("dead", now=0.0)
+    calls: list[Callable[[], object]] = [
+        lambda: engine.tick(now),
+        lambda: engine.enqueue("s2", now=now),
+        lambda: engine.on_ack(batch_id, acks.Ok(), now),
+        lambda: engine.relay_ready(now),
+        lambda: engine.relay_unavailable(now),
+        lambda: engine.redrive_all(now),
+    ]
+    for call in calls:
+        before = engine._debug_state(), engine.now
+        try:
+            call()
+        except UsageError:
+            assert (engine._debug_state(), engine.now) == before
+        engine.check()
