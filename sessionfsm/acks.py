@@ -13,11 +13,12 @@ You decode untrusted bytes with :func:`decode` (one ack) or
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Annotated, TypeAlias
 
 import msgspec
 
-from ._errors import InvalidAck
+from ._errors import InvalidAck, UsageError
 
 __all__ = [
     "Ack",
@@ -92,16 +93,28 @@ _encoder = msgspec.json.Encoder()
 
 
 def decode(data: bytes | str) -> Ack:
-    """You pass the JSON of one ack; you get the typed ack or ``InvalidAck``."""
+    """You pass the JSON of one ack; you get the typed ack or ``InvalidAck``.
+
+    Whatever the bytes hold, nothing else escapes: a value that is not bytes
+    or str at all is your mistake (``UsageError``), anything else the relay's.
+    """
+    raw = _wire_bytes(data, "ack")
     try:
-        ack: Ack = _decoder.decode(data)
+        ack: Ack = _decoder.decode(raw)
         return ack
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise InvalidAck(f"invalid ack {_preview(data)}: {exc}") from None
+        raise InvalidAck(f"invalid ack {_preview(raw)}: {exc}") from None
+    except RecursionError:
+        raise InvalidAck(f"invalid ack {_preview(raw)}: nested too deeply") from None
 
 
 def decode_message(data: bytes | str) -> BatchAck:
-    """You pass the JSON of a batch answer; you get a ``BatchAck`` or ``InvalidAck``."""
+    """You pass the JSON of a batch answer; you get a ``BatchAck`` or ``InvalidAck``.
+
+    As with :func:`decode`, only ``InvalidAck`` (or ``UsageError`` for a
+    value that is not bytes or str) ever escapes.
+    """
+    data = _wire_bytes(data, "batch ack")
     where = "$"
     try:
         raw = _raw_message_decoder.decode(data)
@@ -123,6 +136,8 @@ def decode_message(data: bytes | str) -> BatchAck:
                 detail.replace("`$", f"`{where}") if "`$" in detail else f"{detail} - at `{where}`"
             )
         raise InvalidAck(f"invalid batch ack {_preview(data)}: {detail}") from None
+    except RecursionError:
+        raise InvalidAck(f"invalid batch ack {_preview(data)}: nested too deeply") from None
 
 
 def encode(ack: Ack | BatchAck) -> bytes:
@@ -134,13 +149,28 @@ def validate(ack: object) -> Ack:
     """Check an ack built in Python (constraints only run when decoding)."""
     if not isinstance(ack, ACK_TYPES):
         raise InvalidAck(
-            f"expected an ack ({', '.join(t.__name__ for t in ACK_TYPES)}), got {ack!r}"
+            f"expected an ack ({', '.join(t.__name__ for t in ACK_TYPES)}), got {reprlib.repr(ack)}"
         )
     if isinstance(ack, RateLimited) and ack.retry_after_s is not None:
         value = ack.retry_after_s
         if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
             raise InvalidAck(f"RateLimited.retry_after_s must be a number >= 0, got {value!r}")
     return ack
+
+
+def _wire_bytes(data: object, what: str) -> bytes:
+    """The JSON as bytes; a str with unpaired surrogates is the relay's bad data."""
+    if isinstance(data, str):
+        try:
+            return data.encode("utf-8")
+        except UnicodeEncodeError:
+            text = data.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise InvalidAck(
+                f"invalid {what} {_preview(text)}: not valid Unicode (unpaired surrogate)"
+            ) from None
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise UsageError(f"expected the {what}'s JSON as bytes or str, got {type(data).__name__}")
 
 
 def _preview(data: bytes | str, limit: int = 80) -> str:

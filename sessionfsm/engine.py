@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import reprlib
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -59,6 +60,7 @@ from .policy import Policy
 from .records import Change, Delta, Snapshot
 from .runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, ReferenceRuntime, Runtime
 from .store import Store
+from .validation import check_session_id
 from .views import LinkView, SessionView, link_view, session_view
 
 __all__ = ["Batch", "Engine", "LinkView", "SessionView"]
@@ -72,6 +74,9 @@ _BACKFILL: Final = Lane.BACKFILL
 # Lane by name or by member: a StrEnum hashes as its value, so one dict
 # lookup replaces the much slower ``Lane(lane)`` on every enqueue.
 _LANES: Final[dict[str, Lane]] = {lane.value: lane for lane in Lane}
+# Larger than any time a caller means (about 3e300 years), and small enough
+# that adding a policy's delays to it stays finite.
+_MAX_TIME: Final = 1e300
 # How many closed batch ids to remember, to tell a late ack from a bogus one.
 _CLOSED_MEMORY: Final = 4096
 
@@ -200,6 +205,9 @@ class Engine:
         self._redrive: dict[str, None] = {}
         self._redrive_per_tick = 0
         self._redrive_last: float | None = None
+        # Records changed outside any transition (batches withdrawn after a
+        # failed save) that the next save must still write.
+        self._unsaved: dict[str, SessionRecord] = {}
         self._store = store
         if store is not None:
             snapshot = store.load()
@@ -220,8 +228,7 @@ class Engine:
         session enqueued as incremental is promoted; lanes never demote.
         ``now`` defaults to the latest time the engine has seen.
         """
-        if not isinstance(session_id, str) or not session_id:
-            raise UsageError(f"session id must be a non-empty string, got {session_id!r}")
+        check_session_id(session_id)
         lane_ = _LANES.get(lane) if isinstance(lane, str) else None
         if lane_ is None:
             raise UsageError(
@@ -267,6 +274,7 @@ class Engine:
         ready sessions and its interval allows, otherwise backfill.
         """
         now = self._clock(now)
+        stamps = self._stamps.copy()
         step = self._step.load(now)
         self._expire(now)
         link = self._link
@@ -282,7 +290,14 @@ class Engine:
                 if lane is None:
                     break
                 formed.append(self._form(lane, now))
-        self._commit()
+        try:
+            self._commit()
+        except BaseException:
+            # The store refused: these batches must never be charged as if
+            # sent, since nobody will ever send them (docs/faults.md).
+            if formed:
+                self._withdraw(formed, stamps)
+            raise
         return formed
 
     def on_ack(
@@ -298,10 +313,18 @@ class Engine:
         until the rest arrives or the batch times out. Acks for unknown or
         closed batches, and entries for sessions not (or no longer) pending in
         the batch, are ignored, counted in ``anomalies`` and logged. A
-        malformed ack raises ``InvalidAck`` before anything changes.
+        malformed ack raises ``InvalidAck`` before anything changes, a batch
+        id that is not an integer ``UsageError``.
         """
+        if type(batch_id) is not int:
+            raise UsageError(f"batch_id must be an int, got {type(batch_id).__name__}")
         if isinstance(ack, Mapping):
-            entries = [(sid, acks.validate(a)) for sid, a in ack.items()]
+            try:
+                entries = [(sid, acks.validate(a)) for sid, a in ack.items()]
+            except InvalidAck:
+                raise
+            except Exception as exc:  # a mapping that cannot even be read
+                raise UsageError(f"cannot read the acks of batch {batch_id}: {exc!r}") from None
             for sid, _ in entries:
                 if not isinstance(sid, str):
                     raise InvalidAck(f"session ids in a batch ack must be strings, got {sid!r}")
@@ -354,15 +377,22 @@ class Engine:
 
     def on_message(self, message: acks.BatchAck, now: float) -> list[Change]:
         """Apply a decoded :class:`acks.BatchAck` (see ``acks.decode_message``)."""
+        if not isinstance(message, acks.BatchAck):
+            raise UsageError(
+                f"on_message takes an acks.BatchAck (see acks.decode_message), "
+                f"got {type(message).__name__}"
+            )
         payload = message.ack if message.ack is not None else message.sessions
         assert payload is not None  # BatchAck guarantees exactly one is set
         return self.on_ack(message.batch_id, payload, now)
 
     def redrive(self, session_id: str, now: float) -> None:
         """Give a dead letter a fresh start: ``queued`` with every counter cleared."""
-        now = self._clock(now)
         rec = self._get(session_id)
+        before = self._now
+        now = self._clock(now)
         if not self._fire(rec, "redriven", self._step.load(now)):
+            self._now = before  # refused: nothing changed, not even the clock
             raise TransitionNotAllowed("redriven", session_id, rec.state)
         self._log.info("sessionfsm.redriven", session_id=session_id)
         self._commit()
@@ -582,8 +612,11 @@ class Engine:
         return rec
 
     def _clock(self, now: float) -> float:
-        if not isinstance(now, (int, float)) or math.isnan(now) or math.isinf(now):
-            raise UsageError(f"now must be a finite number of seconds, got {now!r}")
+        if (
+            not isinstance(now, (int, float))
+            or not -_MAX_TIME < now < _MAX_TIME  # also NaN, inf, and ints beyond any float
+        ):
+            raise UsageError(f"now must be a finite number of seconds, got {reprlib.repr(now)}")
         if now < self._now:
             self._anomalies["clock_regressed"] += 1
             self._log.warning("sessionfsm.clock_regressed", now=now, last=self._now)
@@ -799,7 +832,7 @@ class Engine:
         turned into ``Change`` rows, so they are not built twice.
         """
         pending = self._pending
-        if not pending and not self._link_changed:
+        if not pending and not self._link_changed and not self._unsaved:
             return
         log = self._log
         for rec, source, state, _event, reason, _attempts in pending if self._logging else ():
@@ -823,6 +856,9 @@ class Engine:
         placed = self._placed
         if self._store is not None:
             changed = list({id(rec): rec for rec, *_ in pending}.values())
+            if self._unsaved:
+                listed = {rec.id for rec in changed}
+                changed.extend(r for sid, r in self._unsaved.items() if sid not in listed)
             self._store.save(
                 Delta(
                     sessions=changed,
@@ -837,6 +873,39 @@ class Engine:
         pending.clear()
         placed.clear()
         self._link_changed = False
+        self._unsaved.clear()
+
+    def _withdraw(self, formed: list[Batch], stamps: dict[Lane, float | None]) -> None:
+        """Take back the batches of a tick whose save failed: they never left.
+
+        Each session goes back to the head of its queue as it was before the
+        send (``attempts`` as before; ``dirty``, which a send clears and a
+        queued session never reads, stays cleared), the lanes' throttle stamps
+        are restored (invariant 9), and the ``sent`` transitions leave this
+        call's pending changes, so the history never shows them. The batch ids
+        stay used: a late answer to one is an ``unknown_batch`` anomaly.
+        Everything else the tick did (timeouts, due backoffs, the link) stays
+        in memory and the next successful save writes it.
+        """
+        sessions = self._sessions
+        withdrawn: list[str] = []
+        taken: set[int] = set()
+        for batch in formed:
+            del self._batches[batch.id]
+            for sid in batch.session_ids:
+                rec = sessions[sid]
+                rec.state = _QUEUED
+                rec.attempts -= 1
+                taken.add(id(rec))
+                withdrawn.append(sid)
+                self._unsaved[sid] = rec
+        self._by_state[_IN_FLIGHT] -= len(withdrawn)
+        self._by_state[_QUEUED] += len(withdrawn)
+        self._to_front(withdrawn)
+        self._stamps.update(stamps)
+        self._pending[:] = [
+            entry for entry in self._pending if not (entry[3] == "sent" and id(entry[0]) in taken)
+        ]
 
     def _recover(self, snapshot: Snapshot) -> None:
         """Rebuild from a store: in-flight sessions go back to the queue.

@@ -39,10 +39,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
 from . import acks
-from ._errors import InvalidAck, UsageError
+from ._errors import InvalidAck, SessionFSMError, StoreError, UsageError
 from ._log import get_logger
 from .engine import Batch, Engine
 from .machine import Lane
@@ -59,6 +59,7 @@ __all__ = [
     "SyncRelay",
     "SyncRunner",
     "Transport",
+    "means_unavailable",
     "next_delay",
     "run_until_idle",
 ]
@@ -79,7 +80,9 @@ class Transport(Protocol):
     """Sends one batch to the relay and returns its answer.
 
     Raise ``ConnectionError`` (or return ``acks.RelayUnavailable()``) when the
-    relay is not connected: that is never charged to a session. Any other
+    relay is not connected: that is never charged to a session. The errors
+    :func:`means_unavailable` recognises (those of httpx, aiohttp and
+    websockets that mean "not connected") count the same. Any other
     exception is logged and the batch is left to time out. A send that never
     returns is cancelled at the batch's deadline.
     """
@@ -112,6 +115,44 @@ class SyncRelay(Protocol):
     """
 
     def answer(self, batch: Batch, now: float) -> AckResult | Reply | None: ...
+
+
+#: Errors of HTTP and WebSocket client libraries that mean the relay was not
+#: reached (or the connection dropped), by top-level module and class name, so
+#: that recognising them never imports the library. Any class in an error's
+#: MRO counts. Read or protocol errors after the request left are not here:
+#: the relay may have received the batch, and an unanswered batch times out.
+UNAVAILABLE_ERRORS: Final = frozenset(
+    {
+        # httpx: ConnectError, ConnectTimeout (nothing was sent), and a pool
+        # that never gave a connection.
+        ("httpx", "ConnectError"),
+        ("httpx", "ConnectTimeout"),
+        ("httpx", "PoolTimeout"),
+        # aiohttp: every connection error (ClientConnectorError,
+        # ServerDisconnectedError, ClientOSError, ...).
+        ("aiohttp", "ClientConnectionError"),
+        # websockets: the socket is closed, or never opened.
+        ("websockets", "ConnectionClosed"),
+        ("websockets", "InvalidHandshake"),
+    }
+)
+
+
+def means_unavailable(exc: BaseException) -> bool:
+    """Whether an exception from ``Transport.send`` means "the relay is not connected".
+
+    True for ``ConnectionError`` (refused, reset, aborted, broken pipe) and
+    the library errors in :data:`UNAVAILABLE_ERRORS`; such a batch is
+    answered ``RelayUnavailable`` and charged to nobody. Pass your own
+    function as ``Runner(unavailable=...)`` to recognise more.
+    """
+    if isinstance(exc, ConnectionError):
+        return True
+    for cls in type(exc).__mro__:
+        if (cls.__module__.partition(".")[0], cls.__name__) in UNAVAILABLE_ERRORS:
+            return True
+    return False
 
 
 def next_delay(engine: Engine, now: float) -> float:
@@ -157,6 +198,12 @@ class Runner:
     * ``grace_s``: on a requested stop (``stop()``, SIGINT, SIGTERM), how
       long to wait for sends already under way so their answers are not
       wasted. A cancelled ``run()`` does not wait.
+    * ``unavailable``: decides which exceptions from ``send`` mean the relay
+      is not connected (:func:`means_unavailable` by default).
+
+    A save that fails (``StoreError``) while running stops the runner:
+    ``run()`` cancels the sends, closes the store and raises that error,
+    whichever task met it. See docs/faults.md.
 
     Drive it from one event loop; the engine is not thread-safe.
     """
@@ -171,6 +218,7 @@ class Runner:
         sleep: Callable[[float], Awaitable[Any]] | None = None,
         grace_s: float = 5.0,
         log: bool = True,
+        unavailable: Callable[[BaseException], bool] = means_unavailable,
     ) -> None:
         if not isinstance(transport, Transport):
             raise UsageError(f"transport must have an async send(batch), got {transport!r}")
@@ -182,6 +230,11 @@ class Runner:
         self._clock = clock
         self._sleep = sleep if sleep is not None else asyncio.sleep
         self._grace_s = float(grace_s)
+        self._unavailable = unavailable
+        # The first failed save met by any task; run() raises it.
+        self._failure: SessionFSMError | None = None
+        # Set once run() has closed the store: nothing can be saved any more.
+        self._closed = False
         self._log = get_logger(log)
         self._sends: dict[int, tuple[Batch, asyncio.Task[None]]] = {}
         self._wake: asyncio.Event | None = None
@@ -202,17 +255,25 @@ class Runner:
         self._poke()
 
     def enqueue(self, session_id: str, lane: Lane | str = Lane.INCREMENTAL) -> None:
-        """A session is new or changed: enqueue it now and wake the loop."""
+        """A session is new or changed: enqueue it now and wake the loop.
+
+        Safe while the runner stops (it is saved and sent by the next run).
+        Once ``run()`` has closed the store it raises ``UsageError``, in your
+        task: enqueue on the engine of the next run instead.
+        """
+        self._check_open("enqueue")
         self.engine.enqueue(session_id, lane, now=self.now())
         self._poke()
 
     def relay_ready(self) -> None:
         """The relay is ready again: resume sending at once."""
+        self._check_open("relay_ready")
         self.engine.relay_ready(self.now())
         self._poke()
 
     def relay_unavailable(self) -> None:
         """The relay went away: pause sending; nobody is charged."""
+        self._check_open("relay_unavailable")
         self.engine.relay_unavailable(self.now())
         self._poke()
 
@@ -236,7 +297,9 @@ class Runner:
         """
         if self._running:
             raise UsageError("this runner is already running")
+        self._check_open("run")
         self._running = True
+        self._failure = None
         self._stopping = False
         self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -247,12 +310,29 @@ class Runner:
         self._log.info("sessionfsm.runner_started", sessions=len(self.engine))
         try:
             await self._loop(until_idle, max_seconds)
-            await self._drain()
+            if self._failure is None:
+                await self._drain()
         finally:
             await self._shutdown(watcher)
             for sig in signals:
                 loop.remove_signal_handler(sig)
             self._running = False
+        if self._failure is not None:
+            raise self._failure
+
+    def _check_open(self, doing: str) -> None:
+        if self._closed:
+            raise UsageError(
+                f"cannot {doing}: this runner has stopped and closed its store; "
+                "use the engine and store of the next run"
+            )
+
+    def _fail(self, exc: SessionFSMError) -> None:
+        """A save failed in a task other than the loop's: stop, and let run() raise it."""
+        if self._failure is None:
+            self._failure = exc
+            self._log.error("sessionfsm.runner_save_failed", error=str(exc))
+        self.stop()
 
     # -------------------------------------------------------------- internals
 
@@ -280,24 +360,35 @@ class Runner:
         try:
             try:
                 result: AckResult = await self.transport.send(batch)
-            except ConnectionError as exc:
-                # The relay is not there: a transport reason, never a session's.
-                self._log.info("sessionfsm.send_unavailable", batch_id=batch.id, error=str(exc))
-                result = acks.RelayUnavailable()
             except Exception as exc:
-                self.stats["failed"] += 1
-                self._log.error(
-                    "sessionfsm.send_failed", batch_id=batch.id, error=repr(exc), exc_info=True
-                )
-                return  # no answer: the engine times the batch out
+                if not self._is_unavailable(exc):
+                    self.stats["failed"] += 1
+                    self._log.error(
+                        "sessionfsm.send_failed", batch_id=batch.id, error=repr(exc), exc_info=True
+                    )
+                    return  # no answer: the engine times the batch out
+                # The relay is not there: a transport reason, never a session's.
+                self._log.info("sessionfsm.send_unavailable", batch_id=batch.id, error=repr(exc))
+                result = acks.RelayUnavailable()
+            if self._failure is not None or self._closed:
+                return  # stopping for a failed save: the next run resends it
             try:
                 self.engine.on_ack(batch.id, result, self.now())
             except InvalidAck as exc:
                 self.stats["invalid_ack"] += 1
                 self._log.warning("sessionfsm.invalid_ack", batch_id=batch.id, error=str(exc))
+            except StoreError as exc:
+                self._fail(exc)
         finally:
             self._sends.pop(batch.id, None)
             self._poke()
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        try:
+            return bool(self._unavailable(exc))
+        except Exception:  # a broken hook must not turn a send into a crash
+            self._log.error("sessionfsm.unavailable_hook_failed", exc_info=True)
+            return isinstance(exc, ConnectionError)
 
     def _cancel_overdue(self, now: float) -> None:
         # The tick has just timed these batches out; an answer that still
@@ -337,6 +428,8 @@ class Runner:
                     self.relay_ready()
                 else:
                     self.relay_unavailable()
+        except StoreError as exc:
+            self._fail(exc)
         except Exception as exc:
             # Sending goes on without reports: RelayUnavailable acks still pause the link.
             self._log.error("sessionfsm.link_events_failed", error=repr(exc), exc_info=True)
@@ -366,6 +459,7 @@ class Runner:
         )
         if self.store is not None:
             self.store.close()
+            self._closed = True
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
         installed: list[signal.Signals] = []

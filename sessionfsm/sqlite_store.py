@@ -10,7 +10,8 @@ How it writes
 * One ``Delta`` is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): the
   file always holds the state after some whole engine call, never half of one.
   A save that fails rolls back and raises :class:`StoreError`; the engine's
-  memory is then ahead of the file, and its next successful save catches up.
+  memory is then ahead of the file, and its next successful save catches up
+  (a tick takes back the batches it formed; see docs/faults.md).
 * WAL journal mode, ``synchronous=NORMAL`` by default: a killed process loses
   nothing it saved; a power cut may lose the last few transactions (and never
   corrupts the file). ``synchronous="full"`` syncs every commit to disk.
@@ -44,7 +45,18 @@ A missing directory, a read-only file, a database another process holds, a
 file that is not a sessionfsm database (not SQLite, or another application's
 SQLite), or one written by a newer sessionfsm: each raises a
 :class:`StoreError` naming the path and the problem, before anything is
-written. A foreign file is never changed.
+written (the writer's lock is taken before SQLite opens the file, so not even
+retention pruning runs). A foreign file is never changed. A damaged file is a
+``StoreError`` naming it on every read, and a state that breaks an invariant
+is refused on load; :meth:`SqliteStore.verify` lists every problem.
+
+Read-only
+---------
+``readonly=True`` never creates, changes or chowns a file. A database no
+connection has open (no ``-wal`` beside it) or one on a read-only file system
+is read as ``immutable``: no lock, no ``-shm``; the reader re-checks the file
+around each read and reconnects when a writer appears. A live database is
+read with ``mode=ro`` through the writer's own ``-wal`` and ``-shm``.
 
 Schema and migrations
 ---------------------
@@ -57,20 +69,22 @@ in one transaction. A version newer than this code knows is refused.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import os
 import sqlite3
 import stat
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
 from ._errors import (
     NotAStore,
+    SessionFSMError,
     StoreError,
     StoreLocked,
     StoreReadOnly,
@@ -89,6 +103,7 @@ from .machine import (
 )
 from .records import Change, Delta, Snapshot, number_places
 from .store import DEFAULT_RETENTION, KEEP_ALL, HistoryRetention
+from .validation import link_problems, record_problems, snapshot_problems
 from .views import LinkView, SessionView, link_view, session_view
 
 if sys.platform != "win32":
@@ -211,7 +226,8 @@ _LINK_STATES: Final = {s.value: s for s in LinkState}
 _SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
 
 # Primary result codes (the low byte of ``sqlite3.Error.sqlite_errorcode``).
-_BUSY, _LOCKED, _READONLY, _NOTADB = 5, 6, 8, 26
+_BUSY, _LOCKED, _READONLY, _CORRUPT, _NOTADB = 5, 6, 8, 11, 26
+_T = TypeVar("_T")
 
 
 class SqliteStore:
@@ -227,8 +243,10 @@ class SqliteStore:
     against a power cut, at the cost of a disk sync per call).
 
     Only one writable store may hold a file at a time (a lock file next to it,
-    ``<path>-lock``, says which process; POSIX only). Not thread-safe: use it
-    from one thread at a time, like the engine.
+    ``<path>-lock``, says which process, and is removed on a clean close;
+    POSIX only). A read-only store writes nothing at all, so another OS user
+    can read a service's database (see the module notes). Not thread-safe:
+    use it from one thread at a time, like the engine.
     """
 
     def __init__(
@@ -256,21 +274,23 @@ class SqliteStore:
         self._since_prune = 0
         self._fresh = False  # no file yet, or an empty one: nothing to lose
         self._opened = False  # recognised as ours and set up
+        self._synchronous = _SYNCHRONOUS[synchronous]
+        # A read-only store on a file no connection has open (no WAL next to
+        # it) reads it as immutable: no lock, no -shm, no -wal, so a reader
+        # that cannot write the directory still reads, and never leaves files
+        # another user's service then cannot write. It re-checks the file
+        # around every read and reconnects once a writer appears.
+        self._immutable = False
+        self._signature: tuple[int, ...] | None = None
+        self._conn: sqlite3.Connection | None = None
         self._check_path()
-        mode = "ro" if readonly else "rwc"
         try:
-            conn = sqlite3.connect(
-                f"{self.path.absolute().as_uri()}?mode={mode}",
-                uri=True,
-                timeout=self._timeout,
-                isolation_level=None,  # we BEGIN and COMMIT ourselves
-                check_same_thread=False,
-            )
-        except sqlite3.Error as exc:
-            raise self._error("open", exc) from exc
-        self._conn: sqlite3.Connection | None = conn
-        try:
-            self._open(conn, _SYNCHRONOUS[synchronous])
+            if not readonly:
+                # Before SQLite touches the file: a store that is refused
+                # (another writer holds it) has written nothing, not even a
+                # pruned history row or a PRAGMA.
+                self._claim()
+            self._connect()
         except BaseException:
             self.close()
             raise
@@ -290,26 +310,43 @@ class SqliteStore:
     def load(self) -> Snapshot | None:
         """Everything saved, sessions in queue order; None for a new database.
 
-        One SELECT per table, in one read transaction.
+        One SELECT per table, in one read transaction. A state that breaks an
+        invariant is refused with ``StoreError`` naming the session and the
+        rule, never handed to an engine (:meth:`verify` lists every problem).
         """
-        conn = self._live()
+        snapshot = self._read(self._load)
+        if snapshot is None:
+            return None
+        head = snapshot_problems(
+            Snapshot(
+                sessions=[],
+                link=snapshot.link,
+                stamps=snapshot.stamps,
+                next_batch_id=snapshot.next_batch_id,
+                now=snapshot.now,
+            )
+        )
+        problems = head  # the sessions were checked as they were read (_records)
+        if problems:
+            raise StoreError(
+                f"store {self._where} is damaged: {problems[0]}; nothing was loaded "
+                f"(`sessionfsm doctor --db {os.fspath(self.path)}` lists every problem)"
+            )
+        return snapshot
+
+    def _load(self, conn: sqlite3.Connection, check: bool = True) -> Snapshot | None:
+        conn.execute("BEGIN")
         try:
-            conn.execute("BEGIN")
-            try:
-                row = self._engine_row(conn)
-                if row[0] is None:
-                    return None
-                stamps = dict(conn.execute("SELECT name, stamped_at FROM lane").fetchall())
-                # Sorting in Python is about twice as fast as ORDER BY here.
-                rows = conn.execute(_SELECT_FOR_LOAD).fetchall()
-                rows.sort(key=_by_position)
-                sessions = _records(rows)
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise self._error("read", exc) from exc
-        except KeyError as exc:
-            raise StoreError(f"store {self._where} is damaged: unknown value {exc}") from None
+            row = self._engine_row(conn)
+            if row[0] is None:
+                return None
+            stamps = dict(conn.execute("SELECT name, stamped_at FROM lane").fetchall())
+            # Sorting in Python is about twice as fast as ORDER BY here.
+            rows = conn.execute(_SELECT_FOR_LOAD).fetchall()
+            rows.sort(key=_by_position)
+            sessions = self._decode(rows, check)
+        finally:
+            _rollback(conn)
         now, next_batch_id, link_state, failures, resume_at, _, _ = row
         return Snapshot(
             sessions=sessions,
@@ -318,6 +355,38 @@ class SqliteStore:
             next_batch_id=next_batch_id,
             now=now,
         )
+
+    def verify(self) -> list[str]:
+        """Check the file and the state in it; you get every problem found (empty if none).
+
+        It runs SQLite's ``integrity_check``, then the rules :meth:`load`
+        enforces on every session, then loads the state into an engine and
+        runs ``Engine.check()``. Nothing is written. Reading a large database
+        takes a few seconds; ``sessionfsm doctor --db PATH`` runs it.
+        """
+        try:
+            checked = self._query("PRAGMA integrity_check", ())
+        except StoreError as exc:
+            checked = [(str(exc),)]
+        problems = [f"sqlite: {message}" for (message,) in checked if message != "ok"]
+        try:
+            snapshot = self._read(lambda conn: self._load(conn, check=False))
+        except StoreError as exc:
+            return [*problems, str(exc)]
+        if snapshot is None:
+            return problems
+        found = snapshot_problems(snapshot)
+        problems.extend(found)
+        if not found:
+            from .engine import Engine  # the engine imports stores, not the reverse
+
+            try:
+                Engine(store=_Loaded(snapshot), log=False).check()
+            except AssertionError as exc:
+                problems.append(f"engine: {exc}")
+            except SessionFSMError as exc:
+                problems.append(f"engine: {exc}")
+        return problems
 
     def save(self, delta: Delta) -> None:
         """Write one engine call's changes in one transaction, or raise ``StoreError``."""
@@ -388,7 +457,11 @@ class SqliteStore:
         self._since_prune = 0 if prune else self._since_prune + len(changes)
 
     def close(self) -> None:
-        """Close the database and release the file. Any later call raises ``StoreError``."""
+        """Close the database and release the file. Any later call raises ``StoreError``.
+
+        A writable store also removes its lock file: a clean close leaves
+        only the database behind.
+        """
         conn, self._conn = self._conn, None
         if conn is not None:
             # Never on a file that was refused: it may be another application's.
@@ -398,6 +471,13 @@ class SqliteStore:
             conn.close()
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
+            # Unlinked while still held, and only if it is still ours: a
+            # process that opened it meanwhile finds it gone after its flock
+            # and opens a new one (see _claim).
+            lock_path = self._lock_path()
+            with contextlib.suppress(OSError):
+                if _same_file(fd, lock_path):
+                    os.unlink(lock_path)
             os.close(fd)  # releases the lock
 
     # --------------------------------------------------------- maintenance
@@ -441,6 +521,8 @@ class SqliteStore:
             params = (session_id, limit)
         rows = self._query(sql, params)
         states = _STATES
+        if not all(type(row[0]) is str and type(row[3]) is str for row in rows):
+            raise StoreError(f"store {self._where} is damaged: a history row is malformed")
         return [
             Change(
                 session_id=sid,
@@ -484,18 +566,32 @@ class SqliteStore:
         """How many sessions are in each state as last saved (every state present)."""
         counts = dict.fromkeys(SessionState, 0)
         for state, n in self._query("SELECT state, count(*) FROM session GROUP BY state", ()):
+            if state not in _STATES:
+                raise StoreError(f"store {self._where} is damaged: unknown state {state!r}")
             counts[_STATES[state]] = n
         return counts
 
     def link(self) -> LinkView:
         """The relay link as last saved."""
-        row = self._query(_SELECT_ENGINE, ())[0]
-        return link_view(_link_record(self._where, row[2], row[3], row[4]))
+        row = self._engine_query()
+        link = _link_record(self._where, row[2], row[3], row[4])
+        problems = link_problems(link)
+        if problems:
+            raise StoreError(f"store {self._where} is damaged: {problems[0]}")
+        return link_view(link)
 
     def now(self) -> float | None:
         """The engine clock when last saved, or None for a new database."""
-        now: float | None = self._query(_SELECT_ENGINE, ())[0][0]
+        now = self._engine_query()[0]
+        if now is not None and not isinstance(now, float):
+            raise StoreError(f"store {self._where} is damaged: engine clock {now!r}")
         return now
+
+    def _engine_query(self) -> Any:
+        rows = self._query(_SELECT_ENGINE, ())
+        if not rows:
+            raise StoreError(f"store {self._where} is damaged: its engine row is missing")
+        return rows[0]
 
     # ------------------------------------------------------------ internals
 
@@ -615,7 +711,6 @@ class SqliteStore:
             if self.readonly:
                 conn.execute("PRAGMA query_only = ON")
             else:
-                self._claim()
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode != "wal":
                     raise StoreError(f"cannot open store {where}: WAL mode refused ({mode})")
@@ -630,27 +725,36 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
 
+    def _lock_path(self) -> str:
+        return f"{os.fspath(self.path)}-lock"
+
     def _claim(self) -> None:
         """Hold ``<path>-lock`` for as long as the store is open (one writer per file)."""
         if sys.platform == "win32":  # pragma: no cover
             return
-        lock_path = f"{os.fspath(self.path)}-lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot open store {self._where}: cannot open its lock file {lock_path!r}: "
-                f"{exc.strerror}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        lock_path = self._lock_path()
+        while True:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot open store {self._where}: cannot open its lock file "
+                    f"{lock_path!r}: {exc.strerror}"
+                ) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise StoreLocked(
+                    f"cannot open store {self._where}: another store holds it for writing "
+                    f"(pid {holder}); close that one first, or pass readonly=True to inspect it"
+                ) from None
+            if _same_file(fd, lock_path):
+                break
+            # Its holder closed and removed it between our open and our
+            # flock: this lock guards nothing any more; take the new file.
             os.close(fd)
-            raise StoreLocked(
-                f"cannot open store {self._where}: another store holds it for writing "
-                f"(pid {holder}); close that one first, or pass readonly=True to inspect it"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -678,16 +782,84 @@ class SqliteStore:
         return self._conn
 
     def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
-        try:
-            return self._live().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise self._error("read", exc) from exc
+        return self._read(lambda conn: conn.execute(sql, params).fetchall())
 
-    def _decode(self, rows: Iterable[Any]) -> list[SessionRecord]:
+    def _read(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run one read, mapping every failure of a damaged file to ``StoreError``.
+
+        An immutable reader checks the file did not change under it (a writer
+        appeared, or checkpointed); if it did, it reconnects and reads again.
+        """
+        for _ in range(5):
+            conn = self._live()
+            if self._immutable and self._file_signature() != self._signature:
+                self._reconnect()
+                continue
+            try:
+                result = read(conn)
+            except sqlite3.Error as exc:
+                if self._immutable and self._file_signature() != self._signature:
+                    continue
+                raise self._error("read", exc) from exc
+            except MemoryError:
+                # SQLite reports some damaged pages as out of memory.
+                raise StoreError(
+                    f"cannot read store {self._where}: it is damaged (SQLite ran out of memory "
+                    "decoding a page); `sessionfsm doctor` checks it"
+                ) from None
+            if not self._immutable or self._file_signature() == self._signature:
+                return result
+        raise StoreLocked(f"cannot read store {self._where}: it kept changing while being read")
+
+    def _file_signature(self) -> tuple[int, ...]:
+        """What changes when a writer touches the file: its WAL, size and times."""
         try:
-            return _records(rows)
+            info = os.stat(self.path)
+        except OSError:
+            return ()
+        wal = os.path.exists(f"{os.fspath(self.path)}-wal")
+        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, wal)
+
+    def _connect(self) -> None:
+        """Open the connection: read-write, read-only, or read-only and immutable."""
+        if self.readonly:
+            self._signature = self._file_signature()
+            wal = bool(self._signature and self._signature[-1])
+            self._immutable = not wal or _on_read_only_fs(self.path)
+            mode = "ro&immutable=1" if self._immutable else "ro"
+        else:
+            mode = "rwc"
+        try:
+            conn = sqlite3.connect(
+                f"{self.path.absolute().as_uri()}?mode={mode}",
+                uri=True,
+                timeout=self._timeout,
+                isolation_level=None,  # we BEGIN and COMMIT ourselves
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._error("open", exc) from exc
+        self._conn = conn
+        self._open(conn, self._synchronous)
+
+    def _reconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        self._connect()
+
+    def _decode(self, rows: Iterable[Any], check: bool = True) -> list[SessionRecord]:
+        try:
+            return _records(rows, check)
+        except _Damaged as exc:
+            raise StoreError(
+                f"store {self._where} is damaged: {exc}; nothing was loaded "
+                f"(`sessionfsm doctor --db {os.fspath(self.path)}` lists every problem)"
+            ) from None
         except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"store {self._where} is damaged: bad session row ({exc})") from None
+            raise StoreError(
+                f"store {self._where} is damaged: bad session row (unknown value {exc})"
+            ) from None
 
     def _error(self, doing: str, exc: sqlite3.Error) -> StoreError:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
@@ -700,13 +872,52 @@ class SqliteStore:
         if code == _READONLY:
             if self.readonly:
                 return StoreReadOnly(
-                    f"cannot {doing} store {where} read-only: an interrupted write must be "
-                    f"recovered first; open it once without readonly=True ({exc})"
+                    f"cannot {doing} store {where} read-only: the process writing it stopped "
+                    "without closing it, and only a writer can recover its last changes; start "
+                    f"the service, or open it once for writing as the file's owner ({exc})"
                 )
             return StoreReadOnly(f"cannot {doing} store {where}: the database is read-only ({exc})")
         if code == _NOTADB:
             return NotAStore(f"cannot {doing} store {where}: it is not a SQLite database")
+        if code == _CORRUPT:
+            return StoreError(
+                f"cannot {doing} store {where}: it is damaged ({exc}); `sessionfsm doctor` "
+                "checks it"
+            )
         return StoreError(f"cannot {doing} store {where}: {exc}")
+
+
+class _Loaded:
+    """A store that hands out one snapshot and keeps nothing: for verify()."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def load(self) -> Snapshot:
+        return self._snapshot
+
+    def save(self, delta: Delta) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open ``fd`` is still the file at ``path``."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _on_read_only_fs(path: Path) -> bool:
+    """Whether the file sits on a file system mounted read-only: nobody can write it."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
+        return False
 
 
 def _inspect(conn: sqlite3.Connection) -> tuple[int, int, list[str]]:
@@ -724,26 +935,63 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _records(rows: Iterable[Any]) -> list[SessionRecord]:
+class _Damaged(ValueError):
+    """A row breaks a rule of :mod:`sessionfsm.validation`; the message says which."""
+
+
+def _records(rows: Iterable[Any], check: bool = True) -> list[SessionRecord]:
     """Rows of ``_SELECT_SESSIONS`` as records (a trailing position is ignored):
-    the hot loop of a recovery."""
+    the hot loop of a recovery.
+
+    It screens each row on the columns it already holds, which costs far less
+    than a second pass; a row the screen flags is checked in full by
+    :func:`~sessionfsm.validation.record_problems` and, if it breaks a rule,
+    refused with ``_Damaged``. ``check=False`` reads rows as they are, for
+    :meth:`SqliteStore.verify` to report every problem.
+    """
     states, lanes, zero, make = _STATES, _LANES, ZERO_COUNTS, SessionRecord
+    backoff, dead, synced = SessionState.BACKOFF, SessionState.DEAD_LETTERED, SessionState.SYNCED
+    inf = math.inf
     out: list[SessionRecord] = []
     append = out.append
     for sid, state, lane, c0, c1, c2, retry_at, dirty, attempts, reason, at, *_ in rows:
-        append(
-            make(
-                sid,
-                states[state],
-                lanes[lane],
-                (c0, c1, c2) if c0 or c1 or c2 else zero,
-                retry_at,
-                dirty == 1,
-                attempts,
-                reason,
-                at,
-            )
+        st = states[state]
+        rec = make(
+            sid,
+            st,
+            lanes[lane],
+            (c0, c1, c2) if c0 or c1 or c2 else zero,
+            retry_at,
+            dirty == 1,
+            attempts,
+            reason,
+            at,
         )
+        if check and (
+            type(attempts) is not int
+            or attempts < 0
+            or (retry_at is None) == (st is backoff)
+            or (reason is None) == (st is dead)
+            or (
+                (c0 or c1 or c2)
+                and (
+                    st is dead
+                    or st is synced
+                    or not (type(c0) is int and type(c1) is int and type(c2) is int)
+                    or c0 < 0
+                    or c1 < 0
+                    or c2 < 0
+                )
+            )
+            or (retry_at is not None and not -inf < retry_at < inf)
+            or (st is dead and at is None)
+            or type(sid) is not str
+            or not sid
+        ):
+            problems = record_problems(rec)
+            if problems:
+                raise _Damaged(problems[0])
+        append(rec)
     return out
 
 

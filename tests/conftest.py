@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from sessionfsm import Batch, Engine, MemoryStore, Policy, SqliteStore, Store
+from sessionfsm import Batch, Engine, MemoryStore, Policy, SqliteStore, Store, StoreError
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
 
 settings.register_profile(
@@ -220,3 +221,234 @@ def checked_two_sessions() -> Any:
     from sessionfsm.tools.check import explore
 
     return explore(sessions=2)
+
+
+# ------------------------------------------------------------ faulty stores
+
+
+class FailingStore:
+    """A store wrapper that makes chosen saves fail, the way real ones do.
+
+    ``fail_next(kind)`` makes the next save fail: ``"locked"`` holds the
+    database's write lock from a second connection (a real ``StoreLocked``;
+    open the inner ``SqliteStore`` with ``timeout=0``), ``"full"`` makes the
+    transaction fail half-way, after its session and history rows, as a disk
+    filling up does (SQLite rolls it back), ``"io"`` raises ``StoreError`` before
+    anything is written (an I/O error SQLite cannot be made to produce here).
+    """
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self._next: str | None = None
+        self.saves = 0
+        self.failures = 0
+
+    def fail_next(self, kind: str | None) -> None:
+        """Make the next save fail this way (None: the next save succeeds)."""
+        assert kind in (None, "locked", "full", "io")
+        self._next = kind
+
+    def load(self) -> Any:
+        return self.inner.load()
+
+    def save(self, delta: Any) -> None:
+        kind, self._next = self._next, None
+        if kind is None:
+            self.inner.save(delta)
+            self.saves += 1
+            return
+        self.failures += 1
+        inner = self.inner
+        if kind == "io" or not isinstance(inner, SqliteStore):
+            raise StoreError(f"injected I/O error saving to {inner!r}")
+        if kind == "locked":
+            other = sqlite3.connect(inner.path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                inner.save(delta)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+        else:
+            # The engine row is written last, after every session and history
+            # row of the save: failing there leaves a half-written transaction
+            # for the store to roll back, as a disk that fills up mid-way does.
+            conn = inner._conn
+            assert conn is not None
+            conn.execute(
+                "CREATE TEMP TRIGGER disk_full BEFORE UPDATE ON main.engine "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+            try:
+                inner.save(delta)
+            finally:
+                conn.execute("DROP TRIGGER temp.disk_full")
+        raise AssertionError(f"the injected {kind!r} fault did not make the save fail")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# ------------------------------------------------- processes and other users
+
+
+def filled_store(path: Path, *, sessions: int = 60, rounds: int = 4) -> None:
+    """A closed store at ``path`` with history, backoffs and dead letters."""
+    from sessionfsm import acks
+
+    with SqliteStore(path, history_retention=None) as store:
+        engine = Engine(SMALL_POLICY, store=store, rng=random.Random(1), log=False)
+        for i in range(sessions):
+            engine.enqueue(f"s{i:03d}", now=float(i))
+        t = 100.0
+        for r in range(rounds):
+            for batch in engine.tick(t):
+                ack = (acks.Ok(), acks.RateLimited(), acks.PayloadTooLarge())[(batch.id + r) % 3]
+                engine.on_ack(batch.id, ack, t)
+            t += 100.0
+
+
+class HeldStore:
+    """A second process that opens a store for writing and holds it until stopped."""
+
+    def __init__(self, path: Path) -> None:
+        import subprocess
+        import sys
+
+        code = (
+            "import sys; from sessionfsm import SqliteStore\n"
+            f"s = SqliteStore({str(path)!r}, history_retention=None)\n"
+            "print('ready', flush=True); sys.stdin.readline(); s.close()\n"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def held_store() -> Iterator[Callable[[Path], HeldStore]]:
+    """``held_store(path)``: another process holding the store at ``path`` for writing."""
+    held: list[HeldStore] = []
+
+    def hold(path: Path) -> HeldStore:
+        held.append(HeldStore(path))
+        return held[-1]
+
+    yield hold
+    for h in held:
+        if h.proc.poll() is None:
+            h.stop()
+
+
+def _must_have(what: str) -> None:
+    """Skip a test whose component is missing, or fail it under CI=true."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI requires {what}")
+    pytest.skip(f"needs {what}")
+
+
+OTHER_USER = "sessionfsm-reader"
+
+
+@pytest.fixture(scope="session")
+def other_user() -> tuple[int, int]:
+    """A second OS user (uid, gid), created once with useradd; needs root."""
+    import pwd
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None:
+        _must_have("root, useradd and setpriv to act as a second OS user")
+    try:
+        entry = pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
+            check=True,
+        )
+        entry = pwd.getpwnam(OTHER_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+@pytest.fixture
+def as_other_user(other_user: tuple[int, int]) -> Callable[..., Any]:
+    """``as_other_user(*args)`` runs ``python -m sessionfsm *args`` as the second user."""
+    import subprocess
+    import sys
+
+    uid, gid = other_user
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/"}
+        return subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={gid}",
+                "--clear-groups",
+                "--",
+                sys.executable,
+                "-m",
+                "sessionfsm",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            timeout=120,
+            check=False,
+        )
+
+    return run
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Callable[[int], Path]]:
+    """``shared_dir(mode)``: a root-owned directory outside pytest's private tmp
+    (which other users cannot enter), e.g. 0o755 (others read only) or 0o1777."""
+    import shutil
+    import tempfile
+
+    made: list[Path] = []
+
+    def make(mode: int) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="sessionfsm-shared-", dir="/tmp"))
+        path.chmod(mode)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """A tmpfs mounted at ``tmp_path / "ro"``; calling the fixture's value
+    remounts it read-only. Unmounted afterwards. Needs root and mount."""
+    import subprocess
+
+    where = tmp_path / "ro"
+    where.mkdir()
+    if os.geteuid() != 0:
+        _must_have("root to mount a tmpfs")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        _must_have(f"permission to mount a tmpfs ({done.stderr.decode().strip()})")
+
+    def remount_read_only() -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+
+    yield remount_read_only
+    subprocess.run(["umount", "-l", str(where)], check=False)

@@ -140,3 +140,50 @@ store_kinds = st.sampled_from(["memory", "sqlite"])
 operations_with_restarts: st.SearchStrategy[tuple[Any, ...]] = st.integers(0, 3).flatmap(
     lambda i: st.just(("restart",)) if i == 0 else operations
 )
+
+
+# --------------------------------------------------------- hostile inputs
+
+#: Anything a caller or a wire might hand a decoder: bytes, text (lone
+#: surrogates included), JSON-ish nesting, and arbitrary Python objects.
+hostile_wire = st.one_of(
+    st.binary(max_size=200),
+    st.text(st.characters(codec=None), max_size=80),
+    st.text(st.sampled_from('{}[]":,0123456789.eE-+ntrufalsyp\\'), max_size=120),
+    st.integers(1, 3000).map(lambda n: '{"type":"Ok","x":' + "[" * n + "]" * n + "}"),
+    st.integers(1, 3000).map(lambda n: b'{"batch_id":1,"ack":' + b"[" * n + b"]" * n + b"}"),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+        max_leaves=10,
+    ),
+    st.builds(object),
+    st.just(memoryview(b'{"type":"Ok"}')),
+    st.just(bytearray(b'{"batch_id":1,"ack":{"type":"Ok"}}')),
+)
+
+#: Anything a caller might pass as an ack, a batch id or a message.
+hostile_objects = st.one_of(
+    hostile_wire,
+    st.dictionaries(st.text(max_size=4) | st.integers(), hostile_wire, max_size=3),
+    st.sampled_from([acks.Ok(), acks.RateLimited(retry_after_s=-1.0), acks.AckTimeout()]),
+    st.floats(),
+    st.lists(st.integers(), max_size=3),
+)
+
+
+#: One public call for the fault test, and the fault (if any) its save meets:
+#: ("enqueue", sid, lane) ("tick", dt) ("ack", pick, ack) ("acks", pick, ack)
+#: ("redrive", pick) ("redrive_all",) ("ready",) ("unavailable",).
+faults = st.sampled_from([None, None, None, "locked", "full", "io"])
+fault_calls = st.one_of(
+    st.tuples(st.just("enqueue"), session_ids, lanes),
+    st.tuples(st.just("tick"), st.sampled_from([0.0, 1.0, 5.0, 10.0, 25.0, 60.0])),
+    st.tuples(st.just("ack"), st.integers(0, 3), any_ack),
+    st.tuples(st.just("acks"), st.integers(0, 3), any_ack),
+    st.tuples(st.just("redrive"), st.integers(0, 5)),
+    st.tuples(st.just("redrive_all")),
+    st.tuples(st.just("ready")),
+    st.tuples(st.just("unavailable")),
+)
+fault_scripts = st.lists(st.tuples(fault_calls, faults), min_size=1, max_size=40)

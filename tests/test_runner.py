@@ -21,12 +21,14 @@ from sessionfsm.runner import (
     Reply,
     Runner,
     SyncRunner,
+    means_unavailable,
     next_delay,
     run_until_idle,
 )
 from sessionfsm.sqlite_store import SqliteStore
 from sessionfsm.store import MemoryStore
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
+from tests.conftest import FailingStore
 
 
 class _Transport:
@@ -623,3 +625,168 @@ def test_runner_module_never_imports_testing() -> None:
         for line in source.splitlines()
         if line.startswith(("from ", "import "))
     ]
+
+
+# ------------------------------------------------------- the runner under faults
+
+
+def _error_class(module: str, name: str, *bases: type) -> type[Exception]:
+    """An exception class that looks like a client library's, without importing it."""
+    cls = type(name, bases or (Exception,), {})
+    cls.__module__ = module
+    return cls
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "bases", "expected"),
+    [
+        ("httpx._exceptions", "ConnectError", (), True),
+        ("httpx._exceptions", "ConnectTimeout", (), True),
+        ("httpx._exceptions", "ReadTimeout", (), False),
+        ("aiohttp.client_exceptions", "ClientConnectionError", (), True),
+        ("websockets.exceptions", "ConnectionClosed", (), True),
+        ("mylib", "ConnectError", (), False),
+        ("mylib", "Refused", (ConnectionRefusedError,), True),
+        ("mylib", "Broken", (OSError,), False),
+    ],
+)
+def test_means_unavailable_recognises_not_connected_by_name_and_ancestry(
+    module: str, name: str, bases: tuple[type, ...], expected: bool
+) -> None:
+    """Library errors meaning "not connected" are recognised without importing the library."""
+    assert means_unavailable(_error_class(module, name, *bases)("x")) is expected
+
+
+def test_a_subclass_of_a_recognised_library_error_also_counts() -> None:
+    """aiohttp's ClientConnectorError derives from ClientConnectionError: it counts too."""
+    base = _error_class("aiohttp.client_exceptions", "ClientConnectionError")
+    derived = _error_class("aiohttp.client_exceptions", "ClientConnectorError", base, OSError)
+    assert means_unavailable(derived("refused"))
+
+
+def test_a_library_connection_error_is_never_charged(small_policy: Policy) -> None:
+    """A transport leaking an httpx-style ConnectError gets RelayUnavailable: nobody is charged."""
+
+    async def main() -> None:
+        connect_error = _error_class("httpx._exceptions", "ConnectError")
+        engine = Engine(small_policy, rng=random.Random(0), log=False)
+        engine.enqueue("s1", now=0.0)
+        clock = FakeClock()
+        calls = 0
+
+        def answer(batch: Batch) -> AckResult:
+            nonlocal calls
+            calls += 1
+            if calls <= 3:
+                raise connect_error("connection refused")
+            return acks.Ok()
+
+        runner = _runner(engine, _Transport(answer), clock)
+        await runner.run(until_idle=True, max_seconds=3_600)
+        assert engine.state("s1") is SessionState.SYNCED
+        assert calls == 4
+        assert runner.stats["failed"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_custom_unavailable_hook_decides(small_policy: Policy) -> None:
+    """Runner(unavailable=...) maps a transport's own error to RelayUnavailable."""
+
+    async def main() -> None:
+
+        class Offline(Exception):
+            pass
+
+        engine = Engine(small_policy, rng=random.Random(0), log=False)
+        engine.enqueue("s1", now=0.0)
+        clock = FakeClock()
+        seen: list[str] = []
+
+        def answer(batch: Batch) -> AckResult:
+            if not seen:
+                seen.append("offline")
+                raise Offline
+            return acks.Ok()
+
+        runner = _runner(
+            engine, _Transport(answer), clock, unavailable=lambda exc: isinstance(exc, Offline)
+        )
+        await runner.run(until_idle=True, max_seconds=3_600)
+        assert engine.state("s1") is SessionState.SYNCED
+        assert engine.session("s1").counts == {}
+
+    asyncio.run(main())
+
+
+def test_a_failed_save_while_applying_an_answer_stops_run_with_that_error(
+    small_policy: Policy, db_path: Path
+) -> None:
+    """StoreError in a send task ends run() with it, leaves no unretrieved task error,
+    closes the store, and the file charges nobody."""
+
+    async def main() -> None:
+        store = FailingStore(SqliteStore(db_path, timeout=0))
+        engine = Engine(small_policy, store=store, rng=random.Random(0), log=False)
+        _enqueue(engine, 3)
+        clock = FakeClock()
+        unhandled: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unhandled.append(ctx))
+
+        async def answer(batch: Batch) -> AckResult:
+            store.fail_next("locked")  # the save of this answer fails
+            return acks.Ok()
+
+        runner = _runner(engine, _Transport(answer), clock, store=store)
+        with pytest.raises(StoreError, match="locked"):
+            await runner.run(until_idle=True, max_seconds=3_600)
+        import gc
+
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unhandled == []
+        with pytest.raises(StoreError, match="closed"):
+            store.inner.load()
+        with SqliteStore(db_path) as reopened:
+            recovered = Engine(small_policy, store=reopened, log=False)
+            assert all(not view.counts for view in recovered.sessions())
+            assert recovered.counts()[SessionState.QUEUED] == 3
+
+    asyncio.run(main())
+
+
+def test_enqueue_while_the_runner_shuts_down_is_saved_or_refused_in_the_callers_task(
+    small_policy: Policy, db_path: Path
+) -> None:
+    """A change feed enqueuing across a stop gets its sessions saved, then a UsageError
+    in its own task once the store is closed; run() itself ends cleanly."""
+
+    async def main() -> None:
+        store = SqliteStore(db_path)
+        engine = Engine(small_policy, store=store, rng=random.Random(0), log=False)
+        clock = FakeClock()
+        runner = _runner(engine, _Transport(), clock, store=store)
+        accepted: list[str] = []
+
+        async def feed() -> None:
+            for i in range(10_000):
+                runner.enqueue(f"feed{i}")
+                accepted.append(f"feed{i}")
+                await asyncio.sleep(0)
+
+        async def stop_soon() -> None:
+            for _ in range(20):
+                await asyncio.sleep(0)
+            runner.stop()
+
+        feeder = asyncio.create_task(feed())
+        stopper = asyncio.create_task(stop_soon())
+        await runner.run()
+        await stopper
+        with pytest.raises(UsageError, match="stopped and closed its store"):
+            await feeder
+        assert accepted
+        with SqliteStore(db_path) as reopened:
+            assert len(Engine(small_policy, store=reopened, log=False)) == len(accepted)
+
+    asyncio.run(main())

@@ -282,6 +282,9 @@ _CONSTANT: Final = (
 _SHARED: Final = frozenset(_CONSTANT) | frozenset(
     {
         "_pending",
+        # Empty between calls without a store (it holds records only after a
+        # failed save), like _pending.
+        "_unsaved",
         "_link_changed",
         "_next_batch_id",
         "_now",

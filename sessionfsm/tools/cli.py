@@ -413,5 +413,22 @@ def redrive(
         click.echo(sid)
 
 
+@main.command()
+@_db_option
+def doctor(db: Path) -> None:
+    """Check a database: SQLite's integrity check, then every session against the invariants.
+
+    Read-only, safe while a service writes. Exits 1 and lists each problem if any.
+    """
+    with SqliteStore(db, readonly=True) as store:  # integrity_check is SQLite's own
+        problems = store.verify()
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        click.echo(f"{db}: {len(problems)} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo(f"{db}: ok")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
