@@ -24,6 +24,7 @@ from ._errors import (
     UsageError,
 )
 from .engine import Batch, Engine, LinkView, SessionView
+from .listeners import BatchEvent, Listener, Report
 from .machine import Lane, LinkState, SessionState
 from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
 from .runner import LinkEvent, LinkReporter, Runner, SyncRunner, Transport, run_until_idle
@@ -32,6 +33,7 @@ from .store import Change, Delta, HistoryRetention, MemoryStore, Snapshot, Store
 
 __all__ = [
     "Batch",
+    "BatchEvent",
     "Change",
     "Delta",
     "Engine",
@@ -45,11 +47,13 @@ __all__ = [
     "LinkReporter",
     "LinkState",
     "LinkView",
+    "Listener",
     "MemoryStore",
     "NotAStore",
     "Policy",
     "ReasonPolicy",
     "RemoteError",
+    "Report",
     "Runner",
     "SessionFSMError",
     "SessionState",

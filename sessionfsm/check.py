@@ -287,6 +287,10 @@ _SHARED: Final = frozenset(_CONSTANT) | frozenset(
         "_link_losses",
         "_redrive_per_tick",
         "_redrive_last",
+        # What only listeners fill, empty between calls; a clone has none.
+        "_listeners",
+        "_batch_events",
+        "_link_before",
     }
 )
 _IMMUTABLE: Final = (int, float, str, type(None), tuple, frozenset)
@@ -309,6 +313,8 @@ def clone_engine(engine: Engine) -> Engine:
     state = new.__dict__
     state.update(old)
     state["_pending"] = []
+    state["_listeners"] = ()
+    state["_batch_events"] = []
     state["_sessions"] = {sid: rec.__copy__() for sid, rec in old["_sessions"].items()}
     state["_ready"] = {lane: deque(q) for lane, q in old["_ready"].items()}
     state["_batches"] = {bid: _dup_batch(ob) for bid, ob in old["_batches"].items()}

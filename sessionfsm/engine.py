@@ -9,7 +9,8 @@ snapshot -> change -> react):
 2. fire the declared transition through the runtime (:mod:`sessionfsm.machine`
    says what it does);
 3. queue the difference; at the end of the call ``_commit`` hands all of it to
-   the logger and the store in one place.
+   the logger, the store and the listeners (:mod:`sessionfsm.listeners`) in
+   one place.
 
 Who is ready, cheaply
 ---------------------
@@ -43,6 +44,7 @@ import msgspec
 from . import acks
 from ._errors import InvalidAck, TransitionNotAllowed, UnknownSession, UsageError
 from ._log import get_logger
+from .listeners import BatchEvent, Listener, Report
 from .machine import (
     ACK_EVENTS,
     CHARGED_REASONS,
@@ -104,6 +106,8 @@ class Engine:
     for reproducible runs), and ``log=False`` to skip logging entirely.
     ``runtime="reference"`` drives real python-statemachine instances instead
     of the compiled table; it is for tests and benchmarks only.
+    ``listeners`` are subscribed once the engine has recovered (see
+    :meth:`subscribe`).
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class Engine:
         rng: random.Random | None = None,
         log: bool = True,
         runtime: str = "compiled",
+        listeners: Iterable[Listener] = (),
     ) -> None:
         self.policy = policy if policy is not None else Policy()
         if not isinstance(self.policy, Policy):
@@ -169,11 +174,19 @@ class Engine:
         self._redrive: dict[str, None] = {}
         self._redrive_per_tick = 0
         self._redrive_last: float | None = None
+        # Listeners, and what only they need from a call: the batch events
+        # and the link as it was before its first change. Kept empty when
+        # nobody listens, so that costs nothing then.
+        self._listeners: tuple[Listener, ...] = ()
+        self._batch_events: list[BatchEvent] = []
+        self._link_before: LinkView | None = None
         self._store = store
         if store is not None:
             snapshot = store.load()
             if snapshot is not None:
                 self._recover(snapshot)
+        for listener in listeners:
+            self.subscribe(listener)
 
     # ------------------------------------------------------------------ input
 
@@ -308,6 +321,17 @@ class Engine:
             else:
                 answered = True
         self._to_front(requeued)
+        if self._listeners and (answered or unavailable):
+            batch = open_batch.batch
+            self._batch_events.append(
+                BatchEvent(
+                    event="answered" if answered else "bounced",
+                    batch_id=batch_id,
+                    lane=batch.lane,
+                    sessions=len(self._pending) - start,
+                    latency_s=now - batch.sent_at,
+                )
+            )
         if answered:
             self._fire_link("answered", step.load(now))
         if unavailable:
@@ -410,6 +434,33 @@ class Engine:
         """The transport reports the relay gone: pause sending, charge nobody."""
         self._fire_link("lost", self._step.load(self._clock(now)))
         self._commit()
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(report)`` after every later call that changed something.
+
+        See :mod:`sessionfsm.listeners`. Subscribing the same listener twice
+        is a ``UsageError``.
+        """
+        if not callable(listener):
+            raise UsageError(f"a listener must be callable with a Report, got {listener!r}")
+        if any(known is listener for known in self._listeners):
+            raise UsageError(f"listener {listener!r} is already subscribed")
+        self._listeners = (*self._listeners, listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        """Stop calling ``listener``; a ``UsageError`` if it was not subscribed."""
+        kept = tuple(known for known in self._listeners if known is not listener)
+        if len(kept) == len(self._listeners):
+            raise UsageError(f"listener {listener!r} is not subscribed")
+        self._listeners = kept
+        if not kept:
+            self._batch_events.clear()
+            self._link_before = None
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The subscribed listeners, in the order they are called."""
+        return self._listeners
 
     # ----------------------------------------------------------------- output
 
@@ -594,6 +645,8 @@ class Engine:
         if after == before:
             return
         self._link_changed = True
+        if self._listeners and self._link_before is None:
+            self._link_before = LinkView(state=before[0], failures=before[1], resume_at=before[2])
         if event == "lost":
             self._link_losses += 1
             self._log.info(
@@ -621,6 +674,17 @@ class Engine:
                 sessions=len(open_batch.pending),
                 charged=not lost,
             )
+            if self._listeners:
+                batch = open_batch.batch
+                self._batch_events.append(
+                    BatchEvent(
+                        event="timed_out",
+                        batch_id=batch_id,
+                        lane=batch.lane,
+                        sessions=len(open_batch.pending),
+                        latency_s=now - batch.sent_at,
+                    )
+                )
             step = self._step
             requeued: list[str] = []
             for sid in open_batch.pending:
@@ -722,6 +786,10 @@ class Engine:
         )
         self._batches[batch_id] = _OpenBatch(batch, self._link_losses)
         heapq.heappush(self._deadlines, (deadline, batch_id))
+        if self._listeners:
+            self._batch_events.append(
+                BatchEvent(event="sent", batch_id=batch_id, lane=lane, sessions=len(ids))
+            )
         return batch
 
     def _close(self, batch_id: int, later: str) -> None:
@@ -753,7 +821,7 @@ class Engine:
         turned into ``Change`` rows, so they are not built twice.
         """
         pending = self._pending
-        if not pending and not self._link_changed:
+        if not pending and not self._link_changed and not self._batch_events:
             return
         log = self._log
         for rec, source, state, _event, reason, _attempts in pending if self._logging else ():
@@ -774,20 +842,55 @@ class Engine:
                     reason=rec.dead_letter_reason,
                     attempts=rec.attempts,
                 )
+        listeners = self._listeners
+        if changes is None and (self._store is not None or listeners):
+            changes = self._changes(0)
         if self._store is not None:
+            assert changes is not None
             changed = list({id(rec): rec for rec, *_ in pending}.values())
             self._store.save(
                 Delta(
                     sessions=changed,
-                    changes=changes if changes is not None else self._changes(0),
+                    changes=changes,
                     link=self._link,
                     stamps={lane.value: at for lane, at in self._stamps.items()},
                     next_batch_id=self._next_batch_id,
                     now=self._now,
                 )
             )
+        report = self._report(changes) if listeners and changes is not None else None
         pending.clear()
         self._link_changed = False
+        if report is not None:
+            self._notify(listeners, report)
+
+    def _report(self, changes: list[Change]) -> Report:
+        """This call's journal for the listeners; clears what only they need."""
+        before = self._link_before
+        report = Report(
+            now=self._now,
+            changes=tuple(changes),
+            lanes=tuple([rec.lane for rec, *_ in self._pending]),
+            batches=tuple(self._batch_events),
+            link_before=before,
+            link_after=link_view(self._link) if before is not None else None,
+        )
+        self._batch_events.clear()
+        self._link_before = None
+        return report
+
+    def _notify(self, listeners: tuple[Listener, ...], report: Report) -> None:
+        for listener in listeners:
+            try:
+                listener(report)
+            except Exception as exc:
+                # Metrics or a dashboard must never break the service.
+                self._log.error(
+                    "sessionfsm.listener_failed",
+                    listener=repr(listener),
+                    error=repr(exc),
+                    exc_info=True,
+                )
 
     def _recover(self, snapshot: Snapshot) -> None:
         """Rebuild from a store: in-flight sessions go back to the queue.
