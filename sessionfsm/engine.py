@@ -867,15 +867,18 @@ class Engine:
     def _report(self, changes: list[Change]) -> Report:
         """This call's journal for the listeners; clears what only they need."""
         before = self._link_before
+        events = self._batch_events
+        # Positional, and the lists as they are (a listener must not change
+        # them): this runs once per call on every engine that has listeners.
         report = Report(
-            now=self._now,
-            changes=tuple(changes),
-            lanes=tuple([rec.lane for rec, *_ in self._pending]),
-            batches=tuple(self._batch_events),
-            link_before=before,
-            link_after=link_view(self._link) if before is not None else None,
+            self._now,
+            changes,
+            [row[0].lane for row in self._pending],
+            tuple(events) if events else (),
+            before,
+            link_view(self._link) if before is not None else None,
         )
-        self._batch_events.clear()
+        events.clear()
         self._link_before = None
         return report
 

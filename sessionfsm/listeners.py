@@ -33,6 +33,7 @@ With no listener registered the engine builds no report at all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -65,9 +66,11 @@ class Report(msgspec.Struct, frozen=True, gc=False):
 
     #: The engine clock after the call.
     now: float
-    changes: tuple[Change, ...]
+    #: The rows the store gets (the same list: read it, never change it).
+    #: ``source`` and ``target`` are :class:`~sessionfsm.SessionState` members.
+    changes: Sequence[Change]
     #: ``lanes[i]`` is the lane of ``changes[i]``'s session (see the module notes).
-    lanes: tuple[Lane, ...]
+    lanes: Sequence[Lane]
     batches: tuple[BatchEvent, ...] = ()
     link_before: LinkView | None = None
     link_after: LinkView | None = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -27,7 +28,7 @@ import msgspec
 
 from .._errors import UsageError
 from ..engine import Engine
-from ..listeners import Report
+from ..listeners import BatchEvent, Report
 from ..machine import CHARGED_REASONS, Lane, LinkState, SessionState
 
 __all__ = ["BATCH_EVENTS", "DEFAULT_LATENCY_BUCKETS", "Figures", "Histogram", "Tally"]
@@ -52,8 +53,11 @@ DEFAULT_LATENCY_BUCKETS: Final[tuple[float, ...]] = (
 #: Any other event name it reports later is counted as it comes.
 BATCH_EVENTS: Final[tuple[str, ...]] = ("sent", "answered", "bounced", "timed_out")
 
-_QUEUED: Final = SessionState.QUEUED.value
-_DEAD: Final = SessionState.DEAD_LETTERED.value
+#: Reports a tally buffers before folding them in one go (and when read).
+_FOLD_EVERY: Final = 256
+
+_QUEUED: Final = SessionState.QUEUED
+_DEAD: Final = SessionState.DEAD_LETTERED
 _BACKFILL: Final = Lane.BACKFILL.value
 _INCREMENTAL: Final = Lane.INCREMENTAL.value
 
@@ -130,16 +134,17 @@ class Tally:
         self._bounds = bounds
         self._clock = clock
         self._lock = threading.Lock()
+        self._buffer: deque[Report] = deque()
         self._engine: Engine | None = None
         lanes = [lane.value for lane in Lane]
-        self._sessions: dict[tuple[str, str], int] = {
+        self._lanes = lanes
+        # (state, lane) -> sessions found at attach; the rows add the rest.
+        self._seed: dict[tuple[str, str], int] = {
             (state.value, lane): 0 for state in SessionState for lane in lanes
         }
-        self._transitions: dict[tuple[str, str], int] = {}
-        self._dead: dict[tuple[str, str], int] = {
-            (reason, lane): 0 for reason in CHARGED_REASONS for lane in lanes
-        }
-        self._redrives: dict[str, int] = dict.fromkeys(lanes, 0)
+        # (event, source, target, reason, lane) -> rows folded.
+        self._rows: dict[tuple[str, str | None, str, str | None, str], int] = {}
+        self._dead_keys = [(reason, lane) for reason in CHARGED_REASONS for lane in lanes]
         self._batches: dict[tuple[str, str], int] = {
             (event, lane): 0 for event in BATCH_EVENTS for lane in lanes
         }
@@ -168,8 +173,8 @@ class Tally:
         with self._lock:
             for view in engine.sessions():
                 state, lane = view.state.value, view.lane.value
-                self._sessions[state, lane] += 1
-                if state == _QUEUED:
+                self._seed[state, lane] += 1
+                if view.state is _QUEUED:
                     self._queued[lane][view.id] = now
             link = engine.link
             self._link_state = link.state.value
@@ -186,62 +191,100 @@ class Tally:
             self._engine = None
 
     def __call__(self, report: Report) -> None:
-        """Fold one call's journal into the figures."""
-        with self._lock:
-            self._fold(report)
+        """Take one call's journal; it is folded into the figures in bulk."""
+        # The engine's thread only appends (a deque's append is atomic); the
+        # folding happens every ``_FOLD_EVERY`` reports, or when the figures
+        # are read, under the lock, in whichever thread gets there.
+        buffer = self._buffer
+        buffer.append(report)
+        if len(buffer) >= _FOLD_EVERY:
+            with self._lock:
+                self._fold()
 
-    def _fold(self, report: Report) -> None:
-        now = report.now
-        sessions, transitions, queued = self._sessions, self._transitions, self._queued
-        for change, lane in zip(report.changes, report.lanes, strict=True):
-            event, source, target = change.event, change.source, change.target
-            key = (event, target)
-            transitions[key] = transitions.get(key, 0) + 1
-            if source == target:
-                if event == "promoted":
-                    # The one lane move: the session leaves backfill for incremental.
-                    sessions[source, _BACKFILL] -= 1
-                    sessions[source, _INCREMENTAL] += 1
-                    if source == _QUEUED:
+    def _fold(self) -> None:
+        # The hot path: one dictionary update per row, plus the queue's
+        # bookkeeping; gauges and counters are derived from ``_rows`` when
+        # read, over its few distinct keys. Call it holding the lock.
+        buffer = self._buffer
+        take = buffer.popleft
+        rows, queued = self._rows, self._queued
+        get = rows.get
+        while buffer:
+            report = take()
+            now = report.now
+            # The engine hands states as SessionState members: identity is enough.
+            for change, lane in zip(report.changes, report.lanes):  # noqa: B905
+                source, target = change.source, change.target
+                key = (change.event, source, target, change.reason, lane)
+                rows[key] = get(key, 0) + 1
+                if source is target:
+                    if source is _QUEUED and change.event == "promoted":
+                        # The one lane move: out of backfill, to the back of incremental.
                         queued[_BACKFILL].pop(change.session_id, None)
                         queued[_INCREMENTAL][change.session_id] = now
-                continue
-            if source is not None:
-                sessions[source, lane] -= 1
-                if source == _QUEUED:
+                elif source is _QUEUED:
                     queued[lane].pop(change.session_id, None)
-                elif source == _DEAD and event == "redriven":
-                    self._redrives[lane] += 1
-            sessions[target, lane] += 1
-            if target == _QUEUED:
-                queued[lane][change.session_id] = now
-            elif target == _DEAD and change.reason is not None:
-                dkey = (change.reason, lane)
-                self._dead[dkey] = self._dead.get(dkey, 0) + 1
-        for batch in report.batches:
-            bkey = (batch.event, batch.lane.value)
-            self._batches[bkey] = self._batches.get(bkey, 0) + 1
-            if batch.event == "answered" and batch.latency_s is not None:
-                lane_name = batch.lane.value
-                self._latency[lane_name][bisect.bisect_left(self._bounds, batch.latency_s)] += 1
-                self._latency_sum[lane_name] += batch.latency_s
-        after = report.link_after
-        if after is not None:
-            state = after.state.value
+                elif target is _QUEUED:
+                    queued[lane][change.session_id] = now
+            if report.batches:
+                self._fold_batches(report.batches)
+            after = report.link_after
+            if after is not None:
+                self._fold_link(after.state.value, after.failures, now)
             if self._link_since is None:
                 self._link_since = now
-            if state != self._link_state:
-                self._link_seconds[self._link_state] = (
-                    self._link_seconds.get(self._link_state, 0.0) + now - self._link_since
-                )
-                lkey = (self._link_state, state)
-                self._link_changes[lkey] = self._link_changes.get(lkey, 0) + 1
-                self._link_state = state
-                self._link_since = now
-            self._link_failures = after.failures
+            self._now = now
+
+    def _fold_batches(self, events: tuple[BatchEvent, ...]) -> None:
+        for batch in events:
+            key = (batch.event, batch.lane)
+            self._batches[key] = self._batches.get(key, 0) + 1
+            if batch.event == "answered" and batch.latency_s is not None:
+                self._latency[batch.lane][bisect.bisect_left(self._bounds, batch.latency_s)] += 1
+                self._latency_sum[batch.lane] += batch.latency_s
+
+    def _fold_link(self, state: str, failures: int, now: float) -> None:
         if self._link_since is None:
             self._link_since = now
-        self._now = now
+        if state != self._link_state:
+            left = self._link_state
+            self._link_seconds[left] = self._link_seconds.get(left, 0.0) + now - self._link_since
+            key = (left, state)
+            self._link_changes[key] = self._link_changes.get(key, 0) + 1
+            self._link_state = state
+            self._link_since = now
+        self._link_failures = failures
+
+    def _derived(
+        self,
+    ) -> tuple[
+        dict[tuple[str, str], int],
+        dict[tuple[str, str], int],
+        dict[tuple[str, str], int],
+        dict[str, int],
+    ]:
+        """Sessions, transitions, dead letters and redrives, from the rows."""
+        sessions = dict(self._seed)
+        transitions: dict[tuple[str, str], int] = {}
+        dead = dict.fromkeys(self._dead_keys, 0)
+        redrives = dict.fromkeys(self._lanes, 0)
+        for (event, source, target, reason, lane), n in self._rows.items():
+            key = (str(event), str(target))
+            transitions[key] = transitions.get(key, 0) + n
+            if source == target:
+                if event == "promoted":
+                    sessions[str(source), _BACKFILL] -= n
+                    sessions[str(source), _INCREMENTAL] += n
+                continue
+            if source is not None:
+                sessions[str(source), str(lane)] -= n
+            sessions[str(target), str(lane)] += n
+            if target == _DEAD and reason is not None:
+                dkey = (str(reason), str(lane))
+                dead[dkey] = dead.get(dkey, 0) + n
+            if event == "redriven":
+                redrives[str(lane)] += n
+        return sessions, transitions, dead, redrives
 
     # ------------------------------------------------------------- the output
 
@@ -249,6 +292,7 @@ class Tally:
         """A consistent copy of the figures, with ages and durations up to now."""
         engine = self._engine
         with self._lock:
+            self._fold()
             now = self._now
             if self._clock is not None:
                 now = float(self._clock())
@@ -268,15 +312,16 @@ class Tally:
                     link_seconds.get(self._link_state, 0.0) + now - self._link_since
                 )
             bounds = self._bounds
+            sessions, transitions, dead, redrives = self._derived()
             return Figures(
                 now=now,
-                sessions=dict(self._sessions),
-                transitions=dict(self._transitions),
-                dead_letters=dict(self._dead),
-                redrives=dict(self._redrives),
-                batches=dict(self._batches),
+                sessions=sessions,
+                transitions=transitions,
+                dead_letters=dead,
+                redrives=redrives,
+                batches={(str(e), str(lane)): n for (e, lane), n in self._batches.items()},
                 ack_latency={
-                    lane: Histogram(
+                    str(lane): Histogram(
                         bounds=bounds, counts=tuple(counts), total=self._latency_sum[lane]
                     )
                     for lane, counts in self._latency.items()
