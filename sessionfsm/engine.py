@@ -443,13 +443,14 @@ class Engine:
         """
         if not callable(listener):
             raise UsageError(f"a listener must be callable with a Report, got {listener!r}")
-        if any(known is listener for known in self._listeners):
+        # Equality, not identity: ``obj.method`` is a new object at each access.
+        if any(known == listener for known in self._listeners):
             raise UsageError(f"listener {listener!r} is already subscribed")
         self._listeners = (*self._listeners, listener)
 
     def unsubscribe(self, listener: Listener) -> None:
         """Stop calling ``listener``; a ``UsageError`` if it was not subscribed."""
-        kept = tuple(known for known in self._listeners if known is not listener)
+        kept = tuple(known for known in self._listeners if known != listener)
         if len(kept) == len(self._listeners):
             raise UsageError(f"listener {listener!r} is not subscribed")
         self._listeners = kept
