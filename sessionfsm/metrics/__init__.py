@@ -206,9 +206,14 @@ class Tally:
         # bookkeeping; gauges and counters are derived from ``_rows`` when
         # read, over its few distinct keys. Call it holding the lock.
         buffer = self._buffer
+        if not buffer:
+            return
+        if self._link_since is None:
+            self._link_since = buffer[0].now
         take = buffer.popleft
         rows, queued = self._rows, self._queued
         get = rows.get
+        now = self._now
         while buffer:
             report = take()
             now = report.now
@@ -231,9 +236,7 @@ class Tally:
             after = report.link_after
             if after is not None:
                 self._fold_link(after.state.value, after.failures, now)
-            if self._link_since is None:
-                self._link_since = now
-            self._now = now
+        self._now = now
 
     def _fold_batches(self, events: tuple[BatchEvent, ...]) -> None:
         for batch in events:
