@@ -277,6 +277,11 @@ _CONSTANT: Final = (
     "_lane_size",
     "_lane_interval",
     "_store",
+    # What only listeners fill (empty between calls): the checker's engines
+    # have none, and a clone starts with none.
+    "_listeners",
+    "_batch_events",
+    "_link_before",
 )
 _SHARED: Final = frozenset(_CONSTANT) | frozenset(
     {
@@ -287,10 +292,6 @@ _SHARED: Final = frozenset(_CONSTANT) | frozenset(
         "_link_losses",
         "_redrive_per_tick",
         "_redrive_last",
-        # What only listeners fill, empty between calls; a clone has none.
-        "_listeners",
-        "_batch_events",
-        "_link_before",
     }
 )
 _IMMUTABLE: Final = (int, float, str, type(None), tuple, frozenset)
