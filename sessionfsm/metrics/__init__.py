@@ -53,8 +53,9 @@ DEFAULT_LATENCY_BUCKETS: Final[tuple[float, ...]] = (
 #: Any other event name it reports later is counted as it comes.
 BATCH_EVENTS: Final[tuple[str, ...]] = ("sent", "answered", "bounced", "timed_out")
 
-#: Reports a tally buffers before folding them in one go (and when read).
-_FOLD_EVERY: Final = 256
+#: Reports a tally buffers before folding them in one go (and when read);
+#: between 16 and 256 it makes little difference.
+_FOLD_EVERY: Final = 64
 
 _QUEUED: Final = SessionState.QUEUED
 _DEAD: Final = SessionState.DEAD_LETTERED
@@ -212,7 +213,7 @@ class Tally:
             self._link_since = buffer[0].now
         take = buffer.popleft
         rows, queued = self._rows, self._queued
-        get = rows.get
+        queued_state, backfill, incremental = _QUEUED, _BACKFILL, _INCREMENTAL
         now = self._now
         while buffer:
             report = take()
@@ -221,15 +222,18 @@ class Tally:
             for change, lane in zip(report.changes, report.lanes):  # noqa: B905
                 source, target = change.source, change.target
                 key = (change.event, source, target, change.reason, lane)
-                rows[key] = get(key, 0) + 1
+                try:
+                    rows[key] += 1
+                except KeyError:
+                    rows[key] = 1
                 if source is target:
-                    if source is _QUEUED and change.event == "promoted":
+                    if source is queued_state and change.event == "promoted":
                         # The one lane move: out of backfill, to the back of incremental.
-                        queued[_BACKFILL].pop(change.session_id, None)
-                        queued[_INCREMENTAL][change.session_id] = now
-                elif source is _QUEUED:
+                        queued[backfill].pop(change.session_id, None)
+                        queued[incremental][change.session_id] = now
+                elif source is queued_state:
                     queued[lane].pop(change.session_id, None)
-                elif target is _QUEUED:
+                elif target is queued_state:
                     queued[lane][change.session_id] = now
             if report.batches:
                 self._fold_batches(report.batches)
