@@ -340,6 +340,7 @@ def _exposition_names(parse_exposition: Callable[[str], Samples]) -> set[str]:
     engine.tick(0.0)
     engine.relay_unavailable(1.0)
     engine.relay_ready(2.0)
+    engine.on_ack(999, acks.Ok(), now=2.0)  # an anomaly
     names = {name for name, _ in parse_exposition(metrics.exposition().decode())}
     metrics.close()
     return names
@@ -376,3 +377,18 @@ def test_documentation_lists_every_metric() -> None:
     doc = (ROOT / "docs" / "observability.md").read_text(encoding="utf-8")
     for name in (*METRIC_NAMES, *INSTRUMENT_NAMES):
         assert f"`{name}`" in doc, name
+
+
+def test_anomalies_are_exported_as_the_engine_counts_them(
+    metrics_registry: Any, parse_exposition: Callable[[str], Samples]
+) -> None:
+    """Ignored inputs (an ack for no batch, a clock going back) show up by kind."""
+    engine = Engine(Policy(), log=False)
+    metrics = PrometheusMetrics(engine, registry=metrics_registry)
+    engine.tick(10.0)
+    engine.on_ack(12345, acks.Ok(), now=10.0)
+    engine.tick(5.0)
+    samples = parse_exposition(metrics.exposition().decode())
+    assert engine.anomalies == {"unknown_batch": 1, "clock_regressed": 1}
+    for kind, n in engine.anomalies.items():
+        assert _value(samples, "sessionfsm_anomalies_total", kind=kind) == n

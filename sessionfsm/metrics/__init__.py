@@ -105,6 +105,9 @@ class Figures(msgspec.Struct, frozen=True):
     link_changes: dict[tuple[str, str], int]
     #: Dead letters a paced redrive has yet to reach (0 when not attached).
     redrive_backlog: int
+    #: Inputs the engine ignored or clamped, by kind (``Engine.anomalies``;
+    #: empty when not attached).
+    anomalies: dict[str, int]
 
 
 class Tally:
@@ -339,4 +342,5 @@ class Tally:
                 link_seconds=link_seconds,
                 link_changes=dict(self._link_changes),
                 redrive_backlog=engine.redrive_backlog if engine is not None else 0,
+                anomalies=engine.anomalies if engine is not None else {},
             )

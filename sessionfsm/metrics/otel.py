@@ -43,6 +43,7 @@ INSTRUMENT_NAMES: Final[tuple[str, ...]] = (
     "sessionfsm.link.changes",
     "sessionfsm.link.failures",
     "sessionfsm.redrive.backlog",
+    "sessionfsm.anomalies",
 )
 
 _LANE: Final = "sessionfsm.lane"
@@ -142,6 +143,12 @@ class OtelMetrics:
             unit="{session}",
             description="Dead letters a paced redrive has yet to reach.",
         )
+        meter.create_observable_counter(
+            "sessionfsm.anomalies",
+            [observe(_anomalies)],
+            unit="{input}",
+            description="Inputs the engine ignored or clamped (late or unknown acks, ...).",
+        )
         self._duration = meter.create_histogram(
             "sessionfsm.ack.duration",
             unit="s",
@@ -216,3 +223,8 @@ def _link_time(f: Figures) -> Iterable[Observation]:
 def _link_changes(f: Figures) -> Iterable[Observation]:
     for (source, target), n in f.link_changes.items():
         yield Observation(n, {"sessionfsm.link.source": source, "sessionfsm.link.target": target})
+
+
+def _anomalies(f: Figures) -> Iterable[Observation]:
+    for kind, n in f.anomalies.items():
+        yield Observation(n, {"sessionfsm.anomaly": kind})

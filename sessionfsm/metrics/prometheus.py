@@ -49,6 +49,7 @@ METRIC_NAMES: Final[tuple[str, ...]] = (
     "sessionfsm_link_changes_total",
     "sessionfsm_link_failures",
     "sessionfsm_redrive_backlog",
+    "sessionfsm_anomalies_total",
 )
 
 
@@ -194,6 +195,14 @@ class PrometheusMetrics(Collector):
             "Dead letters a paced redrive has yet to reach.",
             value=f.redrive_backlog,
         )
+        anomalies = CounterMetricFamily(
+            "sessionfsm_anomalies",
+            "Inputs the engine ignored or clamped (late or unknown acks, clock going back, ...).",
+            labels=["kind"],
+        )
+        for kind, n in sorted(f.anomalies.items()):
+            anomalies.add_metric([kind], n)
+        yield anomalies
 
 
 def _bound(bound: float) -> str:
