@@ -277,11 +277,6 @@ _CONSTANT: Final = (
     "_lane_size",
     "_lane_interval",
     "_store",
-    # What only listeners fill (empty between calls): the checker's engines
-    # have none, and a clone starts with none.
-    "_listeners",
-    "_batch_events",
-    "_link_before",
 )
 _SHARED: Final = frozenset(_CONSTANT) | frozenset(
     {
@@ -314,8 +309,6 @@ def clone_engine(engine: Engine) -> Engine:
     state = new.__dict__
     state.update(old)
     state["_pending"] = []
-    state["_listeners"] = ()
-    state["_batch_events"] = []
     state["_sessions"] = {sid: rec.__copy__() for sid, rec in old["_sessions"].items()}
     state["_ready"] = {lane: deque(q) for lane, q in old["_ready"].items()}
     state["_batches"] = {bid: _dup_batch(ob) for bid, ob in old["_batches"].items()}
@@ -329,10 +322,12 @@ def clone_engine(engine: Engine) -> Engine:
     state["_link"] = old["_link"].__copy__()
     if "_redrive" in old:
         state["_redrive"] = old["_redrive"].copy()
-    for name in old.keys() - _COPIED - _SHARED:
+    for name in old.keys() - _COPIED - _SHARED - {"_listening"}:
         value = old[name]
         if not isinstance(value, _IMMUTABLE):
             state[name] = copy.deepcopy(value)
+    # Set only while somebody listens to the original; a copy has no listeners.
+    state.pop("_listening", None)
     return new
 
 

