@@ -24,6 +24,7 @@ from ._errors import (
     UsageError,
 )
 from .engine import Batch, Engine, LinkView, SessionView
+from .listeners import BatchEvent, Listener, Report
 from .machine import Lane, LinkState, SessionState
 from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
 from .records import Change, Delta, Snapshot
@@ -33,6 +34,7 @@ from .store import HistoryRetention, MemoryStore, Store, StoreReader
 
 __all__ = [
     "Batch",
+    "BatchEvent",
     "Change",
     "Delta",
     "Engine",
@@ -46,11 +48,13 @@ __all__ = [
     "LinkReporter",
     "LinkState",
     "LinkView",
+    "Listener",
     "MemoryStore",
     "NotAStore",
     "Policy",
     "ReasonPolicy",
     "RemoteError",
+    "Report",
     "Runner",
     "SessionFSMError",
     "SessionState",

@@ -452,3 +452,43 @@ def read_only_mount(tmp_path: Path) -> Iterator[Callable[[], None]]:
 
     yield remount_read_only
     subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+@pytest.fixture
+def metrics_registry() -> Any:
+    """A fresh ``prometheus_client.CollectorRegistry``, so tests never collide."""
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def otel_reader() -> Iterator[Any]:
+    """``(reader, provider)``: the OpenTelemetry SDK's in-memory metric reader
+    and a meter provider feeding it, shut down after the test."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    yield reader, provider
+    provider.shutdown()
+
+
+@pytest.fixture
+def parse_exposition() -> Callable[[str], dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """``parse_exposition(text)``: every sample of a Prometheus text exposition,
+    parsed by prometheus_client's own parser, as {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[sample.name, frozenset(sample.labels.items())] = sample.value
+        return samples
+
+    return parse

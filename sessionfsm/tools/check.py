@@ -327,10 +327,12 @@ def clone_engine(engine: Engine) -> Engine:
     state["_link"] = old["_link"].__copy__()
     if "_redrive" in old:
         state["_redrive"] = old["_redrive"].copy()
-    for name in old.keys() - _COPIED - _SHARED:
+    for name in old.keys() - _COPIED - _SHARED - {"_listening"}:
         value = old[name]
         if not isinstance(value, _IMMUTABLE):
             state[name] = copy.deepcopy(value)
+    # Set only while somebody listens to the original; a copy has no listeners.
+    state.pop("_listening", None)
     return new
 
 

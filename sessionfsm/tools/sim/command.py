@@ -203,6 +203,19 @@ def _print_sweep(scenario: Scenario, policy: Policy, rows: list[SweepRow]) -> No
     Console().print(table)
 
 
+def _prometheus_exporter() -> Any:
+    """``PrometheusMetrics`` bound to a private registry, or a usage error."""
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from sessionfsm.metrics.prometheus import PrometheusMetrics
+    except ImportError:
+        raise click.UsageError(
+            "--metrics-out needs prometheus_client: pip install 'sessionfsm[prometheus]'"
+        ) from None
+    return lambda engine: PrometheusMetrics(engine, registry=CollectorRegistry())
+
+
 def _split(text: str, what: str) -> list[str]:
     items = [part.strip() for part in text.split(",") if part.strip()]
     if not items:
@@ -238,6 +251,11 @@ def _split(text: str, what: str) -> list[str]:
     help="Write a timeline of state counts (.png or .svg; needs sessionfsm[plot]).",
 )
 @click.option(
+    "--metrics-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the final Prometheus exposition here (needs sessionfsm[prometheus]).",
+)
+@click.option(
     "--sweep",
     "do_sweep",
     is_flag=True,
@@ -266,6 +284,7 @@ def command(
     seed: int | None,
     as_json: bool,
     plot: Path | None,
+    metrics_out: Path | None,
     do_sweep: bool,
     thresholds: str,
     backoffs: str,
@@ -286,6 +305,9 @@ def command(
         return
     if plot is not None and do_sweep:
         raise click.UsageError("--plot draws one run; it cannot be combined with --sweep")
+    if metrics_out is not None and do_sweep:
+        raise click.UsageError("--metrics-out shows one run; it cannot be combined with --sweep")
+    exporter = _prometheus_exporter() if metrics_out is not None else None
     if scenario not in scenario_names() and not Path(scenario).exists():
         raise click.BadParameter(
             f"no shipped scenario {scenario!r} and no such file "
@@ -354,6 +376,7 @@ def command(
     try:
         with counting_logs(counter, level):
             simulation = Simulation(loaded, policy, seed=run_seed, store=store, log_counter=counter)
+            metrics = exporter(simulation.engine) if exporter is not None else None
             result = simulation.run(progress=lambda now, done, total: bar(done, total))
         persisted = {state.value: n for state, n in store.sessions_by_state().items()}
     finally:
@@ -361,6 +384,8 @@ def command(
         store.close()
     if plot is not None:
         write_timeline(result, plot)
+    if metrics is not None and metrics_out is not None:
+        metrics.write(metrics_out)
     if as_json:
         data = msgspec.to_builtins(result.figures)
         data["db"] = str(db)
@@ -369,3 +394,5 @@ def command(
         _print_summary(result, db, persisted)
         if plot is not None:
             click.echo(f"timeline written to {plot}")
+        if metrics_out is not None:
+            click.echo(f"metrics written to {metrics_out}")
