@@ -22,7 +22,7 @@ Both loops decide when to tick with the same rule (:func:`next_delay`), so a
 simulation is scheduled exactly as a live service would be.
 
 Persistence needs nothing from the runner: the engine hands its store one
-delta after every call. The runner only closes the store on the way out.
+delta after every call. The runner only closes the engine (and so its store) on the way out.
 Delivery is at least once: sessions whose send was cut short by a shutdown
 are still ``in_flight`` in the store, and the next engine recovers them as
 ``queued``.
@@ -148,7 +148,10 @@ class Runner:
 
     You pass the engine, the transport and, optionally:
 
-    * ``store``: the engine's store; the runner closes it when it stops;
+    * ``store``: leave it out: the runner uses the engine's own store
+      (``Engine(policy, store=store)``) and closes it, with the engine, when
+      it stops. Passing a store the engine was not given raises
+      ``UsageError``, since the engine would persist nothing to it;
     * ``clock``: seconds as a float, ``time.time`` by default. The engine
       only ever sees times read from it;
     * ``sleep``: an ``async`` function that waits the given seconds
@@ -156,7 +159,11 @@ class Runner:
       advances it, and the loop runs without real waiting;
     * ``grace_s``: on a requested stop (``stop()``, SIGINT, SIGTERM), how
       long to wait for sends already under way so their answers are not
-      wasted. A cancelled ``run()`` does not wait.
+      wasted. A cancelled ``run()`` does not wait;
+    * ``log``: False to log nothing; by default the runner logs when the
+      engine does (``Engine(log=False)`` silences both);
+    * ``close``: False to leave the engine and its store open when ``run()``
+      returns (to inspect or reuse them); by default they are closed.
 
     Drive it from one event loop; the engine is not thread-safe.
     """
@@ -170,19 +177,35 @@ class Runner:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] | None = None,
         grace_s: float = 5.0,
-        log: bool = True,
+        log: bool | None = None,
+        close: bool = True,
     ) -> None:
+        if not isinstance(engine, Engine):
+            raise UsageError(f"engine must be a sessionfsm.Engine, got {engine!r}")
         if not isinstance(transport, Transport):
             raise UsageError(f"transport must have an async send(batch), got {transport!r}")
         if not (isinstance(grace_s, (int, float)) and math.isfinite(grace_s) and grace_s >= 0):
             raise UsageError(f"grace_s must be a finite number >= 0, got {grace_s!r}")
+        if store is not None and store is not engine.store:
+            if engine.store is None:
+                raise UsageError(
+                    f"the store {store!r} was given to the Runner but not to the Engine, "
+                    "which would persist nothing to it: pass it once, as "
+                    "Engine(policy, store=store), and leave it out of Runner(...)"
+                )
+            raise UsageError(
+                f"the Runner's store {store!r} is not the engine's store {engine.store!r}: "
+                "leave store out of Runner(...); it uses the engine's"
+            )
         self.engine = engine
         self.transport = transport
-        self.store = store
+        #: The engine's store (``engine.store``), closed with it when the runner stops.
+        self.store: Store | None = engine.store
         self._clock = clock
         self._sleep = sleep if sleep is not None else asyncio.sleep
         self._grace_s = float(grace_s)
-        self._log = get_logger(log)
+        self._log = get_logger(engine.logs if log is None else log)
+        self._close = close
         self._sends: dict[int, tuple[Batch, asyncio.Task[None]]] = {}
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -364,8 +387,8 @@ class Runner:
             sessions_in_flight=cut,
             counts={state.value: n for state, n in self.engine.counts().items() if n},
         )
-        if self.store is not None:
-            self.store.close()
+        if self._close:
+            self.engine.close()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
         installed: list[signal.Signals] = []
@@ -528,7 +551,7 @@ def run_until_idle(
             advance(seconds)
 
         sleep = fake_sleep
-    runner = Runner(engine, relay, clock=clock, sleep=sleep, grace_s=0.0)
+    runner = Runner(engine, relay, clock=clock, sleep=sleep, grace_s=0.0, close=False)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
