@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from click.testing import Result
 
-from sessionfsm import Engine, Policy, SqliteStore
+from sessionfsm import Engine, Policy, SqliteStore, acks
 
 Cli = Callable[..., Result]
 
@@ -27,7 +28,7 @@ def _one_line_error(result: Result, code: int = 1) -> str:
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
-    if code == 1:
+    if code == 1 or result.stderr.startswith("sessionfsm: error: "):
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("sessionfsm: error: ")
         assert result.stdout == ""
@@ -106,7 +107,7 @@ def test_simulate_refuses_a_database_a_service_wrote(sessionfsm_cli: Cli, tmp_pa
     """A database holding a service's sessions is refused (exit 1) unless --fresh."""
     _real_service_db(tmp_path / "service.db")
     result = sessionfsm_cli("simulate", "incident", "--db", "service.db")
-    message = _one_line_error(result)
+    message = _one_line_error(result, code=2)
     assert "holds 3 sessions that no simulation wrote" in message
     assert "--fresh" in message
     with SqliteStore(tmp_path / "service.db", readonly=True) as store:
@@ -173,7 +174,7 @@ def test_simulate_bad_scenario_file_names_file_and_field(
 ) -> None:
     """A bad scenario file exits 1 with one line naming the file and the field."""
     path = scenario_file('[[sessions]]\nname = "s"\ncount = -2\n', "broken.toml")
-    message = _one_line_error(sessionfsm_cli("simulate", str(path)))
+    message = _one_line_error(sessionfsm_cli("simulate", str(path)), code=2)
     assert "broken.toml" in message
     assert "$.sessions[0].count" in message
 
@@ -181,7 +182,7 @@ def test_simulate_bad_scenario_file_names_file_and_field(
 def test_simulate_bad_policy_file_is_one_line(sessionfsm_cli: Cli, tmp_path: Path) -> None:
     """A bad policy file exits 1 with one line naming it."""
     (tmp_path / "p.toml").write_text("batch_size = 0\n")
-    message = _one_line_error(sessionfsm_cli("simulate", "--policy", "p.toml"))
+    message = _one_line_error(sessionfsm_cli("simulate", "--policy", "p.toml"), code=2)
     assert "p.toml" in message
     assert "batch_size" in message
 
@@ -191,7 +192,7 @@ def test_simulate_plot_without_matplotlib_says_what_to_install(
 ) -> None:
     """--plot without matplotlib fails before running, naming the extra to install."""
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    message = _one_line_error(sessionfsm_cli("simulate", "--plot", "t.png"))
+    message = _one_line_error(sessionfsm_cli("simulate", "--plot", "t.png"), code=2)
     assert "sessionfsm[plot]" in message
     assert not (tmp_path / "sessionfsm.db").exists()
 
@@ -261,7 +262,7 @@ def test_status_counts_states_and_the_link(simulated: Cli) -> None:
     assert data["counts"]["dead_lettered"] == 1
     assert data["link"]["state"] == "up"
     table = simulated("status")
-    assert "dead_lettered │ 1" in table.stdout
+    assert re.search(r"^dead_lettered +1$", table.stdout, re.M), table.stdout
     assert "link up" in table.stdout
 
 
@@ -289,7 +290,7 @@ def test_history_shows_the_five_rate_limited_transitions(simulated: Cli) -> None
 
 def test_history_of_an_unknown_session_fails_in_one_line(simulated: Cli) -> None:
     """history of a session the database never saw exits 1."""
-    assert "unknown session 'ghost'" in _one_line_error(simulated("history", "ghost"))
+    assert "unknown session 'ghost'" in _one_line_error(simulated("history", "ghost"), code=2)
 
 
 def test_redrive_one_session_requeues_it(simulated: Cli) -> None:
@@ -313,8 +314,8 @@ def test_redrive_by_reason_with_a_limit(simulated: Cli) -> None:
 
 def test_redrive_a_session_that_is_not_dead_fails_in_one_line(simulated: Cli) -> None:
     """Redriving a synced session is refused with the state named."""
-    message = _one_line_error(simulated("redrive", "s-0001"))
-    assert "cannot apply redriven to session 's-0001' in state synced" in message
+    message = _one_line_error(simulated("redrive", "s-0001"), code=2)
+    assert "session 's-0001' is not dead-lettered (it is synced)" in message
 
 
 @pytest.mark.parametrize(
@@ -343,7 +344,7 @@ def test_a_missing_database_is_not_created(
     sessionfsm_cli: Cli, tmp_path: Path, command: tuple[str, ...]
 ) -> None:
     """Pointing an operating command at a missing database fails and creates nothing."""
-    message = _one_line_error(sessionfsm_cli(*command, "--db", "missing.db"))
+    message = _one_line_error(sessionfsm_cli(*command, "--db", "missing.db"), code=2)
     assert "missing.db" in message
     assert not (tmp_path / "missing.db").exists()
 
@@ -372,3 +373,103 @@ def test_the_installed_entry_point_runs_the_main_job(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["dead_lettered"] == {"RateLimited": 1}
     assert (tmp_path / "sessionfsm.db").exists()
+
+
+# ------------------------------------------------ operators' findings
+
+
+def test_log_level_is_accepted_after_the_subcommand(sessionfsm_cli: Cli) -> None:
+    """`simulate incident --log-level info` works and logs, in simulated seconds, labelled."""
+    result = sessionfsm_cli("simulate", "incident", "--log-level", "info", "--log-json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    deferred = [e for e in lines if e["event"] == "sessionfsm.deferred"]
+    assert deferred
+    assert deferred[0]["retry_at"].endswith("s (simulated)")
+    assert deferred[0]["sim_time"].endswith("s (simulated)")
+    assert all("timestamp" not in e for e in lines)  # no wall time next to simulated time
+
+
+def test_reason_is_case_insensitive(simulated: Cli) -> None:
+    """--reason ratelimited means RateLimited, in dead-letters and in redrive."""
+    data = _json(simulated("dead-letters", "--reason", "ratelimited", "--json"))
+    assert [s["id"] for s in data["sessions"]] == ["big-0001"]
+    assert _json(simulated("redrive", "--reason", "RATELIMITED", "--json"))["redriven"] == [
+        "big-0001"
+    ]
+
+
+def test_redrive_on_a_simulations_database_keeps_its_history(
+    sessionfsm_cli: Cli,
+) -> None:
+    """Redriving in a simulation's database stays on its clock: no history is aged out."""
+    assert sessionfsm_cli("simulate", "slow-throttle", "--json").exit_code == 0
+    with SqliteStore("sessionfsm.db", readonly=True) as store:
+        before = store.now()
+        kept = len(store.history("live-0001"))
+    assert kept > 0
+    assert before is not None
+    dead = _json(sessionfsm_cli("dead-letters", "--json"))["sessions"]
+    assert dead, "the scenario dead-letters some sessions"
+    assert sessionfsm_cli("redrive", dead[0]["id"]).exit_code == 0
+    assert sessionfsm_cli("redrive", "--all").exit_code == 0
+    with SqliteStore("sessionfsm.db", readonly=True) as store:
+        assert len(store.history("live-0001")) == kept
+        assert store.now() == before
+        (last,) = store.history(dead[0]["id"], limit=1)
+    assert last.event == "redriven"
+    assert last.at == before
+
+
+def _long_id_db(path: Path) -> str:
+    sid = "2f9c1a7e-6a43-4f0e-9b1d-8c7e5a3b2d10-attachment-upload"
+    with Engine(Policy(), store=SqliteStore(path), log=False) as engine:
+        engine.enqueue(sid, now=1_796_000_000.0)
+        (batch,) = engine.tick(1_796_000_000.0)
+        engine.on_ack(batch.id, acks.PayloadTooLarge(), now=1_796_000_001.0)
+    return sid
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_tables_never_cut_ids_or_reasons(
+    sessionfsm_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """At 80 columns or piped, dead-letters and history show whole ids and reasons."""
+    sid = _long_id_db(tmp_path / "sessionfsm.db")
+    monkeypatch.setenv("COLUMNS", "80")
+    if terminal:
+        monkeypatch.setattr("sessionfsm.cli._is_terminal", lambda: True)
+    out = sessionfsm_cli("dead-letters").stdout
+    assert ("│" in out) is terminal  # rich draws it on a terminal, plain text when piped
+    assert sid in out
+    assert "…" not in out
+    history = sessionfsm_cli("history", sid).stdout
+    assert "PayloadTooLarge" in history
+    assert "2026-11-30T" in history  # ISO-8601 UTC
+    assert "…" not in history
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("simulate", "no-such-scenario.toml"),
+        ("simulate", "--policy", "no-such-policy.toml"),
+        ("status", "--db", "no-such.db"),
+        ("redrive", "--all", "--db", "no-such.db"),
+    ],
+)
+def test_a_missing_file_is_the_callers_mistake_exit_2(
+    sessionfsm_cli: Cli, args: tuple[str, ...]
+) -> None:
+    """Every missing file named on the command line exits 2 (usage), in one line."""
+    message = _one_line_error(sessionfsm_cli(*args), code=2)
+    assert "no-such" in message
+
+
+def test_demo_prints_sentences_not_dicts(sessionfsm_cli: Cli) -> None:
+    """demo ends with a readable summary line, and its help says what it shows."""
+    result = sessionfsm_cli("demo")
+    assert result.exit_code == 0, result.output
+    assert "relay link: up" in result.stdout
+    assert "{" not in result.stdout
+    assert "scripted relay" in sessionfsm_cli("demo", "--help").stdout
