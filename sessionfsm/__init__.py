@@ -26,11 +26,20 @@ from ._errors import (
 from .engine import Batch, Engine, LinkView, SessionView
 from .machine import Lane, LinkState, SessionState
 from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
-from .runner import LinkEvent, LinkReporter, Runner, SyncRunner, Transport, run_until_idle
+from .runner import (
+    AckResult,
+    LinkEvent,
+    LinkReporter,
+    Runner,
+    SyncRunner,
+    Transport,
+    run_until_idle,
+)
 from .sqlite_store import SqliteStore
 from .store import Change, Delta, HistoryRetention, MemoryStore, Snapshot, Store
 
 __all__ = [
+    "AckResult",
     "Batch",
     "Change",
     "Delta",

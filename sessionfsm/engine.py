@@ -78,13 +78,22 @@ _CLOSED_MEMORY: Final = 4096
 
 
 class Batch(msgspec.Struct, frozen=True):
-    """Sessions to send together. You send them and pass ``id`` back with the ack."""
+    """Sessions to send together. You send them and pass ``id`` back with the ack.
+
+    * ``id``: the batch's number, unique in this engine (and across restarts
+      on a store); pass it to ``on_ack``.
+    * ``lane``: ``incremental`` or ``backfill``.
+    * ``session_ids``: the sessions to send, in queue order.
+    * ``sent_at``: the engine time of the ``tick`` that formed it, in seconds
+      on the clock you pass as ``now``.
+    * ``deadline``: ``sent_at + policy.ack_timeout_s``, same clock: with no
+      ack by then, the engine times the batch out itself.
+    """
 
     id: int
     lane: Lane
     session_ids: tuple[str, ...]
     sent_at: float
-    #: After this the engine times the batch out itself.
     deadline: float
 
 

@@ -113,7 +113,26 @@ class ReasonPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Every number the engine uses. Immutable; build a new one to change it."""
+    """Every number the engine uses. Immutable; build a new one to change it.
+
+    Times are in seconds; counts are sessions or batches.
+
+    * ``batch_size`` (10): at most this many sessions in one incremental batch.
+    * ``incremental_interval_s`` (30): at least this long between two
+      incremental batches.
+    * ``backfill_batch_size`` (10), ``backfill_interval_s`` (0): the same for
+      the backfill lane.
+    * ``max_in_flight`` (1): at most this many batches awaiting an ack at once.
+    * ``ack_timeout_s`` (30): a batch with no ack after this long is timed out
+      by the engine itself.
+    * ``tick_interval_s`` (5): how often a runner calls ``tick``.
+    * ``max_backoff_s`` (3600): no retry is scheduled further out than this
+      (also caps retry times read back from a store after a clock jump).
+    * ``ack_timeout``, ``rate_limited``, ``payload_too_large``: a
+      :class:`ReasonPolicy` each: threshold, backoff, retry-after handling.
+    * ``relay_pause``: how long the link stays paused after the n-th
+      consecutive ``RelayUnavailable``; grows, capped; never charged.
+    """
 
     #: At most this many sessions in one incremental batch.
     batch_size: int = 10

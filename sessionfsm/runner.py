@@ -421,7 +421,7 @@ class SyncRunner:
         self,
         engine: Engine,
         relay: SyncRelay,
-        clock: Any = None,
+        clock: Callable[[], float] | None = None,
         *,
         latency: float = 0.5,
         sleep: Callable[[float], Any] | None = None,
@@ -517,7 +517,7 @@ class SyncRunner:
 def run_until_idle(
     engine: Engine,
     relay: SyncRelay | Transport,
-    clock: Any = None,
+    clock: Callable[[], float] | None = None,
     *,
     latency: float = 0.5,
     max_seconds: float = 86_400.0,
