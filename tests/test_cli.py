@@ -473,3 +473,36 @@ def test_demo_prints_sentences_not_dicts(sessionfsm_cli: Cli) -> None:
     assert "relay link: up" in result.stdout
     assert "{" not in result.stdout
     assert "scripted relay" in sessionfsm_cli("demo", "--help").stdout
+
+
+def test_plot_into_a_missing_directory_fails_before_the_run(sessionfsm_cli: Cli) -> None:
+    """--plot /nonexistent/x.svg is refused at once: no simulation, no database written."""
+    message = _one_line_error(sessionfsm_cli("simulate", "--plot", "/nonexistent/x.svg"), code=2)
+    assert "no directory '/nonexistent'" in message
+    assert not Path("sessionfsm.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--thresholds", "3,5"), "--thresholds only mean something with --sweep"),
+        (("--backoffs", "fixed:10"), "--backoffs only mean something with --sweep"),
+        (("--sweep", "--db", "x.db"), "--sweep runs in memory and writes no database"),
+        (("--sweep", "--fresh"), "--sweep runs in memory and writes no database"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(
+    sessionfsm_cli: Cli, args: tuple[str, ...], words: str
+) -> None:
+    """A flag that the chosen mode would silently ignore is a usage error instead."""
+    result = sessionfsm_cli("simulate", "slow-throttle", *args)
+    assert result.exit_code == 2
+    assert words in result.stderr
+    assert not Path("x.db").exists()
+
+
+def test_list_json_prints_json(sessionfsm_cli: Cli) -> None:
+    """simulate --list --json prints the shipped scenarios as JSON, not text."""
+    data = _json(sessionfsm_cli("simulate", "--list", "--json"))
+    assert {entry["name"] for entry in data} >= {"incident", "slow-throttle", "steady"}
+    assert all(entry["description"] for entry in data)

@@ -296,11 +296,30 @@ def command(
     is replaced; one holding anything else is refused unless --fresh.
     """
     if list_only:
-        for name in scenario_names():
-            click.echo(f"{name:20} {load_scenario(name).description}")
+        shipped = {name: load_scenario(name).description for name in scenario_names()}
+        if as_json:
+            click.echo(
+                msgspec.json.encode([{"name": n, "description": d} for n, d in shipped.items()])
+            )
+            return
+        for name, description in shipped.items():
+            click.echo(f"{name:20} {description}")
         return
+    given = {
+        name
+        for name in ("db", "fresh", "thresholds", "backoffs")
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    }
     if plot is not None and do_sweep:
         raise click.UsageError("--plot draws one run; it cannot be combined with --sweep")
+    if do_sweep and given & {"db", "fresh"}:
+        raise click.UsageError(
+            "--sweep runs in memory and writes no database; drop --db/--fresh, "
+            "or run without --sweep to persist one run"
+        )
+    if not do_sweep and given & {"thresholds", "backoffs"}:
+        flags = " and ".join(f"--{name}" for name in sorted(given & {"thresholds", "backoffs"}))
+        raise click.UsageError(f"{flags} only mean something with --sweep; add --sweep")
     if scenario not in scenario_names() and not Path(scenario).exists():
         raise click.BadParameter(
             f"no shipped scenario {scenario!r} and no such file "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ def check_plot_target(path: Path) -> None:
     """Fail early, before a long run: a supported suffix and matplotlib present."""
     if path.suffix.lower() not in _FORMATS:
         raise PlotError(f"plot file must end in .png or .svg, got {str(path)!r}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise PlotError(f"cannot write the plot {str(path)!r}: no directory {str(folder)!r}")
+    if not os.access(folder, os.W_OK):
+        raise PlotError(f"cannot write the plot {str(path)!r}: {str(folder)!r} is not writable")
     if importlib.util.find_spec("matplotlib") is None:
         raise PlotError(
             "plotting needs matplotlib, which is not installed: pip install 'sessionfsm[plot]'"
