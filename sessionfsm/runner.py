@@ -45,7 +45,7 @@ from . import acks
 from ._errors import InvalidAck, UsageError
 from ._log import get_logger
 from .engine import Batch, Engine
-from .machine import Lane, LinkState
+from .machine import Lane, LinkState, SessionState
 from .store import Store
 
 __all__ = [
@@ -284,15 +284,17 @@ class Runner:
         limit = math.inf if max_seconds is None else self.now() + max_seconds
         while not self._stopping:
             now = self.now()
-            if now > limit:
-                raise TimeoutError(f"not idle after {max_seconds:g} s: {_counts(engine)}")
             batches = engine.tick(now)
             self._cancel_overdue(now)
             for batch in batches:
                 self._start(batch)
             if until_idle and engine.idle():
                 return
-            await self._pause(next_delay(engine, now))
+            if now >= limit:
+                raise TimeoutError(f"not idle after {max_seconds:g} s: {_counts(engine)}")
+            # Never sleep past the limit: max_seconds=3 gives up at 3 s, not
+            # at the next tick after it.
+            await self._pause(min(next_delay(engine, now), limit - now))
 
     def _start(self, batch: Batch) -> None:
         self.stats["sent"] += 1
@@ -382,10 +384,15 @@ class Runner:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self._sends.clear()
+        counts = self.engine.counts()
         self._log.info(
             "sessionfsm.runner_stopped",
-            sessions_in_flight=cut,
-            counts={state.value: n for state, n in self.engine.counts().items() if n},
+            # Sends cancelled just now, and every session the engine still
+            # has in flight (those plus any whose send failed or whose answer
+            # never came): the next start resends all of the latter.
+            sessions_cut_off=cut,
+            sessions_in_flight=counts[SessionState.IN_FLIGHT],
+            counts={state.value: n for state, n in counts.items() if n},
         )
         if self._close:
             self.engine.close()

@@ -603,3 +603,24 @@ def test_run_until_idle_leaves_the_engine_open(tmp_path: Path) -> None:
         run_until_idle(engine, _Transport())
         engine.enqueue("b")  # saved: the store is still open
         assert engine.state("b") is SessionState.QUEUED
+
+
+def test_runner_max_seconds_gives_up_on_time_and_says_what_is_in_flight(
+    logs: list[dict[str, Any]],
+) -> None:
+    """run(max_seconds=3) stops at 3 s, not at the next 5 s tick, and its stop log adds up."""
+
+    class Failing:
+        async def send(self, batch: Batch) -> AckResult:
+            raise RuntimeError("the relay client crashed")
+
+    engine = Engine(Policy())
+    engine.enqueue("a", now=0.0)
+    clock = FakeClock()
+    with pytest.raises(TimeoutError, match="not idle after 3 s"):
+        asyncio.run(_runner(engine, Failing(), clock).run(until_idle=True, max_seconds=3))
+    assert clock.now == 3.0
+    (stopped,) = [e for e in logs if e["event"] == "sessionfsm.runner_stopped"]
+    assert stopped["counts"] == {"in_flight": 1}
+    assert stopped["sessions_in_flight"] == 1  # the one the next start resends
+    assert stopped["sessions_cut_off"] == 0  # its send had already failed
