@@ -220,3 +220,15 @@ def checked_two_sessions() -> Any:
     from sessionfsm.check import explore
 
     return explore(sessions=2)
+
+
+@pytest.fixture
+def matplotlib_or_fail() -> Any:
+    """matplotlib (the ``plot`` extra); a test needing it skips locally, fails under CI."""
+    try:
+        import matplotlib
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("matplotlib is missing: install '.[test]', which includes the plot extra")
+        pytest.skip("matplotlib is not installed (pip install 'sessionfsm[plot]')")
+    return matplotlib

@@ -197,9 +197,10 @@ def test_simulate_plot_without_matplotlib_says_what_to_install(
     assert not (tmp_path / "sessionfsm.db").exists()
 
 
-def test_simulate_plot_writes_the_timeline(sessionfsm_cli: Cli, tmp_path: Path) -> None:
+def test_simulate_plot_writes_the_timeline(
+    sessionfsm_cli: Cli, tmp_path: Path, matplotlib_or_fail: Any
+) -> None:
     """--plot FILE.svg writes the timeline next to the summary."""
-    pytest.importorskip("matplotlib")
     result = sessionfsm_cli("simulate", "incident", "--plot", "t.svg")
     assert result.exit_code == 0, result.output
     assert "timeline written to t.svg" in result.stdout
@@ -506,3 +507,19 @@ def test_list_json_prints_json(sessionfsm_cli: Cli) -> None:
     data = _json(sessionfsm_cli("simulate", "--list", "--json"))
     assert {entry["name"] for entry in data} >= {"incident", "slow-throttle", "steady"}
     assert all(entry["description"] for entry in data)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "shaded"),
+    [("incident", "flap: RelayUnavailable"), ("slow-throttle", "throttle")],
+)
+def test_the_plot_shades_the_incident(
+    sessionfsm_cli: Cli, tmp_path: Path, matplotlib_or_fail: Any, scenario: str, shaded: str
+) -> None:
+    """The timeline shades the scenario's outages and throttles, labelled, at a readable size."""
+    result = sessionfsm_cli("simulate", scenario, "--plot", "t.svg")
+    assert result.exit_code == 0, result.output
+    svg = (tmp_path / "t.svg").read_text()
+    assert shaded in svg  # the legend names the shaded span
+    width = float(re.search(r'<svg[^>]* width="([0-9.]+)pt"', svg).group(1))  # type: ignore[union-attr]
+    assert width >= 12 * 72  # 12 inches, not the old 9
