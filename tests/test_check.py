@@ -168,14 +168,13 @@ def _first_violation(factory: Callable[[Policy], Engine], sessions: int = 2) -> 
 
 def test_check_two_sessions_whole_space_holds(checked_two_sessions: CheckResult) -> None:
     """Two sessions, both lanes, the small policy: every reachable state is
-    explored to the fixpoint and every property holds, well under a minute."""
+    explored to the fixpoint and every property holds."""
     result = checked_two_sessions
     assert result.violations == []
     assert result.complete
     assert result.states > 10_000
     assert result.transitions > 10 * result.states
     assert set(result.invariants) == set(INVARIANTS)
-    assert result.seconds < 40
 
 
 def test_check_counts_every_property_once_per_transition(
