@@ -112,8 +112,10 @@ class Engine:
     """The session engine. Not thread-safe: drive it from one task or thread.
 
     You pass a :class:`Policy`, optionally a ``store`` to persist to (the
-    engine recovers from it at once), a ``rng`` for backoff jitter (seed it
-    for reproducible runs), and ``log=False`` to skip logging entirely.
+    engine recovers from it at once, and owns it from then on: ``close()``,
+    or leaving ``with Engine(...) as engine:``, closes it), a ``rng`` for
+    backoff jitter (seed it for reproducible runs), and ``log=False`` to skip
+    logging entirely (a runner driving the engine follows it).
     ``runtime="reference"`` drives real python-statemachine instances instead
     of the compiled table; it is for tests and benchmarks only.
     """
