@@ -277,6 +277,8 @@ _CONSTANT: Final = (
     "_lane_size",
     "_lane_interval",
     "_store",
+    # Only close() sets it, and the checker's engines have no store to close.
+    "_store_closed",
 )
 _SHARED: Final = frozenset(_CONSTANT) | frozenset(
     {
