@@ -232,7 +232,7 @@ def _when(at: float | None) -> str:
         return ""
     if at >= 1e9:  # wall-clock seconds: a service's, or a redrive's
         return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="seconds")
-    return f"{at:,.3f} s"  # simulated seconds
+    return f"{at:,.3f} s (sim)"  # simulated seconds, labelled as such
 
 
 def _echo_json(data: Any) -> None:

@@ -523,3 +523,10 @@ def test_the_plot_shades_the_incident(
     assert shaded in svg  # the legend names the shaded span
     width = float(re.search(r'<svg[^>]* width="([0-9.]+)pt"', svg).group(1))  # type: ignore[union-attr]
     assert width >= 12 * 72  # 12 inches, not the old 9
+
+
+def test_simulated_times_are_labelled_in_tables(simulated: Cli) -> None:
+    """On a simulation's database, times in tables say they are simulated seconds."""
+    out = simulated("dead-letters").stdout
+    assert re.search(r"big-0001 +RateLimited +[0-9]+ +[0-9.,]+ s \(sim\)", out), out
+    assert "(sim)" in simulated("status").stdout
