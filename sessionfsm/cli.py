@@ -203,6 +203,25 @@ main.add_command(check_command)
 _DB_HELP = "SQLite database of the engine (written by a service or `simulate`)."
 
 
+class _Reason(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A charged ack reason, in any case (``ratelimited`` is ``RateLimited``)."""
+
+    name = "reason"
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join(CHARGED_REASONS) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        by_key = {reason.lower(): reason for reason in CHARGED_REASONS}
+        found = by_key.get(str(value).lower())
+        if found is None:
+            self.fail(f"{value!r} is not an ack reason: use one of {', '.join(CHARGED_REASONS)}")
+        return found
+
+
+_REASON = _Reason()
+
+
 def _db_option(func: Any) -> Any:
     return click.option(
         "--db",
@@ -310,7 +329,7 @@ def status(db: Path, as_json: bool) -> None:
 @_db_option
 @click.option(
     "--reason",
-    type=click.Choice(CHARGED_REASONS, case_sensitive=False),
+    type=_REASON,
     help="Only the dead letters of this reason (any case).",
 )
 @_json_option
@@ -385,7 +404,7 @@ def history(session_id: str, db: Path, limit: int | None, as_json: bool) -> None
 @click.option("--all", "redrive_all", is_flag=True, help="Redrive every dead letter.")
 @click.option(
     "--reason",
-    type=click.Choice(CHARGED_REASONS, case_sensitive=False),
+    type=_REASON,
     help="Redrive the dead letters of this reason (any case).",
 )
 @click.option(

@@ -530,3 +530,10 @@ def test_simulated_times_are_labelled_in_tables(simulated: Cli) -> None:
     out = simulated("dead-letters").stdout
     assert re.search(r"big-0001 +RateLimited +[0-9]+ +[0-9.,]+ s \(sim\)", out), out
     assert "(sim)" in simulated("status").stdout
+
+
+def test_a_bad_reason_lists_the_reasons_as_spelt(sessionfsm_cli: Cli) -> None:
+    """--reason bogus is a usage error naming AckTimeout, RateLimited, PayloadTooLarge."""
+    result = sessionfsm_cli("dead-letters", "--reason", "bogus")
+    assert result.exit_code == 2
+    assert "use one of AckTimeout, RateLimited, PayloadTooLarge" in result.stderr
