@@ -291,8 +291,27 @@ def _mermaid(table: Table, policy: Policy) -> str:
             out.append(f'    state "{names[state]}" as {ids[state]}')
     out.append(f"    [*] --> {ids[table.initial]}")
     for edge in _edges(table, policy):
+        # Mermaid cannot dash an edge, so a row the policy makes impossible is
+        # left out of its picture (the transition table still lists it), and
+        # an edge with only such rows is not drawn at all.
+        lines = [line for line in edge.lines if not line.never]
+        if not lines:
+            continue
+        wrap = any(len(line.text) > _WRAP for line in lines)
+        texts = []
+        for line in lines:
+            # As _label does: if one row wraps, all do, so the rows line up.
+            if wrap and line.guard and line.effects:
+                rows = [f"{line.row.event} [{line.guard}]", "/ " + ", ".join(line.effects)]
+            else:
+                rows = [line.text]
+            # Several rows on one edge each start with a bullet, so that two
+            # events never read as one label ("settle bounced").
+            if len(lines) > 1:
+                rows[0] = "• " + rows[0]
+            texts.extend(rows)
         # Mermaid ends a label at ':' or ';', and renders <br> as a line break.
-        label = "<br>".join(text.replace(":", " ").replace(";", ",") for text in _label(edge.lines))
+        label = "<br>".join(text.replace(":", " ").replace(";", ",") for text in texts)
         out.append(f"    {ids[edge.source]} --> {ids[edge.target]}: {label}")
     out.extend(f"    {ids[state]} --> [*]" for state in _final(table))
     return "\n".join(out) + "\n"

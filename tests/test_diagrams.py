@@ -401,3 +401,15 @@ def test_diagrams_writes_only_where_it_is_told(
     assert readme.read_text(encoding="utf-8") == "# their project\n\n## Usage\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "drawn"]
     assert "diagrams" not in runner.invoke(main, ["--help"]).output
+
+
+def test_mermaid_draws_only_takeable_rows_and_keeps_events_apart() -> None:
+    """The Mermaid picture leaves out rows the policy makes impossible and bullets each row
+    of a shared edge, so `settle` and `bounced` never read as one label."""
+    mmd = generate()["session.mmd"]
+    assert "never" not in mmd
+    assert "rejected [never" in generate()["session-table.md"]  # the table still lists it
+    (to_queued,) = [line for line in mmd.splitlines() if "in_flight --> queued:" in line]
+    assert to_queued.endswith(": • acked [changed in flight] / settle<br>• bounced")
+    (to_synced,) = [line for line in mmd.splitlines() if "in_flight --> synced:" in line]
+    assert "•" not in to_synced  # one row, no bullet
