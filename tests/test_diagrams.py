@@ -408,7 +408,7 @@ def test_mermaid_draws_only_takeable_rows_and_keeps_events_apart() -> None:
     of a shared edge, so `settle` and `bounced` never read as one label."""
     mmd = generate()["session.mmd"]
     assert "never" not in mmd
-    assert "rejected [never" in generate()["session-table.md"]  # the table still lists it
+    assert "| never, payload_too_large not retryable" in generate()["session-table.md"]
     (to_queued,) = [line for line in mmd.splitlines() if "in_flight --> queued:" in line]
     assert to_queued.endswith(": • acked [changed in flight] / settle<br>• bounced")
     (to_synced,) = [line for line in mmd.splitlines() if "in_flight --> synced:" in line]
