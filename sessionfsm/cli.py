@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -450,9 +451,13 @@ def redrive(
     try:
         store = SqliteStore(db)
     except StoreLocked as exc:
+        # The store's own advice (readonly=True) is for Python callers; say it
+        # in the command line's words, keeping the holder's pid.
+        pid = re.search(r"\(pid (\w+)\)", str(exc))
+        holder = f" (pid {pid.group(1)})" if pid else ""
         raise StoreLocked(
-            f"cannot redrive in {str(db)!r}: a running service holds it ({exc}). Stop the "
-            "service first; `sessionfsm status` and `dead-letters` can read it meanwhile"
+            f"cannot redrive in {str(db)!r}: another process holds it for writing{holder}. "
+            "Stop the service first; `sessionfsm status` and `dead-letters` read it meanwhile"
         ) from None
     with Engine(policy, store=store) as engine:
         # A simulation's clock starts at 0: wall-clock time would jump it by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -332,7 +333,10 @@ def test_redrive_refuses_a_database_a_service_holds(simulated: Cli, tmp_path: Pa
     """While a service holds the database, redrive fails in one line and status still works."""
     holder = SqliteStore(tmp_path / "sessionfsm.db")
     try:
-        assert "holds it for writing" in _one_line_error(simulated("redrive", "--all"))
+        message = _one_line_error(simulated("redrive", "--all"))
+        assert f"holds it for writing (pid {os.getpid()})" in message
+        assert "Stop the service first" in message
+        assert "readonly=True" not in message  # a Python argument, not a command-line one
         assert _json(simulated("status", "--json"))["counts"]["dead_lettered"] == 1
     finally:
         holder.close()
