@@ -81,7 +81,9 @@ What is measured
    within 3x). The absolute figures are printed for information only.
 
 5. **Start-up**: enqueue N sessions into a new engine, against the floor's
-   enqueue (a record, a dict insert and a deque append).
+   enqueue (a record, a dict insert and a deque append); and on a new SQLite
+   file, N sessions with one ``enqueue_many`` (one transaction) against
+   ``enqueue`` one call (one transaction) each, for at most 10k of them.
 """
 
 from __future__ import annotations
@@ -233,6 +235,11 @@ class Startup(msgspec.Struct, frozen=True):
     engine_s: Stat
     floor_s: Stat
     engine_over_floor: Stat
+    #: ``enqueue_many`` of all ``sessions`` into an engine on a new SQLite file.
+    sqlite_many_s: Stat | None = None
+    #: ``enqueue`` one call (one transaction) each, for ``sqlite_each_sessions``.
+    sqlite_each_sessions: int = 0
+    sqlite_each_s: Stat | None = None
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -1221,11 +1228,35 @@ def startup(n: int, repeat: int, ids: Sequence[str] | None = None) -> Startup:
                 enqueue(sid)
             samples.append(time.perf_counter() - start)
             del impl, enqueue
+    from sessionfsm.sqlite_store import SqliteStore
+
+    each_n = min(n, 10_000)
+    many_s: list[float] = []
+    each_s: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(repeat):
+            for samples, count in ((many_s, n), (each_s, each_n)):
+                path = Path(tmp) / f"startup-{round_}-{count}-{len(samples)}.db"
+                engine = Engine(Policy(), store=SqliteStore(path), log=False)
+                gc.collect()
+                start = time.perf_counter()
+                if samples is many_s:
+                    engine.enqueue_many(ids, now=0.0)
+                else:
+                    for sid in ids[:count]:
+                        engine.enqueue(sid, now=0.0)
+                samples.append(time.perf_counter() - start)
+                engine.close()
+                del engine
+                path.unlink()
     return Startup(
         sessions=n,
         engine_s=Stat.of(engine_s),
         floor_s=Stat.of(floor_s),
         engine_over_floor=Stat.of([a / b for a, b in zip(engine_s, floor_s, strict=True)]),
+        sqlite_many_s=Stat.of(many_s),
+        sqlite_each_sessions=each_n,
+        sqlite_each_s=Stat.of(each_s),
     )
 
 
@@ -1463,6 +1494,10 @@ def rows(report: Report) -> list[tuple[str, str, str, str, str]]:
     add("start-up: engine enqueue", s.sessions, s.engine_s, "s")
     add("start-up: floor enqueue", s.sessions, s.floor_s, "s")
     add("  engine / floor", s.sessions, s.engine_over_floor, "x")
+    if s.sqlite_many_s is not None:
+        add("start-up: SQLite, enqueue_many", s.sessions, s.sqlite_many_s, "s")
+    if s.sqlite_each_s is not None:
+        add("start-up: SQLite, enqueue each", s.sqlite_each_sessions, s.sqlite_each_s, "s")
     return out
 
 
@@ -1503,6 +1538,11 @@ def render(report: Report, file: Any = None) -> None:
         f"load average {m.load_before:.2f} before, {m.load_after:.2f} after; "
         f"{report.elapsed_s:.0f} s in all"
     )
+    if report.mode == "quick":
+        console.print(
+            "quick run: a smoke test at small sizes. A MISS here means nothing: the targets "
+            "are set for the full sizes; judge them with `sessionfsm bench --check`."
+        )
 
 
 @click.command("bench")

@@ -28,11 +28,20 @@ from .listeners import BatchEvent, Listener, Report
 from .machine import Lane, LinkState, SessionState
 from .policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
 from .records import Change, Delta, Snapshot
-from .runner import LinkEvent, LinkReporter, Runner, SyncRunner, Transport, run_until_idle
+from .runner import (
+    AckResult,
+    LinkEvent,
+    LinkReporter,
+    Runner,
+    SyncRunner,
+    Transport,
+    run_until_idle,
+)
 from .sqlite_store import SqliteStore
 from .store import HistoryRetention, MemoryStore, Store, StoreReader
 
 __all__ = [
+    "AckResult",
     "Batch",
     "BatchEvent",
     "Change",

@@ -40,8 +40,9 @@ class UnknownSession(UsageError, KeyError):
 class TransitionNotAllowed(UsageError):
     """The declared machine has no transition for this event in this state."""
 
-    def __init__(self, event: str, session_id: str, state: str) -> None:
-        super().__init__(f"cannot apply {event} to session {session_id!r} in state {state}")
+    def __init__(self, event: str, session_id: str, state: str, why: str | None = None) -> None:
+        message = f"cannot apply {event} to session {session_id!r} in state {state}"
+        super().__init__(f"{message}: {why}" if why else message)
         self.event = event
         self.session_id = session_id
         self.state = state

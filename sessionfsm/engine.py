@@ -32,10 +32,12 @@ since lanes are only ever promoted).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import random
 import reprlib
+import sys
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -84,13 +86,22 @@ _CLOSED_MEMORY: Final = 4096
 
 
 class Batch(msgspec.Struct, frozen=True):
-    """Sessions to send together. You send them and pass ``id`` back with the ack."""
+    """Sessions to send together. You send them and pass ``id`` back with the ack.
+
+    * ``id``: the batch's number, unique in this engine (and across restarts
+      on a store); pass it to ``on_ack``.
+    * ``lane``: ``incremental`` or ``backfill``.
+    * ``session_ids``: the sessions to send, in queue order.
+    * ``sent_at``: the engine time of the ``tick`` that formed it, in seconds
+      on the clock you pass as ``now``.
+    * ``deadline``: ``sent_at + policy.ack_timeout_s``, same clock: with no
+      ack by then, the engine times the batch out itself.
+    """
 
     id: int
     lane: Lane
     session_ids: tuple[str, ...]
     sent_at: float
-    #: After this the engine times the batch out itself.
     deadline: float
 
 
@@ -138,8 +149,10 @@ class Engine:
     """The session engine. Not thread-safe: drive it from one task or thread.
 
     You pass a :class:`Policy`, optionally a ``store`` to persist to (the
-    engine recovers from it at once), a ``rng`` for backoff jitter (seed it
-    for reproducible runs), and ``log=False`` to skip logging entirely.
+    engine recovers from it at once, and owns it from then on: ``close()``,
+    or leaving ``with Engine(...) as engine:``, closes it), a ``rng`` for
+    backoff jitter (seed it for reproducible runs), and ``log=False`` to skip
+    logging entirely (a runner driving the engine follows it).
     ``runtime="reference"`` drives real python-statemachine instances instead
     of the compiled table; it is for tests and benchmarks only. Tests may
     also pass a :class:`~sessionfsm.runtime.Runtime` object as ``runtime``
@@ -235,12 +248,63 @@ class Engine:
         # failed save) that the next save must still write.
         self._unsaved: dict[str, SessionRecord] = {}
         self._store = store
+        self._store_closed = False
         if store is not None:
             snapshot = store.load()
             if snapshot is not None:
                 self._recover(snapshot)
         for listener in listeners:
             self.subscribe(listener)
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def store(self) -> Store | None:
+        """The store this engine persists to (the one you passed), or None."""
+        return self._store
+
+    @property
+    def logs(self) -> bool:
+        """False if you built the engine with ``log=False``; a runner follows it."""
+        return self._logging
+
+    def close(self) -> None:
+        """Close the engine's store (if any) and release its file. Idempotent.
+
+        ``with Engine(policy, store=store) as engine:`` does this on the way
+        out. Calls that change state after this fail in the store.
+        """
+        if self._store is not None and not self._store_closed:
+            self._store_closed = True
+            self._store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # As files and sqlite3 connections do: an engine dropped with its store
+        # still open would hold the store's file (and its write lock) until
+        # the process exits. A store that someone else still holds is theirs
+        # to close (a simulation's caller reads it afterwards), so only the
+        # last holder warns; the count is CPython's: the attribute, the local
+        # and getrefcount's own argument.
+        store = getattr(self, "_store", None)
+        if store is None or getattr(self, "_store_closed", True):
+            return
+        if getattr(store, "closed", False) or sys.getrefcount(store) > 3:
+            return
+        warnings.warn(
+            f"sessionfsm.Engine dropped with its store {store!r} still open; "
+            "call engine.close() or use `with Engine(...) as engine:`",
+            ResourceWarning,
+            stacklevel=2,
+            source=self,
+        )
+        with contextlib.suppress(Exception):
+            self.close()
 
     # ------------------------------------------------------------------ input
 
@@ -256,15 +320,54 @@ class Engine:
         session enqueued as incremental is promoted; lanes never demote.
         ``now`` defaults to the latest time the engine has seen.
         """
+        lane_ = self._check_enqueue(session_id, lane)
+        if now is not None:
+            self._clock(now)
+        self._enqueue_one(session_id, lane_)
+        self._commit()
+
+    def enqueue_many(
+        self,
+        session_ids: Iterable[str],
+        lane: Lane | str = _INCREMENTAL,
+        *,
+        now: float | None = None,
+    ) -> int:
+        """Enqueue many sessions at once: one call, one store transaction.
+
+        Each id is treated as by :meth:`enqueue`, in order. Every id is checked
+        before any is applied, so a bad one raises ``UsageError`` and changes
+        nothing; the store gets all of them in one ``save``, so a crash leaves
+        either none or all. You get the number of ids applied.
+        """
+        if isinstance(session_ids, str):
+            raise UsageError(
+                f"enqueue_many takes an iterable of session ids, got the string {session_ids!r}"
+            )
+        ids = list(session_ids)
+        lane_: Lane = _INCREMENTAL
+        for session_id in ids:
+            lane_ = self._check_enqueue(session_id, lane)
+        if not ids:
+            self._check_enqueue("-", lane)
+            return 0
+        if now is not None:
+            self._clock(now)
+        for session_id in ids:
+            self._enqueue_one(session_id, lane_)
+        self._commit()
+        return len(ids)
+
+    def _check_enqueue(self, session_id: object, lane: Lane | str) -> Lane:
         check_session_id(session_id)
         lane_ = _LANES.get(lane) if isinstance(lane, str) else None
         if lane_ is None:
             raise UsageError(
                 f"lane must be one of {', '.join(Lane)}, got {lane!r} for session {session_id!r}"
             )
-        lane = lane_
-        if now is not None:
-            self._clock(now)
+        return lane_
+
+    def _enqueue_one(self, session_id: str, lane: Lane) -> None:
         rec = self._sessions.get(session_id)
         if rec is None:
             rec = SessionRecord(id=session_id, lane=lane)
@@ -273,7 +376,6 @@ class Engine:
             self._ready[lane].append(session_id)
             self._placed.append((session_id, False))
             self._pending.append((rec, None, _QUEUED, "enqueued", None, 0))
-            self._commit()
             return
         if lane is _INCREMENTAL and rec.lane is _BACKFILL:
             rec.lane = _INCREMENTAL
@@ -291,7 +393,6 @@ class Engine:
                 dead_letter_reason=rec.dead_letter_reason,
             )
         self._fire(rec, "changed", self._step.load(self._now))
-        self._commit()
 
     def tick(self, now: float) -> list[Batch]:
         """Advance to ``now``; return the batches to send now (often none).
@@ -433,7 +534,13 @@ class Engine:
         now = self._clock(now)
         if not self._fire(rec, "redriven", self._step.load(now)):
             self._now = before  # refused: nothing changed, not even the clock
-            raise TransitionNotAllowed("redriven", session_id, rec.state)
+            raise TransitionNotAllowed(
+                "redriven",
+                session_id,
+                rec.state,
+                f"only a dead-lettered session can be redriven, and {session_id!r} is "
+                f"{rec.state.value.replace('_', ' ')}",
+            )
         self._log.info("sessionfsm.redriven", session_id=session_id)
         self._commit()
 

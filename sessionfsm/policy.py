@@ -11,9 +11,11 @@ out-of-range values raise :class:`sessionfsm.InvalidPolicy`.
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -111,7 +113,26 @@ class ReasonPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Every number the engine uses. Immutable; build a new one to change it."""
+    """Every number the engine uses. Immutable; build a new one to change it.
+
+    Times are in seconds; counts are sessions or batches.
+
+    * ``batch_size`` (10): at most this many sessions in one incremental batch.
+    * ``incremental_interval_s`` (30): at least this long between two
+      incremental batches.
+    * ``backfill_batch_size`` (10), ``backfill_interval_s`` (0): the same for
+      the backfill lane.
+    * ``max_in_flight`` (1): at most this many batches awaiting an ack at once.
+    * ``ack_timeout_s`` (30): a batch with no ack after this long is timed out
+      by the engine itself.
+    * ``tick_interval_s`` (5): how often a runner calls ``tick``.
+    * ``max_backoff_s`` (3600): no retry is scheduled further out than this
+      (also caps retry times read back from a store after a clock jump).
+    * ``ack_timeout``, ``rate_limited``, ``payload_too_large``: a
+      :class:`ReasonPolicy` each: threshold, backoff, retry-after handling.
+    * ``relay_pause``: how long the link stays paused after the n-th
+      consecutive ``RelayUnavailable``; grows, capped; never charged.
+    """
 
     #: At most this many sessions in one incremental batch.
     batch_size: int = 10
@@ -184,6 +205,7 @@ def load_policy(source: str | Path | dict[str, Any]) -> Policy:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise InvalidPolicy(f"cannot read policy file {str(path)!r}: {exc}") from None
         where = f"policy file {str(path)!r}"
+    _check_names(data, Policy, where)
     try:
         # Merge over the defaults, so a file that sets only
         # ``rate_limited.backoff`` keeps ``rate_limited.threshold = 5`` rather
@@ -193,6 +215,36 @@ def load_policy(source: str | Path | dict[str, Any]) -> Policy:
         raise InvalidPolicy(f"{where}: {exc}") from None
     except msgspec.ValidationError as exc:
         raise InvalidPolicy(f"{where}: {exc}") from None
+
+
+def _check_names(data: object, struct: type[msgspec.Struct], where: str, path: str = "") -> None:
+    """Refuse a misspelt field by name, with the closest real one if any."""
+    if not isinstance(data, dict):
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            if key == "type" and struct.__struct_config__.tag is not None:
+                continue
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean {f'{path}{close[0]}'!r}?)" if close else ""
+            known = ", ".join(fields)
+            raise InvalidPolicy(
+                f"{where}: unknown field {f'{path}{key}'!r}{hint}; the fields are: {known}"
+            )
+        for member in _struct_members(field.type):
+            if isinstance(value, dict) and (
+                len(_struct_members(field.type)) == 1
+                or value.get("type") == member.__struct_config__.tag
+            ):
+                _check_names(value, member, where, f"{path}{key}.")
+
+
+def _struct_members(annotation: object) -> list[type[msgspec.Struct]]:
+    """The Struct types an annotation allows (one, or the members of a union)."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    return [c for c in candidates if isinstance(c, type) and issubclass(c, msgspec.Struct)]
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ Both loops decide when to tick with the same rule (:func:`next_delay`), so a
 simulation is scheduled exactly as a live service would be.
 
 Persistence needs nothing from the runner: the engine hands its store one
-delta after every call. The runner only closes the store on the way out.
+delta after every call. The runner only closes the engine (and so its store) on the way out.
 Delivery is at least once: sessions whose send was cut short by a shutdown
 are still ``in_flight`` in the store, and the next engine recovers them as
 ``queued``.
@@ -45,7 +45,7 @@ from . import acks
 from ._errors import InvalidAck, SessionFSMError, StoreError, UsageError
 from ._log import get_logger
 from .engine import Batch, Engine
-from .machine import Lane
+from .machine import Lane, SessionState
 from .records import Change
 from .store import Store
 
@@ -189,7 +189,10 @@ class Runner:
 
     You pass the engine, the transport and, optionally:
 
-    * ``store``: the engine's store; the runner closes it when it stops;
+    * ``store``: leave it out: the runner uses the engine's own store
+      (``Engine(policy, store=store)``) and closes it, with the engine, when
+      it stops. Passing a store the engine was not given raises
+      ``UsageError``, since the engine would persist nothing to it;
     * ``clock``: seconds as a float, ``time.time`` by default. The engine
       only ever sees times read from it;
     * ``sleep``: an ``async`` function that waits the given seconds
@@ -197,9 +200,13 @@ class Runner:
       advances it, and the loop runs without real waiting;
     * ``grace_s``: on a requested stop (``stop()``, SIGINT, SIGTERM), how
       long to wait for sends already under way so their answers are not
-      wasted. A cancelled ``run()`` does not wait.
+      wasted. A cancelled ``run()`` does not wait;
     * ``unavailable``: decides which exceptions from ``send`` mean the relay
-      is not connected (:func:`means_unavailable` by default).
+      is not connected (:func:`means_unavailable` by default);
+    * ``log``: False to log nothing; by default the runner logs when the
+      engine does (``Engine(log=False)`` silences both);
+    * ``close``: False to leave the engine and its store open when ``run()``
+      returns (to inspect or reuse them); by default they are closed.
 
     A save that fails (``StoreError``) while running stops the runner:
     ``run()`` cancels the sends, closes the store and raises that error,
@@ -217,16 +224,31 @@ class Runner:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] | None = None,
         grace_s: float = 5.0,
-        log: bool = True,
+        log: bool | None = None,
         unavailable: Callable[[BaseException], bool] = means_unavailable,
+        close: bool = True,
     ) -> None:
+        if not isinstance(engine, Engine):
+            raise UsageError(f"engine must be a sessionfsm.Engine, got {engine!r}")
         if not isinstance(transport, Transport):
             raise UsageError(f"transport must have an async send(batch), got {transport!r}")
         if not (isinstance(grace_s, (int, float)) and math.isfinite(grace_s) and grace_s >= 0):
             raise UsageError(f"grace_s must be a finite number >= 0, got {grace_s!r}")
+        if store is not None and store is not engine.store:
+            if engine.store is None:
+                raise UsageError(
+                    f"the store {store!r} was given to the Runner but not to the Engine, "
+                    "which would persist nothing to it: pass it once, as "
+                    "Engine(policy, store=store), and leave it out of Runner(...)"
+                )
+            raise UsageError(
+                f"the Runner's store {store!r} is not the engine's store {engine.store!r}: "
+                "leave store out of Runner(...); it uses the engine's"
+            )
         self.engine = engine
         self.transport = transport
-        self.store = store
+        #: The engine's store (``engine.store``), closed with it when the runner stops.
+        self.store: Store | None = engine.store
         self._clock = clock
         self._sleep = sleep if sleep is not None else asyncio.sleep
         self._grace_s = float(grace_s)
@@ -235,7 +257,8 @@ class Runner:
         self._failure: SessionFSMError | None = None
         # Set once run() has closed the store: nothing can be saved any more.
         self._closed = False
-        self._log = get_logger(log)
+        self._log = get_logger(engine.logs if log is None else log)
+        self._close = close
         self._sends: dict[int, tuple[Batch, asyncio.Task[None]]] = {}
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -341,15 +364,17 @@ class Runner:
         limit = math.inf if max_seconds is None else self.now() + max_seconds
         while not self._stopping:
             now = self.now()
-            if now > limit:
-                raise TimeoutError(f"not idle after {max_seconds:g} s: {_counts(engine)}")
             batches = engine.tick(now)
             self._cancel_overdue(now)
             for batch in batches:
                 self._start(batch)
             if until_idle and engine.idle():
                 return
-            await self._pause(next_delay(engine, now))
+            if now >= limit:
+                raise TimeoutError(f"not idle after {max_seconds:g} s: {_counts(engine)}")
+            # Never sleep past the limit: max_seconds=3 gives up at 3 s, not
+            # at the next tick after it.
+            await self._pause(min(next_delay(engine, now), limit - now))
 
     def _start(self, batch: Batch) -> None:
         self.stats["sent"] += 1
@@ -452,13 +477,18 @@ class Runner:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self._sends.clear()
+        counts = self.engine.sessions_by_state()
         self._log.info(
             "sessionfsm.runner_stopped",
-            sessions_in_flight=cut,
-            counts={state.value: n for state, n in self.engine.sessions_by_state().items() if n},
+            # Sends cancelled just now, and every session the engine still
+            # has in flight (those plus any whose send failed or whose answer
+            # never came): the next start resends all of the latter.
+            sessions_cut_off=cut,
+            sessions_in_flight=counts[SessionState.IN_FLIGHT],
+            counts={state.value: n for state, n in counts.items() if n},
         )
-        if self.store is not None:
-            self.store.close()
+        if self._close:
+            self.engine.close()
             self._closed = True
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
@@ -513,7 +543,7 @@ class SyncRunner:
         self,
         engine: Engine,
         relay: SyncRelay,
-        clock: Any = None,
+        clock: Callable[[], float] | None = None,
         *,
         latency: float = 0.5,
         sleep: Callable[[float], Any] | None = None,
@@ -613,7 +643,7 @@ class SyncRunner:
 def run_until_idle(
     engine: Engine,
     relay: SyncRelay | Transport,
-    clock: Any = None,
+    clock: Callable[[], float] | None = None,
     *,
     latency: float = 0.5,
     max_seconds: float = 86_400.0,
@@ -645,7 +675,7 @@ def run_until_idle(
             advance(seconds)
 
         sleep = fake_sleep
-    runner = Runner(engine, relay, clock=clock, sleep=sleep, grace_s=0.0)
+    runner = Runner(engine, relay, clock=clock, sleep=sleep, grace_s=0.0, close=False)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -299,6 +299,11 @@ class SqliteStore:
     def __repr__(self) -> str:
         return f"SqliteStore({self._where}, readonly={self.readonly})"
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._conn is None
+
     def __enter__(self) -> SqliteStore:
         return self
 

@@ -158,6 +158,11 @@ class MemoryStore:
         self._history: deque[Change] = deque()
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
     def __enter__(self) -> MemoryStore:
         return self
 

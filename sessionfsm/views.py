@@ -16,7 +16,17 @@ __all__ = ["LinkView", "SessionView", "link_view", "session_view"]
 
 
 class SessionView(msgspec.Struct, frozen=True):
-    """A read-only copy of one session."""
+    """A read-only copy of one session. Times are seconds on the engine's clock.
+
+    * ``id``, ``state``, ``lane``: which session, where it is, which lane.
+    * ``charges``: charged reason -> consecutive count since the last success;
+      only reasons above zero appear, e.g. ``{"RateLimited": 2}``.
+    * ``retry_at``: when a ``backoff`` session is queued again; else None.
+    * ``dirty``: it changed while in flight, so its pending ``Ok`` re-queues it.
+    * ``attempts``: sends since it was enqueued or last redriven.
+    * ``dead_letter_reason``, ``dead_lettered_at``: why and when it was given
+      up on, for a ``dead_lettered`` session; else None.
+    """
 
     id: str
     state: SessionState
@@ -43,7 +53,12 @@ class SessionView(msgspec.Struct, frozen=True):
 
 
 class LinkView(msgspec.Struct, frozen=True):
-    """A read-only copy of the relay link."""
+    """A read-only copy of the relay link.
+
+    * ``state``: ``up``, or ``paused`` after ``RelayUnavailable``.
+    * ``failures``: consecutive ``RelayUnavailable`` answers or reports.
+    * ``resume_at``: when a paused link is tried again (engine clock, seconds).
+    """
 
     state: LinkState
     failures: int

@@ -492,3 +492,15 @@ def parse_exposition() -> Callable[[str], dict[tuple[str, frozenset[tuple[str, s
         return samples
 
     return parse
+
+
+@pytest.fixture
+def matplotlib_or_fail() -> Any:
+    """matplotlib (the ``plot`` extra); a test needing it skips locally, fails under CI."""
+    try:
+        import matplotlib
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("matplotlib is missing: install '.[test]', which includes the plot extra")
+        pytest.skip("matplotlib is not installed (pip install 'sessionfsm[plot]')")
+    return matplotlib

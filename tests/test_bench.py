@@ -210,6 +210,19 @@ def test_startup_times_engine_and_floor() -> None:
     assert startup.sessions == TINY.startup_sessions
     assert len(startup.engine_over_floor.samples) == TINY.repeat
     assert startup.engine_over_floor.median > 0
+    assert startup.sqlite_many_s is not None
+    assert len(startup.sqlite_many_s.samples) == TINY.repeat
+    assert startup.sqlite_each_sessions == min(TINY.startup_sessions, 10_000)
+
+
+def test_quick_report_says_it_is_a_smoke_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench --quick`` says its figures are a smoke test, so a MISS there alarms no one."""
+    report = msgspec.structs.replace(tiny_report(), mode="quick")
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: report)
+    result = CliRunner().invoke(main, ["bench", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "quick run: a smoke test" in result.output
+    assert "start-up: SQLite, enqueue_many" in result.output
 
 
 def test_report_round_trips_through_json_and_renders() -> None:

@@ -452,7 +452,7 @@ def test_cli_check_json_reports_the_space(
     invariants and an empty list of violations, and exits 0."""
     result = sessionfsm_cli("check", "--sessions", "1", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["states"] == explore(sessions=1).states
     assert report["transitions"] > report["states"]
     assert report["invariants"] == list(INVARIANTS)
@@ -484,7 +484,7 @@ def test_cli_check_loads_a_policy_file(
     )
     result = sessionfsm_cli("check", "--sessions", "1", "--policy", str(path), "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["policy"]["batch_size"] == 1
     assert report["policy"]["rate_limited"]["threshold"] == 1
     assert report["violations"] == []
@@ -497,7 +497,7 @@ def test_cli_check_exits_1_and_prints_the_trace_on_a_violation(
     monkeypatch.setattr(checker, "_default_factory", relay_flap_charged)
     result = sessionfsm_cli("check", "--sessions", "1", "--json")
     assert result.exit_code == 1
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     names = [v["invariant"] for v in report["violations"]]
     assert "inv4_transport_not_charged" in names
     trace = report["violations"][names.index("inv4_transport_not_charged")]["trace"]
@@ -515,3 +515,15 @@ def test_cli_check_one_session_passes(
     """One session is checked exhaustively from the command line and passes."""
     result = sessionfsm_cli("check", "--sessions", "1")
     assert result.exit_code == 0
+
+
+def test_cli_check_reports_progress_by_default(
+    sessionfsm_cli: Callable[..., click.testing.Result],
+) -> None:
+    """A plain `sessionfsm check` says what it explores and reports each depth on stderr."""
+    result = sessionfsm_cli("check", "--sessions", "1", "--depth", "2")
+    assert result.exit_code == 0, result.output
+    assert "check: exploring every reachable state with 1 session" in result.stderr
+    assert "depth 1:" in result.stderr
+    quiet = sessionfsm_cli("check", "--sessions", "1", "--depth", "2", "--no-progress")
+    assert quiet.stderr == ""

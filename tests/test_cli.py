@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 from click.testing import Result
 
-from sessionfsm import Engine, Policy, SqliteStore
+from sessionfsm import Engine, Policy, SqliteStore, acks
 
 Cli = Callable[..., Result]
 
@@ -27,7 +29,7 @@ def _one_line_error(result: Result, code: int = 1) -> str:
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
-    if code == 1:
+    if code == 1 or result.stderr.startswith("sessionfsm: error: "):
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("sessionfsm: error: ")
         assert result.stdout == ""
@@ -106,7 +108,7 @@ def test_simulate_refuses_a_database_a_service_wrote(sessionfsm_cli: Cli, tmp_pa
     """A database holding a service's sessions is refused (exit 1) unless --fresh."""
     _real_service_db(tmp_path / "service.db")
     result = sessionfsm_cli("simulate", "incident", "--db", "service.db")
-    message = _one_line_error(result)
+    message = _one_line_error(result, code=2)
     assert "holds 3 sessions that no simulation wrote" in message
     assert "--fresh" in message
     with SqliteStore(tmp_path / "service.db", readonly=True) as store:
@@ -173,7 +175,7 @@ def test_simulate_bad_scenario_file_names_file_and_field(
 ) -> None:
     """A bad scenario file exits 1 with one line naming the file and the field."""
     path = scenario_file('[[sessions]]\nname = "s"\ncount = -2\n', "broken.toml")
-    message = _one_line_error(sessionfsm_cli("simulate", str(path)))
+    message = _one_line_error(sessionfsm_cli("simulate", str(path)), code=2)
     assert "broken.toml" in message
     assert "$.sessions[0].count" in message
 
@@ -181,7 +183,7 @@ def test_simulate_bad_scenario_file_names_file_and_field(
 def test_simulate_bad_policy_file_is_one_line(sessionfsm_cli: Cli, tmp_path: Path) -> None:
     """A bad policy file exits 1 with one line naming it."""
     (tmp_path / "p.toml").write_text("batch_size = 0\n")
-    message = _one_line_error(sessionfsm_cli("simulate", "--policy", "p.toml"))
+    message = _one_line_error(sessionfsm_cli("simulate", "--policy", "p.toml"), code=2)
     assert "p.toml" in message
     assert "batch_size" in message
 
@@ -191,14 +193,15 @@ def test_simulate_plot_without_matplotlib_says_what_to_install(
 ) -> None:
     """--plot without matplotlib fails before running, naming the extra to install."""
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    message = _one_line_error(sessionfsm_cli("simulate", "--plot", "t.png"))
+    message = _one_line_error(sessionfsm_cli("simulate", "--plot", "t.png"), code=2)
     assert "sessionfsm[plot]" in message
     assert not (tmp_path / "sessionfsm.db").exists()
 
 
-def test_simulate_plot_writes_the_timeline(sessionfsm_cli: Cli, tmp_path: Path) -> None:
+def test_simulate_plot_writes_the_timeline(
+    sessionfsm_cli: Cli, tmp_path: Path, matplotlib_or_fail: Any
+) -> None:
     """--plot FILE.svg writes the timeline next to the summary."""
-    pytest.importorskip("matplotlib")
     result = sessionfsm_cli("simulate", "incident", "--plot", "t.svg")
     assert result.exit_code == 0, result.output
     assert "timeline written to t.svg" in result.stdout
@@ -261,7 +264,7 @@ def test_status_counts_states_and_the_link(simulated: Cli) -> None:
     assert data["counts"]["dead_lettered"] == 1
     assert data["link"]["state"] == "up"
     table = simulated("status")
-    assert "dead_lettered │ 1" in table.stdout
+    assert re.search(r"^dead_lettered +1$", table.stdout, re.M), table.stdout
     assert "link up" in table.stdout
 
 
@@ -289,7 +292,7 @@ def test_history_shows_the_five_rate_limited_transitions(simulated: Cli) -> None
 
 def test_history_of_an_unknown_session_fails_in_one_line(simulated: Cli) -> None:
     """history of a session the database never saw exits 1."""
-    assert "unknown session 'ghost'" in _one_line_error(simulated("history", "ghost"))
+    assert "unknown session 'ghost'" in _one_line_error(simulated("history", "ghost"), code=2)
 
 
 def test_redrive_one_session_requeues_it(simulated: Cli) -> None:
@@ -313,8 +316,8 @@ def test_redrive_by_reason_with_a_limit(simulated: Cli) -> None:
 
 def test_redrive_a_session_that_is_not_dead_fails_in_one_line(simulated: Cli) -> None:
     """Redriving a synced session is refused with the state named."""
-    message = _one_line_error(simulated("redrive", "s-0001"))
-    assert "cannot apply redriven to session 's-0001' in state synced" in message
+    message = _one_line_error(simulated("redrive", "s-0001"), code=2)
+    assert "session 's-0001' is not dead-lettered (it is synced)" in message
 
 
 @pytest.mark.parametrize(
@@ -330,7 +333,10 @@ def test_redrive_refuses_a_database_a_service_holds(simulated: Cli, tmp_path: Pa
     """While a service holds the database, redrive fails in one line and status still works."""
     holder = SqliteStore(tmp_path / "sessionfsm.db")
     try:
-        assert "holds it for writing" in _one_line_error(simulated("redrive", "--all"))
+        message = _one_line_error(simulated("redrive", "--all"))
+        assert f"holds it for writing (pid {os.getpid()})" in message
+        assert "Stop the service first" in message
+        assert "readonly=True" not in message  # a Python argument, not a command-line one
         assert _json(simulated("status", "--json"))["counts"]["dead_lettered"] == 1
     finally:
         holder.close()
@@ -343,7 +349,7 @@ def test_a_missing_database_is_not_created(
     sessionfsm_cli: Cli, tmp_path: Path, command: tuple[str, ...]
 ) -> None:
     """Pointing an operating command at a missing database fails and creates nothing."""
-    message = _one_line_error(sessionfsm_cli(*command, "--db", "missing.db"))
+    message = _one_line_error(sessionfsm_cli(*command, "--db", "missing.db"), code=2)
     assert "missing.db" in message
     assert not (tmp_path / "missing.db").exists()
 
@@ -401,3 +407,166 @@ def test_operating_commands_read_any_store_reader(
     assert [s["id"] for s in dead["sessions"]] == ["m2"]
     history = _json(sessionfsm_cli("history", "m1", "--json"))
     assert history["session"]["state"] == "synced"
+
+
+# ------------------------------------------------ operators' findings
+
+
+def test_log_level_is_accepted_after_the_subcommand(sessionfsm_cli: Cli) -> None:
+    """`simulate incident --log-level info` works and logs, in simulated seconds, labelled."""
+    result = sessionfsm_cli("simulate", "incident", "--log-level", "info", "--log-json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    deferred = [e for e in lines if e["event"] == "sessionfsm.deferred"]
+    assert deferred
+    assert deferred[0]["retry_at"].endswith("s (simulated)")
+    assert deferred[0]["sim_time"].endswith("s (simulated)")
+    assert all("timestamp" not in e for e in lines)  # no wall time next to simulated time
+
+
+def test_reason_is_case_insensitive(simulated: Cli) -> None:
+    """--reason ratelimited means RateLimited, in dead-letters and in redrive."""
+    data = _json(simulated("dead-letters", "--reason", "ratelimited", "--json"))
+    assert [s["id"] for s in data["sessions"]] == ["big-0001"]
+    assert _json(simulated("redrive", "--reason", "RATELIMITED", "--json"))["redriven"] == [
+        "big-0001"
+    ]
+
+
+def test_redrive_on_a_simulations_database_keeps_its_history(
+    sessionfsm_cli: Cli,
+) -> None:
+    """Redriving in a simulation's database stays on its clock: no history is aged out."""
+    assert sessionfsm_cli("simulate", "slow-throttle", "--json").exit_code == 0
+    with SqliteStore("sessionfsm.db", readonly=True) as store:
+        before = store.now()
+        kept = len(store.history("live-0001"))
+    assert kept > 0
+    assert before is not None
+    dead = _json(sessionfsm_cli("dead-letters", "--json"))["sessions"]
+    assert dead, "the scenario dead-letters some sessions"
+    assert sessionfsm_cli("redrive", dead[0]["id"]).exit_code == 0
+    assert sessionfsm_cli("redrive", "--all").exit_code == 0
+    with SqliteStore("sessionfsm.db", readonly=True) as store:
+        assert len(store.history("live-0001")) == kept
+        assert store.now() == before
+        (last,) = store.history(dead[0]["id"], limit=1)
+    assert last.event == "redriven"
+    assert last.at == before
+
+
+def _long_id_db(path: Path) -> str:
+    sid = "2f9c1a7e-6a43-4f0e-9b1d-8c7e5a3b2d10-attachment-upload"
+    with Engine(Policy(), store=SqliteStore(path), log=False) as engine:
+        engine.enqueue(sid, now=1_796_000_000.0)
+        (batch,) = engine.tick(1_796_000_000.0)
+        engine.on_ack(batch.id, acks.PayloadTooLarge(), now=1_796_000_001.0)
+    return sid
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_tables_never_cut_ids_or_reasons(
+    sessionfsm_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """At 80 columns or piped, dead-letters and history show whole ids and reasons."""
+    sid = _long_id_db(tmp_path / "sessionfsm.db")
+    monkeypatch.setenv("COLUMNS", "80")
+    if terminal:
+        monkeypatch.setattr("sessionfsm.tools.cli._is_terminal", lambda: True)
+    out = sessionfsm_cli("dead-letters").stdout
+    assert ("│" in out) is terminal  # rich draws it on a terminal, plain text when piped
+    assert sid in out
+    assert "…" not in out
+    history = sessionfsm_cli("history", sid).stdout
+    assert "PayloadTooLarge" in history
+    assert "2026-11-30T" in history  # ISO-8601 UTC
+    assert "…" not in history
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("simulate", "no-such-scenario.toml"),
+        ("simulate", "--policy", "no-such-policy.toml"),
+        ("status", "--db", "no-such.db"),
+        ("redrive", "--all", "--db", "no-such.db"),
+    ],
+)
+def test_a_missing_file_is_the_callers_mistake_exit_2(
+    sessionfsm_cli: Cli, args: tuple[str, ...]
+) -> None:
+    """Every missing file named on the command line exits 2 (usage), in one line."""
+    message = _one_line_error(sessionfsm_cli(*args), code=2)
+    assert "no-such" in message
+
+
+def test_demo_prints_sentences_not_dicts(sessionfsm_cli: Cli) -> None:
+    """demo ends with a readable summary line, and its help says what it shows."""
+    result = sessionfsm_cli("demo")
+    assert result.exit_code == 0, result.output
+    assert "relay link: up" in result.stdout
+    assert "{" not in result.stdout
+    assert "scripted relay" in sessionfsm_cli("demo", "--help").stdout
+
+
+def test_plot_into_a_missing_directory_fails_before_the_run(sessionfsm_cli: Cli) -> None:
+    """--plot /nonexistent/x.svg is refused at once: no simulation, no database written."""
+    message = _one_line_error(sessionfsm_cli("simulate", "--plot", "/nonexistent/x.svg"), code=2)
+    assert "no directory '/nonexistent'" in message
+    assert not Path("sessionfsm.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--thresholds", "3,5"), "--thresholds only mean something with --sweep"),
+        (("--backoffs", "fixed:10"), "--backoffs only mean something with --sweep"),
+        (("--sweep", "--db", "x.db"), "--sweep runs in memory and writes no database"),
+        (("--sweep", "--fresh"), "--sweep runs in memory and writes no database"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(
+    sessionfsm_cli: Cli, args: tuple[str, ...], words: str
+) -> None:
+    """A flag that the chosen mode would silently ignore is a usage error instead."""
+    result = sessionfsm_cli("simulate", "slow-throttle", *args)
+    assert result.exit_code == 2
+    assert words in result.stderr
+    assert not Path("x.db").exists()
+
+
+def test_list_json_prints_json(sessionfsm_cli: Cli) -> None:
+    """simulate --list --json prints the shipped scenarios as JSON, not text."""
+    data = _json(sessionfsm_cli("simulate", "--list", "--json"))
+    assert {entry["name"] for entry in data} >= {"incident", "slow-throttle", "steady"}
+    assert all(entry["description"] for entry in data)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "shaded"),
+    [("incident", "flap: RelayUnavailable"), ("slow-throttle", "throttle")],
+)
+def test_the_plot_shades_the_incident(
+    sessionfsm_cli: Cli, tmp_path: Path, matplotlib_or_fail: Any, scenario: str, shaded: str
+) -> None:
+    """The timeline shades the scenario's outages and throttles, labelled, at a readable size."""
+    result = sessionfsm_cli("simulate", scenario, "--plot", "t.svg")
+    assert result.exit_code == 0, result.output
+    svg = (tmp_path / "t.svg").read_text()
+    assert shaded in svg  # the legend names the shaded span
+    width = float(re.search(r'<svg[^>]* width="([0-9.]+)pt"', svg).group(1))  # type: ignore[union-attr]
+    assert width >= 12 * 72  # 12 inches, not the old 9
+
+
+def test_simulated_times_are_labelled_in_tables(simulated: Cli) -> None:
+    """On a simulation's database, times in tables say they are simulated seconds."""
+    out = simulated("dead-letters").stdout
+    assert re.search(r"big-0001 +RateLimited +[0-9]+ +[0-9.,]+ s \(sim\)", out), out
+    assert "(sim)" in simulated("status").stdout
+
+
+def test_a_bad_reason_lists_the_reasons_as_spelt(sessionfsm_cli: Cli) -> None:
+    """--reason bogus is a usage error naming AckTimeout, RateLimited, PayloadTooLarge."""
+    result = sessionfsm_cli("dead-letters", "--reason", "bogus")
+    assert result.exit_code == 2
+    assert "use one of AckTimeout, RateLimited, PayloadTooLarge" in result.stderr

@@ -287,3 +287,46 @@ def test_sigkill_many_more_times_loses_nothing(tmp_path: Path) -> None:
     seed = random.SystemRandom().randrange(2**32)
     print(f"crash seed {seed}", file=sys.stderr)
     _torture(tmp_path, kills_wanted=600, sessions=72, seed=seed)
+
+
+def test_enqueue_many_is_all_or_nothing_under_sigkill(tmp_path: Path) -> None:
+    """Killed at any statement of its save, enqueue_many leaves none or all of its sessions."""
+    ids = [f"bulk-{i}" for i in range(50)]
+    outcomes = set()
+    kill_at = 1
+    while (False, 1 + len(ids)) not in outcomes:
+        assert kill_at < 100_000, "the save never finished"
+        kill_at = kill_at + 1 + kill_at // 3
+        path = tmp_path / f"bulk{kill_at}.db"
+        with SqliteStore(path) as store:
+            Engine(POLICY, store=store, log=False).enqueue("before", now=0.0)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                store = SqliteStore(path)
+                engine = Engine(POLICY, store=store, log=False)
+                statements = 0
+
+                def trace(_sql: str, kill_at: int = kill_at) -> None:
+                    nonlocal statements
+                    statements += 1
+                    if statements >= kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                store._conn.set_trace_callback(trace)  # type: ignore[union-attr]
+                engine.enqueue_many(ids, now=1.0)
+                store._conn.set_trace_callback(None)  # type: ignore[union-attr]
+                engine.close()
+                os._exit(0)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status)
+        assert killed or os.WEXITSTATUS(status) == 0
+        with SqliteStore(path, readonly=True) as reader:
+            total = sum(reader.counts().values())
+        assert total in (1, 1 + len(ids)), (kill_at, total)
+        outcomes.add((killed, total))
+    # Kills inside the save lost all of it; the run that was not killed kept all.
+    assert (True, 1) in outcomes

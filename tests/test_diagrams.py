@@ -1,4 +1,4 @@
-"""The diagrams in ``diagrams/`` and the README come from the declaration and never go stale."""
+"""The diagrams in ``diagrams/`` and the design page come from the declaration, never stale."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ from sessionfsm.tools.diagrams import (
 
 REPO = Path(__file__).resolve().parents[1]
 DIAGRAMS = REPO / "diagrams"
-README = REPO / "README.md"
+#: The page whose section shows the session diagram (the README only links there).
+DESIGN = REPO / "docs" / "design.md"
 
 needs_dot = pytest.mark.skipif(
     shutil.which("dot") is None,
@@ -52,7 +53,10 @@ needs_dot = pytest.mark.skipif(
 
 def _stale_message(stale: list[object]) -> str:
     lines = "\n".join(f"  {problem}" for problem in stale)
-    return f"diagrams are stale:\n{lines}\nregenerate with: sessionfsm diagrams"
+    return (
+        f"diagrams are stale:\n{lines}\nregenerate with: "
+        "sessionfsm diagrams --out diagrams --page docs/design.md"
+    )
 
 
 def _retargeted(table: Table, event: str, source: SessionState, target: SessionState) -> Table:
@@ -74,8 +78,8 @@ def _mermaid_transitions(source: str) -> list[tuple[str, str, str]]:
 
 def test_committed_diagrams_match_the_declaration() -> None:
     """Every committed Mermaid, DOT and Markdown file, each SVG's source hash and
-    the README's session section equal what the declaration generates now."""
-    stale = find_stale(DIAGRAMS, generate(), svgs=None, readme=README)
+    the design page's session section equal what the declaration generates now."""
+    stale = find_stale(DIAGRAMS, generate(), svgs=None, readme=DESIGN)
     assert not stale, _stale_message(stale)
 
 
@@ -379,3 +383,33 @@ def test_policy_option_writes_its_labels_and_leaves_the_readme_alone(tmp_path: P
     assert "policy in proposed.toml" in (out / "README.md").read_text()
     assert readme.read_text(encoding="utf-8") == "# x\n"
     assert result.exit_code == (0 if shutil.which("dot") else 1)
+
+
+def test_diagrams_writes_only_where_it_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run in someone else's project, `sessionfsm diagrams` touches no README and makes no dir."""
+    monkeypatch.chdir(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("# their project\n\n## Usage\n", encoding="utf-8")
+    runner = CliRunner()
+
+    bare = runner.invoke(main, ["diagrams"])
+    assert bare.exit_code == 2
+    assert "--out" in bare.output
+    runner.invoke(main, ["diagrams", "--out", "drawn"])
+    assert readme.read_text(encoding="utf-8") == "# their project\n\n## Usage\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "drawn"]
+    assert "diagrams" not in runner.invoke(main, ["--help"]).output
+
+
+def test_mermaid_draws_only_takeable_rows_and_keeps_events_apart() -> None:
+    """The Mermaid picture leaves out rows the policy makes impossible and bullets each row
+    of a shared edge, so `settle` and `bounced` never read as one label."""
+    mmd = generate()["session.mmd"]
+    assert "never" not in mmd
+    assert "| never, payload_too_large not retryable" in generate()["session-table.md"]
+    (to_queued,) = [line for line in mmd.splitlines() if "in_flight --> queued:" in line]
+    assert to_queued.endswith(": • acked [changed in flight] / settle<br>• bounced")
+    (to_synced,) = [line for line in mmd.splitlines() if "in_flight --> synced:" in line]
+    assert "•" not in to_synced  # one row, no bullet

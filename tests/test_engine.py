@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from sessionfsm import (
     UsageError,
     acks,
 )
+from sessionfsm.sqlite_store import SqliteStore
 from sessionfsm.testing import EngineHarness, ScriptedRelay
 from tests.conftest import Cycle
 
@@ -687,3 +691,82 @@ def test_old_names_still_work_but_warn() -> None:
     Engine(Policy(), store=store, log=False).enqueue("s2", now=0.0)
     with pytest.warns(DeprecationWarning, match="sessions_by_state"):
         assert store.counts() == store.sessions_by_state()
+
+
+# ------------------------------------------------ lifecycle and bulk enqueue
+
+
+def test_engine_close_closes_its_store(tmp_path: Path) -> None:
+    """Engine.close() and `with Engine(...)` close the store and release its write lock."""
+    path = tmp_path / "s.db"
+    with Engine(Policy(), store=SqliteStore(path), log=False) as engine:
+        engine.enqueue("a", now=0.0)
+        store = engine.store
+    assert store is not None
+    assert store.closed  # type: ignore[attr-defined]
+    second = Engine(Policy(), store=SqliteStore(path), log=False)  # the lock is free
+    assert second.state("a") is SessionState.QUEUED
+    second.close()
+    second.close()  # idempotent
+
+
+def test_engine_dropped_with_its_store_open_warns_and_frees_the_file(tmp_path: Path) -> None:
+    """Dropping the last reference to an engine on an open store warns ResourceWarning."""
+    path = tmp_path / "s.db"
+    engine = Engine(Policy(), store=SqliteStore(path), log=False)
+    engine.enqueue("a", now=0.0)
+    with pytest.warns(ResourceWarning, match=r"engine\.close\(\)"):
+        del engine  # no reference cycle: it goes at once, like a dropped file
+    with SqliteStore(path) as again:  # not StoreLocked
+        assert again.session("a").state is SessionState.QUEUED
+
+
+def test_an_engine_on_a_store_someone_else_holds_does_not_warn(tmp_path: Path) -> None:
+    """A store its caller still holds is the caller's to close: dropping the engine is quiet."""
+    with SqliteStore(tmp_path / "s.db") as store:
+        engine = Engine(Policy(), store=store, log=False)
+        engine.enqueue("a", now=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            del engine
+            gc.collect()
+        assert store.session("a").state is SessionState.QUEUED
+
+
+def test_enqueue_many_is_one_store_transaction(open_store: Callable[..., Any]) -> None:
+    """enqueue_many hands the store one delta holding every session, queued in order."""
+    store = open_store()
+    saves: list[int] = []
+    save = store.save
+
+    def counting(delta: Any) -> None:
+        saves.append(len(delta.sessions))
+        save(delta)
+
+    store.save = counting  # type: ignore[method-assign]
+    engine = Engine(Policy(backfill_batch_size=3), store=store, log=False)
+    assert engine.enqueue_many([f"s{i}" for i in range(5)], lane="backfill", now=1.0) == 5
+    assert saves == [5]
+    assert [b.session_ids for b in engine.tick(1.0)] == [("s0", "s1", "s2")]
+    assert engine.session("s4").lane is Lane.BACKFILL
+    engine.close()
+
+
+def test_enqueue_many_changes_nothing_when_one_id_is_bad(engine: Engine) -> None:
+    """A bad id anywhere in the list raises UsageError before any session is enqueued."""
+    with pytest.raises(UsageError, match="must not be empty"):
+        engine.enqueue_many(["a", "b", ""])
+    with pytest.raises(UsageError, match="lane must be one of"):
+        engine.enqueue_many(["a"], lane="fast")
+    with pytest.raises(UsageError, match="iterable of session ids"):
+        engine.enqueue_many("abc")
+    assert len(engine) == 0
+
+
+def test_enqueue_many_treats_known_sessions_as_enqueue_does(engine: Engine, cycle: Cycle) -> None:
+    """A known session in the list follows `changed`, exactly as with enqueue()."""
+    engine.enqueue("a", now=0.0)
+    cycle(engine, 0.0, acks.Ok())
+    engine.enqueue_many(["a", "b"], now=1.0)
+    assert engine.state("a") is SessionState.QUEUED
+    assert engine.state("b") is SessionState.QUEUED

@@ -88,7 +88,7 @@ def test_load_policy_from_toml_merges_over_the_defaults(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("batch_size = 0", "batch_size must be an integer"),
-        ("nope = 1", "unknown field `nope`"),
+        ("nope = 1", "unknown field 'nope'"),
         ("[rate_limited]\nthreshold = 0", r"threshold must be .* - at `\$.rate_limited`"),
         ('[rate_limited]\nbackoff = { type = "linear" }', "Invalid value 'linear'"),
         ("batch_size = ", "cannot read policy file"),
@@ -113,3 +113,17 @@ def test_policy_round_trips_through_builtins() -> None:
     """A policy serialises and loads back equal (what --policy files contain)."""
     policy = Policy(rate_limited=ReasonPolicy(threshold=8, backoff=Exponential(jitter=False)))
     assert load_policy(msgspec.to_builtins(policy)) == policy
+
+
+def test_a_misspelt_field_is_refused_with_the_closest_name() -> None:
+    """`bach_size` in a policy gets "did you mean 'batch_size'", nested fields too."""
+    with pytest.raises(
+        InvalidPolicy, match=r"unknown field 'bach_size' \(did you mean 'batch_size'\?\)"
+    ):
+        load_policy({"bach_size": 20})
+    with pytest.raises(
+        InvalidPolicy, match=r"'rate_limited.treshold' \(did you mean 'rate_limited.threshold'\?\)"
+    ):
+        load_policy({"rate_limited": {"treshold": 8}})
+    with pytest.raises(InvalidPolicy, match=r"did you mean 'rate_limited.backoff.base_s'"):
+        load_policy({"rate_limited": {"backoff": {"type": "exponential", "base": 2.0}}})

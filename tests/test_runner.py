@@ -790,3 +790,79 @@ def test_enqueue_while_the_runner_shuts_down_is_saved_or_refused_in_the_callers_
             assert len(Engine(small_policy, store=reopened, log=False)) == len(accepted)
 
     asyncio.run(main())
+
+
+def test_runner_takes_the_store_from_the_engine(tmp_path: Path) -> None:
+    """The store is given once, to the engine; the runner uses it and closes it on stop."""
+    store = SqliteStore(tmp_path / "s.db")
+    engine = Engine(Policy(), store=store, log=False)
+    engine.enqueue("a", now=0.0)
+    runner = Runner(engine, _Transport(), grace_s=0.0)
+    assert runner.store is store
+    asyncio.run(runner.run(until_idle=True))
+    assert store.closed
+    with SqliteStore(tmp_path / "s.db", readonly=True) as reader:
+        assert reader.session("a").state is SessionState.SYNCED
+
+
+def test_runner_refuses_a_store_the_engine_was_not_given() -> None:
+    """Runner(Engine(policy), t, store=s) would persist nothing: refused, saying what to do."""
+    with pytest.raises(UsageError, match=r"not to the Engine.*Engine\(policy, store=store\)"):
+        Runner(Engine(Policy(), log=False), _Transport(), store=MemoryStore())
+
+
+def test_runner_refuses_a_store_other_than_the_engines() -> None:
+    """Two different stores for one engine and its runner are refused."""
+    engine = Engine(Policy(), store=MemoryStore(), log=False)
+    with pytest.raises(UsageError, match="is not the engine's store"):
+        Runner(engine, _Transport(), store=MemoryStore())
+    engine.close()
+
+
+def test_runner_follows_an_engine_built_with_log_false(logs: list[dict[str, Any]]) -> None:
+    """Engine(log=False) silences the runner as well, even with structlog configured."""
+    engine = Engine(Policy(), log=False)
+    engine.enqueue("a", now=0.0)
+    asyncio.run(_runner(engine, _Transport(), FakeClock()).run(until_idle=True))
+    assert engine.state("a") is SessionState.SYNCED
+    assert logs == []
+
+
+def test_runner_logs_when_the_engine_does(logs: list[dict[str, Any]]) -> None:
+    """A logging engine's runner logs its start and stop."""
+    engine = Engine(Policy())
+    engine.enqueue("a", now=0.0)
+    asyncio.run(_runner(engine, _Transport(), FakeClock()).run(until_idle=True))
+    events = [e["event"] for e in logs]
+    assert "sessionfsm.runner_started" in events
+    assert "sessionfsm.runner_stopped" in events
+
+
+def test_run_until_idle_leaves_the_engine_open(tmp_path: Path) -> None:
+    """run_until_idle with a Transport returns with the engine and its store still usable."""
+    with Engine(Policy(), store=SqliteStore(tmp_path / "s.db"), log=False) as engine:
+        engine.enqueue("a", now=0.0)
+        run_until_idle(engine, _Transport())
+        engine.enqueue("b")  # saved: the store is still open
+        assert engine.state("b") is SessionState.QUEUED
+
+
+def test_runner_max_seconds_gives_up_on_time_and_says_what_is_in_flight(
+    logs: list[dict[str, Any]],
+) -> None:
+    """run(max_seconds=3) stops at 3 s, not at the next 5 s tick, and its stop log adds up."""
+
+    class Failing:
+        async def send(self, batch: Batch) -> AckResult:
+            raise RuntimeError("the relay client crashed")
+
+    engine = Engine(Policy())
+    engine.enqueue("a", now=0.0)
+    clock = FakeClock()
+    with pytest.raises(TimeoutError, match="not idle after 3 s"):
+        asyncio.run(_runner(engine, Failing(), clock).run(until_idle=True, max_seconds=3))
+    assert clock.now == 3.0
+    (stopped,) = [e for e in logs if e["event"] == "sessionfsm.runner_stopped"]
+    assert stopped["counts"] == {"in_flight": 1}
+    assert stopped["sessions_in_flight"] == 1  # the one the next start resends
+    assert stopped["sessions_cut_off"] == 0  # its send had already failed

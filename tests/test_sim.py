@@ -460,3 +460,15 @@ def test_the_timeline_plot_is_written(tmp_path: Path, suffix: str) -> None:
     write_timeline(Simulation(load_scenario("incident"), log=False).run(), path)
     head = path.read_bytes()[:200]
     assert head.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in head or b"<?xml" in head
+
+
+def test_a_result_lists_the_scenarios_incidents() -> None:
+    """SimResult.incidents holds each flap and throttle as (what, from, to), in time order."""
+    scenario = _scenario(
+        relay={
+            "flaps": [{"at_s": 50, "for_s": 10, "answer": "lost"}],
+            "throttles": [{"at_s": 5, "for_s": 20}],
+        }
+    )
+    result = Simulation(scenario, log=False).run()
+    assert result.incidents == [("throttle", 5.0, 25.0), ("flap: lost", 50.0, 60.0)]

@@ -3,7 +3,7 @@ without the invariant screen, on the same store, in one process.
 
 Run: python docs/scripts/load_check_cost.py [SESSIONS]  (default 1,000,000)
 
-It builds a store with ``sessionfsm.bench.recovery_store`` (1/4 backed off,
+It builds a store with ``benchmarks.bench.recovery_store`` (1/4 backed off,
 1/4 synced, the rest queued, every 100th dead-lettered), then reads it 7 times
 each way, alternating, and prints the medians and their ratio.
 """
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sessionfsm.bench import recovery_store, session_ids
+from benchmarks.bench import recovery_store, session_ids
 
 from sessionfsm import SqliteStore
 

@@ -1,7 +1,9 @@
 """The ``sessionfsm`` command line (the ``cli`` extra: click and rich).
 
-Only this module (and the runner) configures structlog; the library never
-does. Exit codes: 0 ok, 1 failure, 2 usage. Errors go to stderr in one line.
+Only the command line configures logging; the library never does. Exit
+codes: 0 ok, 1 a failure that is not the caller's (the store, the relay, a
+check that found a problem), 2 the caller's mistake (a bad option, a missing
+file, an unknown session). Errors go to stderr in one line.
 
 The heavy subcommands (``check``, ``simulate``, ``diagrams``, ``bench``) are
 registered by name in :data:`LAZY_COMMANDS` and imported only when run (or
@@ -16,6 +18,7 @@ import datetime
 import importlib
 import logging
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -28,7 +31,8 @@ import msgspec
 import structlog
 
 from sessionfsm import acks
-from sessionfsm._errors import SessionFSMError
+from sessionfsm._errors import SessionFSMError, StoreLocked, UsageError
+from sessionfsm._log import render_times
 from sessionfsm.engine import Engine
 from sessionfsm.machine import CHARGED_REASONS
 from sessionfsm.policy import Policy, load_policy
@@ -39,8 +43,14 @@ from sessionfsm.testing import EngineHarness, ScriptedRelay
 __all__ = ["configure_logging", "main", "open_reader"]
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def configure_logging(level: str = "warning", *, json: bool | None = None) -> None:
-    """Configure structlog for a command-line run: console on a terminal, JSON otherwise."""
+    """Configure structlog for a command-line run: console on a terminal, JSON otherwise.
+
+    Times (the ``timestamp`` and fields such as ``retry_at``) are ISO-8601 in UTC.
+    """
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
@@ -51,7 +61,8 @@ def configure_logging(level: str = "warning", *, json: bool | None = None) -> No
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            render_times(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -72,9 +83,50 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """``--log-level`` / ``--log-json`` given after the subcommand: reconfigure."""
+    if value is None:
+        return
+    root = ctx.find_root()
+    root.params[str(param.name)] = value
+    configure_logging(
+        str(root.params.get("log_level") or "warning"), json=root.params.get("log_json")
+    )
+
+
+def _log_options() -> list[click.Parameter]:
+    return [
+        click.Option(
+            ["--log-level"],
+            type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+            default=None,
+            expose_value=False,
+            callback=_set_log_level,
+            help="Log events at this level and above go to stderr (default: warning).",
+        ),
+        click.Option(
+            ["--log-json/--log-console"],
+            default=None,
+            expose_value=False,
+            callback=_set_log_level,
+            help="Log format (default: by terminal).",
+        ),
+    ]
+
+
 class _Group(click.Group):
-    """Turns library errors into one line on stderr and exit code 1, and
-    imports the heavy subcommands only when they are asked for."""
+    """Turns library errors into one line on stderr: exit 2 if the caller's, else 1.
+
+    Every subcommand also accepts the group's logging options, so
+    ``sessionfsm simulate incident --log-level info`` works as well as
+    ``sessionfsm --log-level info simulate incident``.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        have = {opt for param in cmd.params for opt in getattr(param, "opts", ())}
+        if "--log-level" not in have:
+            cmd.params.extend(_log_options())
+        super().add_command(cmd, name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
@@ -93,6 +145,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageError as exc:
+            click.echo(f"sessionfsm: error: {exc}", err=True)
+            ctx.exit(2)
         except SessionFSMError as exc:
             click.echo(f"sessionfsm: error: {exc}", err=True)
             ctx.exit(1)
@@ -101,7 +156,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
     default="warning",
     show_default=True,
     help="Log events at this level and above go to stderr.",
@@ -110,7 +165,7 @@ class _Group(click.Group):
 @click.version_option(package_name="sessionfsm")
 def main(log_level: str, log_json: bool | None) -> None:
     """An explicit, compiled state-machine engine for syncing sessions."""
-    configure_logging(log_level, json=log_json)
+    configure_logging(log_level.lower(), json=log_json)
 
 
 @main.command()
@@ -152,25 +207,16 @@ def demo(seed: int) -> None:
                 view.dead_letter_reason or "",
             )
         )
-    _print_table(
+    _show_table(
         f"demo: idle after {done_at:g} simulated seconds, {len(relay.sent)} batches sent",
         ("session", "lane", "state", "sends", "dead-letter reason"),
         rows,
     )
-    counts = {state.value: n for state, n in engine.sessions_by_state().items() if n}
-    click.echo(f"states: {counts}  link: {engine.link.state.value}  ignored: {engine.anomalies}")
-
-
-def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for name in header:
-        table.add_column(name)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    counts = ", ".join(f"{state.value} {n}" for state, n in engine.sessions_by_state().items() if n)
+    ignored = ", ".join(f"{kind} {n}" for kind, n in engine.anomalies.items()) or "none"
+    click.echo(
+        f"sessions: {counts}; relay link: {engine.link.state.value}; inputs ignored: {ignored}"
+    )
 
 
 # ------------------------------------------------------------------------
@@ -178,6 +224,25 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
 # ------------------------------------------------------------------------
 
 _DB_HELP = "SQLite database of the engine (written by a service or `simulate`)."
+
+
+class _Reason(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A charged ack reason, in any case (``ratelimited`` is ``RateLimited``)."""
+
+    name = "reason"
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join(CHARGED_REASONS) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        by_key = {reason.lower(): reason for reason in CHARGED_REASONS}
+        found = by_key.get(str(value).lower())
+        if found is None:
+            self.fail(f"{value!r} is not an ack reason: use one of {', '.join(CHARGED_REASONS)}")
+        return found
+
+
+_REASON = _Reason()
 
 
 def _db_option(func: Any) -> Any:
@@ -200,6 +265,8 @@ def open_reader(db: Path) -> StoreReader:
     """The store the operating commands read (``status``, ``dead-letters``,
     ``history``). They use only the :class:`~sessionfsm.store.StoreReader`
     protocol, so another store plugs in here."""
+    if not db.exists():
+        raise UsageError(f"cannot read {str(db)!r}: the file does not exist (see --db)")
     # Read-only: works while a service holds the file for writing, and never
     # creates an empty database by mistake.
     return SqliteStore(db, readonly=True)
@@ -219,20 +286,42 @@ def _when(at: float | None) -> str:
         return ""
     if at >= 1e9:  # wall-clock seconds: a service's, or a redrive's
         return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="seconds")
-    return f"{at:,.3f} s"  # simulated seconds
+    return f"{at:,.3f} s (sim)"  # simulated seconds, labelled as such
 
 
 def _echo_json(data: Any) -> None:
     click.echo(msgspec.json.encode(data))
 
 
-def _show_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _show_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table that never cuts a value: operators copy ids out of it.
+
+    On a terminal, rich draws it; the first column (the ids) is never wrapped
+    and the others fold onto more lines instead of ending in "...". Piped or
+    redirected, it is plain text: the title, then one line per row with the
+    columns padded, so ``grep`` and ``cut``/``awk`` see whole values.
+    """
+    if not _is_terminal():
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+        click.echo(title)
+        for row in (header, *rows):
+            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for name in header:
-        table.add_column(name)
+    for i, name in enumerate(header):
+        if i == 0:
+            table.add_column(
+                name, no_wrap=True, min_width=max([len(name), *(len(r[0]) for r in rows)])
+            )
+        else:
+            table.add_column(name, overflow="fold")
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -275,8 +364,8 @@ def status(db: Path, as_json: bool) -> None:
 @_db_option
 @click.option(
     "--reason",
-    type=click.Choice(CHARGED_REASONS),
-    help="Only the dead letters of this reason.",
+    type=_REASON,
+    help="Only the dead letters of this reason (any case).",
 )
 @_json_option
 def dead_letters(db: Path, reason: str | None, as_json: bool) -> None:
@@ -350,8 +439,8 @@ def history(session_id: str, db: Path, limit: int | None, as_json: bool) -> None
 @click.option("--all", "redrive_all", is_flag=True, help="Redrive every dead letter.")
 @click.option(
     "--reason",
-    type=click.Choice(CHARGED_REASONS),
-    help="Redrive the dead letters of this reason.",
+    type=_REASON,
+    help="Redrive the dead letters of this reason (any case).",
 )
 @click.option(
     "--limit",
@@ -379,7 +468,9 @@ def redrive(
     Pass one SESSION_ID, --all, or --reason R; --limit N paces a recovered
     relay by redriving at most N per run. The database must not be held by a
     running service (stop it first; it picks the sessions up when it starts).
-    Times are written in wall-clock seconds.
+    Times are written in wall-clock seconds, or, on a database that
+    ``sessionfsm simulate`` wrote, on its simulated clock (so the redrive
+    lands after the simulated history instead of aging all of it out).
     """
     chosen = [x for x in (session_id is not None, redrive_all, reason is not None) if x]
     if len(chosen) != 1:
@@ -388,22 +479,32 @@ def redrive(
         raise click.UsageError("--limit goes with --all or --reason, not a SESSION_ID")
     policy = load_policy(policy_path) if policy_path is not None else Policy()
     if not db.exists():
-        from sessionfsm._errors import StoreError
-
         # A writable store would create an empty database: nothing to redrive there.
-        raise StoreError(f"cannot open store {str(db)!r}: the file does not exist")
-    store = SqliteStore(db)
+        raise UsageError(f"cannot redrive in {str(db)!r}: the file does not exist")
+    from sessionfsm.tools.sim.database import simulated_by
+
+    simulated = simulated_by(db) is not None
     try:
-        engine = Engine(policy, store=store)
-        now = max(time.time(), engine.now)
+        store = SqliteStore(db)
+    except StoreLocked as exc:
+        # The store's own advice (readonly=True) is for Python callers; say it
+        # in the command line's words, keeping the holder's pid.
+        pid = re.search(r"\(pid (\w+)\)", str(exc))
+        holder = f" (pid {pid.group(1)})" if pid else ""
+        raise StoreLocked(
+            f"cannot redrive in {str(db)!r}: another process holds it for writing{holder}. "
+            "Stop the service first; `sessionfsm status` and `dead-letters` read it meanwhile"
+        ) from None
+    with Engine(policy, store=store) as engine:
+        # A simulation's clock starts at 0: wall-clock time would jump it by
+        # decades, and history retention would prune everything it recorded.
+        now = engine.now if simulated else max(time.time(), engine.now)
         if session_id is not None:
-            engine.redrive(session_id, now)
+            _redrive_one(engine, session_id, now)
             ids = [session_id]
         else:
             ids = engine.redrive_all(now, reason=reason, limit=limit)
         left = len(engine.dead_letters())
-    finally:
-        store.close()
     if as_json:
         _echo_json({"db": str(db), "redriven": ids, "dead_letters_left": left})
         return
@@ -411,6 +512,18 @@ def redrive(
     click.echo(f"redrove {len(ids)} session{plural}; {left} dead letters left")
     for sid in ids:
         click.echo(sid)
+
+
+def _redrive_one(engine: Engine, session_id: str, now: float) -> None:
+    from sessionfsm.machine import SessionState
+
+    state = engine.state(session_id)
+    if state is not SessionState.DEAD_LETTERED:
+        raise UsageError(
+            f"session {session_id!r} is not dead-lettered (it is {state.value}); "
+            "only dead letters can be redriven"
+        )
+    engine.redrive(session_id, now)
 
 
 @main.command()

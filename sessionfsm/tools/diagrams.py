@@ -291,8 +291,27 @@ def _mermaid(table: Table, policy: Policy) -> str:
             out.append(f'    state "{names[state]}" as {ids[state]}')
     out.append(f"    [*] --> {ids[table.initial]}")
     for edge in _edges(table, policy):
+        # Mermaid cannot dash an edge, so a row the policy makes impossible is
+        # left out of its picture (the transition table still lists it), and
+        # an edge with only such rows is not drawn at all.
+        lines = [line for line in edge.lines if not line.never]
+        if not lines:
+            continue
+        wrap = any(len(line.text) > _WRAP for line in lines)
+        texts = []
+        for line in lines:
+            # As _label does: if one row wraps, all do, so the rows line up.
+            if wrap and line.guard and line.effects:
+                rows = [f"{line.row.event} [{line.guard}]", "/ " + ", ".join(line.effects)]
+            else:
+                rows = [line.text]
+            # Several rows on one edge each start with a bullet, so that two
+            # events never read as one label ("settle bounced").
+            if len(lines) > 1:
+                rows[0] = "• " + rows[0]
+            texts.extend(rows)
         # Mermaid ends a label at ':' or ';', and renders <br> as a line break.
-        label = "<br>".join(text.replace(":", " ").replace(";", ",") for text in _label(edge.lines))
+        label = "<br>".join(text.replace(":", " ").replace(";", ",") for text in texts)
         out.append(f"    {ids[edge.source]} --> {ids[edge.target]}: {label}")
     out.extend(f"    {ids[state]} --> [*]" for state in _final(table))
     return "\n".join(out) + "\n"
@@ -545,7 +564,7 @@ def _review_page(machines: Sequence[Machine], policy: Policy, policy_name: str) 
         "two batches in flight; the service's default policy is exhaustive for one",
         "session. Everything beyond those bounds (more sessions, other policies, jitter)",
         "is only sampled, by the hypothesis tests. The bounds, commands and measured",
-        'sizes are in the top-level README, under "Proven invariants".',
+        'sizes are in docs/design.md, under "Proven invariants".',
         "",
     ]
     for machine in machines:
@@ -620,7 +639,7 @@ def readme_section(machine: Machine = MACHINES[0]) -> str:
             "```",
             "",
             "Labels read `event [guard] / effects`, with the default policy's numbers.",
-            "[`diagrams/README.md`](diagrams/README.md) explains every guard and lists every",
+            "`diagrams/README.md` in the repository explains every guard and lists every",
             "transition, including the relay link's.",
             "",
             "",
@@ -837,23 +856,23 @@ def write(
 
 def regenerate_command(out: Path, policy: Path | None, readme: Path | None) -> str:
     """The command line that rewrites what :func:`find_stale` reported."""
-    parts = ["sessionfsm diagrams"]
-    if out != Path("diagrams"):
-        parts += ["--out", str(out)]
+    parts = ["sessionfsm diagrams", "--out", str(out)]
     if policy is not None:
         parts += ["--policy", str(policy)]
-    if readme is not None and readme != Path("README.md"):
-        parts += ["--readme", str(readme)]
+    if readme is not None:
+        parts += ["--page", str(readme)]
     return " ".join(parts)
 
 
-@click.command("diagrams")
+# A tool for developing sessionfsm itself, hidden from the operating commands'
+# list. It writes only where it is told: no default directory, and a page's
+# section only when the page is named.
+@click.command("diagrams", hidden=True)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("diagrams"),
-    show_default=True,
-    help="Directory to write (or check) the diagrams in.",
+    required=True,
+    help="Directory to write (or check) the diagrams in, e.g. diagrams.",
 )
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 naming every stale file.")
 @click.option(
@@ -861,21 +880,24 @@ def regenerate_command(out: Path, policy: Path | None, readme: Path | None) -> s
     "policy_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Label the guards with this TOML policy's numbers (the README is left alone).",
+    help="Label the guards with this TOML policy's numbers (--page is left alone).",
 )
 @click.option(
+    "--page",
     "--readme",
+    "readme",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("README.md"),
-    show_default=True,
-    help=f"README whose '{README_HEADING}' section shows the session diagram.",
+    default=None,
+    help=f"Also keep this Markdown page's '{README_HEADING}' section (e.g. docs/design.md).",
 )
-def command(out: Path, check: bool, policy_path: Path | None, readme: Path) -> None:
-    """Generate the state diagrams in diagrams/ from the declared machines.
+def command(out: Path, check: bool, policy_path: Path | None, readme: Path | None) -> None:
+    """Generate the state diagrams from the declared machines (a developer tool).
 
     Writes Mermaid, Graphviz DOT and SVG, a Markdown transition table per
-    machine and a README for reviewers, and the session diagram in the
-    top-level README. SVGs need Graphviz `dot` on PATH.
+    machine and a README for reviewers into --out, and, with --page, the
+    session diagram section of that page. Nothing else is written. SVGs need
+    Graphviz `dot` on PATH. sessionfsm's own check:
+    `sessionfsm diagrams --check --out diagrams --page docs/design.md`.
     """
     policy = load_policy(policy_path) if policy_path else Policy()
     policy_name = f"policy in {policy_path.name}" if policy_path else "default policy"
@@ -883,8 +905,7 @@ def command(out: Path, check: bool, policy_path: Path | None, readme: Path) -> N
     # The top-level README documents the defaults, never a proposed policy.
     readme_path: Path | None = readme if policy_path is None else None
     if readme_path is not None and not readme_path.exists():
-        click.echo(f"{readme_path} not found; its session diagram is not checked", err=True)
-        readme_path = None
+        raise click.BadParameter(f"{str(readme_path)!r} does not exist", param_hint="--page")
     dot = shutil.which("dot")
     svgs = render_svgs(files, dot) if dot else None
     redo = regenerate_command(out, policy_path, readme if readme_path else None)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import msgspec
 import structlog
 
 from sessionfsm._errors import UsageError
+from sessionfsm._log import format_time, render_times
 from sessionfsm.policy import Policy, load_policy
 from sessionfsm.tools.sim.database import DEFAULT_DB, mark, open_for_simulation
 from sessionfsm.tools.sim.logs import LogCounter
@@ -48,13 +49,26 @@ _FATES_SHOWN = 5
 
 
 @contextlib.contextmanager
-def counting_logs(counter: LogCounter, level: str) -> Iterator[None]:
+def counting_logs(
+    counter: LogCounter, level: str, clock: Callable[[], float | None] | None = None
+) -> Iterator[None]:
     """Run ``counter`` on every event at info and above, then filter to ``level``.
 
-    Restores the previous structlog configuration on the way out.
+    Times are simulated seconds, and say so: the wall-clock timestamp gives
+    way to ``sim_time`` (read from ``clock``), and time fields such as
+    ``retry_at`` read ``331.000s (simulated)``. Restores the previous
+    structlog configuration on the way out.
     """
     saved = structlog.get_config()
     shown = logging.getLevelNamesMapping()[level.upper()]
+
+    def sim_time(
+        logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = clock() if clock is not None else None
+        if now is not None:
+            event_dict["sim_time"] = format_time(now, simulated=True)
+        return event_dict
 
     def floor(
         logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
@@ -63,8 +77,9 @@ def counting_logs(counter: LogCounter, level: str) -> Iterator[None]:
             raise structlog.DropEvent
         return event_dict
 
+    rest = [p for p in saved["processors"] if not isinstance(p, structlog.processors.TimeStamper)]
     structlog.configure(
-        processors=[counter, floor, *saved["processors"]],
+        processors=[counter, floor, sim_time, render_times(simulated=True), *rest],
         wrapper_class=structlog.make_filtering_bound_logger(min(shown, logging.INFO)),
     )
     try:
@@ -300,11 +315,30 @@ def command(
     is replaced; one holding anything else is refused unless --fresh.
     """
     if list_only:
-        for name in scenario_names():
-            click.echo(f"{name:20} {load_scenario(name).description}")
+        shipped = {name: load_scenario(name).description for name in scenario_names()}
+        if as_json:
+            click.echo(
+                msgspec.json.encode([{"name": n, "description": d} for n, d in shipped.items()])
+            )
+            return
+        for name, description in shipped.items():
+            click.echo(f"{name:20} {description}")
         return
+    given = {
+        name
+        for name in ("db", "fresh", "thresholds", "backoffs")
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    }
     if plot is not None and do_sweep:
         raise click.UsageError("--plot draws one run; it cannot be combined with --sweep")
+    if do_sweep and given & {"db", "fresh"}:
+        raise click.UsageError(
+            "--sweep runs in memory and writes no database; drop --db/--fresh, "
+            "or run without --sweep to persist one run"
+        )
+    if not do_sweep and given & {"thresholds", "backoffs"}:
+        flags = " and ".join(f"--{name}" for name in sorted(given & {"thresholds", "backoffs"}))
+        raise click.UsageError(f"{flags} only mean something with --sweep; add --sweep")
     if metrics_out is not None and do_sweep:
         raise click.UsageError("--metrics-out shows one run; it cannot be combined with --sweep")
     exporter = _prometheus_exporter() if metrics_out is not None else None
@@ -374,8 +408,10 @@ def command(
         raise
     bar = _Progress(progress_on, f"simulate {loaded.name}")
     try:
-        with counting_logs(counter, level):
+        running: list[Simulation] = []
+        with counting_logs(counter, level, lambda: running[0].clock.now if running else None):
             simulation = Simulation(loaded, policy, seed=run_seed, store=store, log_counter=counter)
+            running.append(simulation)
             metrics = exporter(simulation.engine) if exporter is not None else None
             result = simulation.run(progress=lambda now, done, total: bar(done, total))
         persisted = {state.value: n for state, n in store.sessions_by_state().items()}

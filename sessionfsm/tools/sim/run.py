@@ -117,6 +117,9 @@ class SimResult(msgspec.Struct):
     figures: Figures
     #: (simulated time, {state: count}) at every tick where a count changed.
     timeline: list[tuple[float, dict[str, int]]]
+    #: What the scenario did to the relay: (what, from, to) in simulated
+    #: seconds, e.g. ("flap: RelayUnavailable", 60.0, 85.0), ("throttle", ...).
+    incidents: list[tuple[str, float, float]] = msgspec.field(default_factory=list)
 
 
 def describe_policy(policy: Policy) -> str:
@@ -203,7 +206,19 @@ class Simulation:
             end = self.clock.now
         counts = {state.value: n for state, n in engine.sessions_by_state().items()}
         self.timeline.append((end - start, counts))
-        return SimResult(figures=self._figures(drained, end - start), timeline=self.timeline)
+        relay = scenario.relay
+        incidents = [
+            (f"flap: {flap.answer}", float(flap.at_s), float(flap.at_s + flap.for_s))
+            for flap in relay.flaps
+        ] + [
+            ("throttle", float(throttle.at_s), float(throttle.at_s + throttle.for_s))
+            for throttle in relay.throttles
+        ]
+        return SimResult(
+            figures=self._figures(drained, end - start),
+            timeline=self.timeline,
+            incidents=sorted(incidents, key=lambda incident: incident[1]),
+        )
 
     def _arrival(self, session_id: str) -> Callable[[float], None]:
         lane = self.world.sessions[session_id].lane
