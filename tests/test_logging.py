@@ -8,10 +8,10 @@ import re
 
 import pytest
 import structlog
-from sessionfsm.tools.cli import configure_logging
 
 from sessionfsm import Engine, Policy, acks
 from sessionfsm._log import format_time
+from sessionfsm.tools.cli import configure_logging
 
 from .conftest import Cycle
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from benchmarks.bench import recovery_store, session_ids
-
 from sessionfsm import SqliteStore
 
 
