@@ -83,6 +83,7 @@ class ReferenceRelay:
         self._answers: dict[str, bytes] = {}
         self.counts: Counter[str] = Counter()
         self.sio: Any = None
+        self._conns: dict[str, Any] = {}
         #: The port it listens on, once serving.
         self.port: int | None = None
 
@@ -154,8 +155,18 @@ class ReferenceRelay:
         self.config = config
         if config.down and self.sio is not None:
             for sid in list(self._clients):
-                await self.sio.disconnect(sid)
+                await self._cut(sid)
         return config
+
+    async def _cut(self, sid: str) -> None:
+        """Cut a Socket.IO client off as a network failure would: no goodbye,
+        so the client sees its connection fail and reconnects by itself."""
+        request = self._conns.pop(sid, None)
+        transport = getattr(request, "transport", None)
+        if transport is None:  # long-polling: only a clean disconnect is possible
+            await self.sio.disconnect(sid)
+            return
+        transport.abort()
 
     @property
     def _clients(self) -> list[str]:
@@ -213,6 +224,13 @@ class ReferenceRelay:
         async def connect(sid: str, environ: Any, auth: Any = None) -> None:
             if self.config.down:
                 raise socketio.exceptions.ConnectionRefusedError("relay is down")
+            # Over a websocket this is the socket's own request: aborting its
+            # transport is a network failure, as far as the client can tell.
+            self._conns[sid] = environ.get("aiohttp.request")
+
+        @sio.event  # type: ignore[untyped-decorator]
+        async def disconnect(sid: str, *args: Any) -> None:
+            self._conns.pop(sid, None)
 
         @sio.on(SESSIONS_EVENT)  # type: ignore[untyped-decorator]
         async def sessions(sid: str, data: Any) -> Any:
@@ -231,13 +249,13 @@ class ReferenceRelay:
             return {"reason": "payload_too_large"}
         try:
             key = data.get("idempotency_key") if isinstance(data, dict) else None
-            batch = msgspec.convert(data, WireBatch)
-        except msgspec.ValidationError as exc:
+            batch = batch_decoder.decode(body)
+        except msgspec.DecodeError as exc:
             self.counts["bad_requests"] += 1
             return {"reason": "bad_request", "error": str(exc)}
         _answer, drop = self.store(batch, key)
         if drop:
-            await self.sio.disconnect(sid)  # stored, but the ack is lost
+            await self._cut(sid)  # stored, but the ack is lost
             return None
         return {"reason": "ok"}
 

@@ -266,15 +266,8 @@ class HttpTransport:
                 body=_preview(content),
             )
             return {}
-        if message.batch_id != batch.id:
-            self._count("bad_body")
-            self._log.warning(
-                "sessionfsm.http_bad_reply",
-                batch_id=batch.id,
-                status=status,
-                error=f"reply is for batch {message.batch_id}",
-                body=_preview(content),
-            )
-            return {}
+        # An HTTP reply belongs to its request, so its batch_id is not checked:
+        # a relay that honours Idempotency-Key replays the first answer
+        # verbatim, batch id and all, and that answer is still the right one.
         result: Any = message.ack if message.ack is not None else message.sessions
         return result  # type: ignore[no-any-return]
