@@ -357,3 +357,43 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------- transport unit tests
+
+
+def batch_in_flight(session_ids: tuple[str, ...] = ("a", "b", "c")) -> tuple[Engine, Batch]:
+    """An engine with one batch of ``session_ids`` in flight at t=0."""
+    engine = Engine(
+        Policy(batch_size=len(session_ids), incremental_interval_s=0.0, ack_timeout_s=30.0),
+        rng=random.Random(0),
+        log=False,
+    )
+    for sid in session_ids:
+        engine.enqueue(sid, now=0.0)
+    (batch,) = engine.tick(0.0)
+    return engine, batch
+
+
+@pytest.fixture
+def mock_http() -> Callable[..., Any]:
+    """An ``HttpTransport`` on an ``httpx.MockTransport`` that answers with the
+    handler you pass; the requests it saw are in ``transport.requests``.
+    For unit tests of the status mapping only."""
+    httpx = need("httpx")
+    from sessionfsm.transports.http import HttpTransport
+
+    def make(handler: Callable[[Any], Any], **kw: Any) -> Any:
+        requests: list[Any] = []
+
+        def record(request: Any) -> Any:
+            requests.append(request)
+            return handler(request)
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(record))
+        kw.setdefault("payload", lambda sid: {"id": sid})
+        transport = HttpTransport("http://relay.test/sessions", client=client, **kw)
+        transport.requests = requests
+        return transport
+
+    return make
