@@ -219,9 +219,11 @@ class SocketIOTransport:
         await self.client.disconnect()
 
     async def link_events(self) -> AsyncIterator[LinkEvent]:
-        """The socket's connects and disconnects, as they happen."""
-        if self.client.connected:
-            yield LinkEvent.READY
+        """The socket's state now, then its connects and disconnects as they happen."""
+        # Start from the socket's state now; what happened before is history.
+        while not self._events.empty():
+            self._events.get_nowait()
+        yield LinkEvent.READY if self.client.connected else LinkEvent.UNAVAILABLE
         while True:
             yield await self._events.get()
 
