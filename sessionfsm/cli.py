@@ -31,6 +31,7 @@ from .policy import Policy, load_policy
 from .sim.command import command as simulate_command
 from .sqlite_store import SqliteStore
 from .testing import EngineHarness, ScriptedRelay
+from .tools.live import live_demo, relay_command
 
 __all__ = ["configure_logging", "main"]
 
@@ -86,14 +87,19 @@ def main(log_level: str, log_json: bool | None) -> None:
 
 @main.command()
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed for backoff jitter.")
-def demo(seed: int) -> None:
+@click.option("--live", is_flag=True, help="Run for real against the reference relay on loopback.")
+@click.option("--seconds", type=float, default=6.0, show_default=True, help="With --live.")
+def demo(seed: int, live: bool, seconds: float) -> None:
     """Sync a dozen sessions against a scripted relay and show what happened.
 
     The relay refuses one oversized session with RateLimited every time, goes
     unavailable for a while, loses one ack, and one session changes while in
     flight. Watch the oversized session dead-letter after 5 RateLimited acks
-    while the flap costs nobody anything.
+    while the flap costs nobody anything. With --live: see docs/transports.md.
     """
+    if live:
+        live_demo(seconds=seconds, seed=seed)
+        return
     engine = Engine(Policy(), rng=random.Random(seed))
     relay = ScriptedRelay()
     harness = EngineHarness(engine, relay)
@@ -147,6 +153,7 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
 main.add_command(diagrams_command)
 main.add_command(bench_command)
 main.add_command(check_command)
+main.add_command(relay_command)
 
 
 # ------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Tools around the library: command-line commands, never imported by the core."""
