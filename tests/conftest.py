@@ -294,8 +294,9 @@ def _stop(proc: Any) -> None:
 
 @pytest.fixture
 def start_relay() -> Iterator[Callable[..., RelayProcess]]:
-    """Start reference relays (``python -m sessionfsm.reference_relay``) on free
-    ports; every one is stopped at the end of the test."""
+    """Start reference relays (``python -m sessionfsm.reference_relay``, or with
+    ``via_cli=True`` ``sessionfsm relay``) on free ports; every one is stopped at
+    the end of the test."""
     import subprocess
     import sys
 
@@ -303,9 +304,10 @@ def start_relay() -> Iterator[Callable[..., RelayProcess]]:
     need("socketio")
     procs: list[Any] = []
 
-    def start(*args: str) -> RelayProcess:
+    def start(*args: str, via_cli: bool = False) -> RelayProcess:
+        module = ["sessionfsm", "relay"] if via_cli else ["sessionfsm.reference_relay"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sessionfsm.reference_relay", "--port", "0", *args],
+            [sys.executable, "-m", *module, "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
