@@ -1,0 +1,1 @@
+"""Benchmarks, outside the package: run each module with ``python -m benchmarks.NAME``."""
