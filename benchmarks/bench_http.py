@@ -72,14 +72,16 @@ async def _measure(url: str, batches: int, rounds: int, size: int) -> dict[str, 
                 response = await raw_client.post(
                     url, content=body, headers={**headers, "Idempotency-Key": key}, timeout=10
                 )
-                assert response.status_code == 200
+                if response.status_code != 200:
+                    raise RuntimeError(f"the relay answered {response.status_code}")
             raw_rates.append(batches / (time.perf_counter() - start))
 
             mine = _batches(f"r{r}trn", batches, size)
             start = time.perf_counter()
             for batch in mine:
                 result = await transport.send(batch)
-                assert isinstance(result, dict) and len(result) == size, result
+                if not isinstance(result, dict) or len(result) != size:
+                    raise RuntimeError(f"the relay did not accept the batch: {result!r}")
             transport_rates.append(batches / (time.perf_counter() - start))
     raw = statistics.median(raw_rates)
     through = statistics.median(transport_rates)
