@@ -304,3 +304,17 @@ def test_fuzzed_replies_never_raise_lose_or_mischarge_a_session(
         assert states == {SessionState.IN_FLIGHT}
     if isinstance(result, dict):
         assert set(result) <= {*REPLY_SESSIONS, "zz"}
+
+
+def test_import_sessionfsm_imports_no_transport_dependency() -> None:
+    """`import sessionfsm` (and its command line) never imports httpx, python-socketio
+    or aiohttp: the transports are optional extras."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sessionfsm, sessionfsm.cli, sessionfsm.transports;"
+        "print(sorted(m for m in ('httpx', 'socketio', 'aiohttp', 'engineio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
