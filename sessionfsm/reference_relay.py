@@ -244,7 +244,11 @@ class ReferenceRelay:
         if verdict == "down":
             return {"reason": "relay_unavailable"}
         if verdict == "throttle":
-            return {"reason": "rate_limited", "retry_after_s": float(self.config.retry_after)}
+            try:
+                retry: float | None = float(self.config.retry_after)
+            except ValueError:  # an HTTP-date: Socket.IO acks carry seconds only
+                retry = None
+            return {"reason": "rate_limited", "retry_after_s": retry}
         if verdict == "too_large":
             return {"reason": "payload_too_large"}
         try:

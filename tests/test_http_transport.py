@@ -318,3 +318,13 @@ def test_import_sessionfsm_imports_no_transport_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_url_that_is_not_http_is_a_usage_error() -> None:
+    """A misconfigured URL fails at construction, not as an endless pause."""
+    from sessionfsm import UsageError
+    from sessionfsm.transports.http import HttpTransport
+
+    for url in ("ftp://relay.test/x", "relay.test/sessions", "http://[::1"):
+        with pytest.raises(UsageError, match="http"):
+            HttpTransport(url, payload=str)

@@ -122,7 +122,10 @@ class HttpTransport:
     * ``retry_after_cap_s``: the longest ``Retry-After`` taken as given;
     * ``clock``: wall-clock seconds, for HTTP-dates and the batch deadline.
 
-    The request timeout is what is left until the batch's deadline.
+    The request timeout is what is left until the batch's deadline. An
+    exception from your ``payload`` or ``version`` callable (or ``UsageError``
+    for a payload that is not JSON-able) propagates: the runner logs it and
+    the batch times out.
     """
 
     def __init__(
@@ -145,6 +148,12 @@ class HttpTransport:
             raise UsageError(
                 f"retry_after_cap_s must be a finite number >= 0, got {retry_after_cap_s!r}"
             )
+        try:
+            scheme = httpx.URL(url).scheme
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise UsageError(f"url must be an http(s) URL, got {url!r}: {exc}") from None
+        if scheme not in ("http", "https"):
+            raise UsageError(f"url must be an http(s) URL, got {url!r}")
         self.url = url
         self._payload = payload
         self._version = version

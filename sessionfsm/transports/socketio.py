@@ -243,6 +243,9 @@ class SocketIOTransport:
         timeout = max(batch.deadline - self._clock(), 0.001)
         drop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.add(drop)
+        # python-socketio warns that concurrent calls may interleave the packets
+        # of binary messages; a batch is plain JSON, one packet, so calls for
+        # concurrent batches (policy.max_in_flight > 1) do not interleave.
         call = asyncio.ensure_future(self.client.call(self.event, data, timeout=timeout))
         call.add_done_callback(_retrieve)
         try:
