@@ -87,13 +87,33 @@ def test_relay_refuses_a_bad_config_file(tmp_path: Path) -> None:
 def test_demo_live_runs_the_main_job_against_the_relay(
     sessionfsm_cli: Callable[..., Any],
 ) -> None:
-    """`demo --live` syncs through HttpTransport to the reference relay and ends with
-    a summary where the oversized session is dead-lettered."""
-    result = sessionfsm_cli("--log-level", "error", "demo", "--live", "--seconds", "4")
+    """`demo --live` runs through HttpTransport against the reference relay until
+    idle and ends with a summary table."""
+    result = sessionfsm_cli("--log-level", "error", "demo", "--live", "--seconds", "30")
     assert result.exit_code == 0, result.output
     assert "summary" in result.output
-    assert "big (PayloadTooLarge)" in result.output
     assert "latest versions on the relay" in result.output
+
+
+def test_live_demo_dead_letters_only_what_a_whole_request_413_took_down() -> None:
+    """In the live demo the oversized session is dead-lettered, nothing is left in
+    flight, and every other session that is not dead-lettered has its latest version
+    on the relay."""
+    import asyncio
+
+    from sessionfsm.tools.live import LiveDemo
+
+    demo = LiveDemo(sessions=120, seconds=30.0)
+    asyncio.run(demo.run())
+    summary = demo.summary()
+    assert summary["dead_letters"]["big"] == "PayloadTooLarge"
+    assert set(summary["dead_letters"].values()) == {"PayloadTooLarge"}
+    assert set(summary["states"]) <= {"synced", "dead_lettered"}
+    stored = set(demo.relay.log)
+    synced = [v.id for v in demo.engine.sessions() if v.state.value == "synced"]
+    assert synced
+    assert all((sid, str(demo.versions[sid])) in stored for sid in synced)
+    assert summary["relay"]["throttled"] > 0
 
 
 def test_wire_batch_round_trips() -> None:

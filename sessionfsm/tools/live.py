@@ -149,7 +149,10 @@ class LiveDemo:
         self.events.append(f"{time.monotonic() - self.started:5.1f}s  {text}")
 
     async def _script(self, runner: Any) -> None:
-        await asyncio.sleep(self.seconds * 0.15)
+        # Timed for the default 6 s, squeezed into a shorter run; a longer one
+        # just ends once everything is at rest.
+        scale = min(1.0, self.seconds / 6.0)
+        await asyncio.sleep(0.9 * scale)
         runner.enqueue(self.oversized)
         self._note(f"{self.oversized} enqueued: its payload is larger than the relay takes")
         for sid in self.rng.sample(sorted(self.versions), 15):
@@ -157,10 +160,10 @@ class LiveDemo:
                 self.versions[sid] += 1
                 runner.enqueue(sid)
         self._note("15 sessions changed")
-        await asyncio.sleep(self.seconds * 0.15)
+        await asyncio.sleep(0.9 * scale)
         self.relay.config.down = True
         self._note("relay down (503)")
-        await asyncio.sleep(self.seconds * 0.2)
+        await asyncio.sleep(1.2 * scale)
         self.relay.config.down = False
         self._note("relay back up")
 
