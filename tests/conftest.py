@@ -504,3 +504,182 @@ def matplotlib_or_fail() -> Any:
             pytest.fail("matplotlib is missing: install '.[test]', which includes the plot extra")
         pytest.skip("matplotlib is not installed (pip install 'sessionfsm[plot]')")
     return matplotlib
+
+
+# ------------------------------------------- real relay and service processes
+
+#: The repository root: service processes run from here (``python -m tests...``).
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def need(module: str) -> Any:
+    """Import an optional dependency; a missing one skips, or fails under CI=true."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{module} is required under CI=true: {exc}")
+        pytest.skip(f"needs {module} (pip install -e '.[test]')")
+
+
+def engine_splits_whole_batch_413() -> bool:
+    """Whether the engine finds the culprit of a whole-batch PayloadTooLarge
+    instead of dead-lettering every session of the batch."""
+    from sessionfsm import SessionState, acks
+
+    engine = Engine(Policy(batch_size=2, incremental_interval_s=0.0), log=False)
+    engine.enqueue("a", now=0.0)
+    engine.enqueue("b", now=0.0)
+    (batch,) = engine.tick(0.0)
+    engine.on_ack(batch.id, acks.PayloadTooLarge(), 0.0)
+    return engine.state("a") is not SessionState.DEAD_LETTERED
+
+
+class RelayProcess:
+    """A reference relay running as a separate process on 127.0.0.1."""
+
+    def __init__(self, proc: Any, url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        """Change the relay's behaviour at run time (POST /_relay/config)."""
+        import httpx
+
+        response = httpx.post(f"{self.url}/_relay/config", json=changes, timeout=10)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def state(self) -> dict[str, Any]:
+        """What the relay stored and counted (GET /_relay/state)."""
+        import httpx
+
+        response = httpx.get(f"{self.url}/_relay/state", timeout=10)
+        response.raise_for_status()
+        return dict(response.json())
+
+
+def _stop(proc: Any) -> None:
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+@pytest.fixture
+def start_relay() -> Iterator[Callable[..., RelayProcess]]:
+    """Start reference relays (``python -m sessionfsm.reference_relay``, or with
+    ``via_cli=True`` ``sessionfsm relay``) on free ports; every one is stopped at
+    the end of the test."""
+    import subprocess
+    import sys
+
+    need("aiohttp")
+    need("socketio")
+    procs: list[Any] = []
+
+    def start(*args: str, via_cli: bool = False) -> RelayProcess:
+        module = ["sessionfsm", "relay"] if via_cli else ["sessionfsm.reference_relay"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *module, "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        procs.append(proc)
+        line = proc.stdout.readline() if proc.stdout is not None else ""
+        if "listening on" not in line:
+            _stop(proc)
+            err = proc.stderr.read() if proc.stderr is not None and not proc.stderr.closed else ""
+            raise RuntimeError(f"the relay did not start: {line!r} {err}")
+        return RelayProcess(proc, line.split()[-1])
+
+    yield start
+    for proc in procs:
+        _stop(proc)
+
+
+@pytest.fixture
+def relay_process(start_relay: Callable[..., RelayProcess]) -> RelayProcess:
+    """One reference relay process with Socket.IO, on a free port."""
+    return start_relay("--socketio")
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start the sync service (``python -m tests.transport_service``) as a
+    separate process; every one still running at the end is killed."""
+    import subprocess
+    import sys
+
+    procs: list[Any] = []
+
+    def start(*args: str) -> Any:
+        log = open(tmp_path / f"service-{len(procs)}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.transport_service", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        log.close()
+        proc.log_path = tmp_path / f"service-{len(procs)}.log"
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------- transport unit tests
+
+
+def batch_in_flight(session_ids: tuple[str, ...] = ("a", "b", "c")) -> tuple[Engine, Batch]:
+    """An engine with one batch of ``session_ids`` in flight at t=0."""
+    engine = Engine(
+        Policy(batch_size=len(session_ids), incremental_interval_s=0.0, ack_timeout_s=30.0),
+        rng=random.Random(0),
+        log=False,
+    )
+    for sid in session_ids:
+        engine.enqueue(sid, now=0.0)
+    (batch,) = engine.tick(0.0)
+    return engine, batch
+
+
+@pytest.fixture
+def mock_http() -> Callable[..., Any]:
+    """An ``HttpTransport`` on an ``httpx.MockTransport`` that answers with the
+    handler you pass; the requests it saw are in ``transport.requests``.
+    For unit tests of the status mapping only."""
+    httpx = need("httpx")
+    from sessionfsm.transports.http import HttpTransport
+
+    def make(handler: Callable[[Any], Any], **kw: Any) -> Any:
+        requests: list[Any] = []
+
+        def record(request: Any) -> Any:
+            requests.append(request)
+            return handler(request)
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(record))
+        kw.setdefault("payload", lambda sid: {"id": sid})
+        transport = HttpTransport("http://relay.test/sessions", client=client, **kw)
+        transport.requests = requests
+        return transport
+
+    return make

@@ -187,3 +187,99 @@ fault_calls = st.one_of(
     st.tuples(st.just("unavailable")),
 )
 fault_scripts = st.lists(st.tuples(fault_calls, faults), min_size=1, max_size=40)
+# ------------------------------------------------- what a relay may send back
+
+#: Batch sessions the reply strategies refer to (a batch of these three).
+REPLY_SESSIONS = ("a", "b", "c")
+
+_ack_json = st.sampled_from(
+    [
+        b'{"type":"Ok"}',
+        b'{"type":"AckTimeout"}',
+        b'{"type":"RateLimited","retry_after_s":2}',
+        b'{"type":"RateLimited","retry_after_s":-1}',
+        b'{"type":"RelayUnavailable"}',
+        b'{"type":"PayloadTooLarge"}',
+        b'{"type":"Exploded"}',
+        b'"ok"',
+        b"null",
+        b"{}",
+    ]
+)
+
+
+@st.composite
+def reply_bodies(draw: st.DrawFn) -> bytes:
+    """Reply bodies: valid batch answers, garbage JSON, unknown ack types,
+    truncated and non-JSON bodies."""
+    kind = draw(st.sampled_from(["batch", "sessions", "garbage", "truncated", "empty", "html"]))
+    if kind == "empty":
+        return draw(st.sampled_from([b"", b"  ", b"\n"]))
+    if kind == "html":
+        return b"<html><body>502 Bad Gateway</body></html>"
+    if kind == "garbage":
+        return draw(st.binary(max_size=64))
+    ids = draw(st.lists(st.sampled_from([*REPLY_SESSIONS, "zz"]), max_size=4, unique=True))
+    if kind == "sessions":
+        entries = b",".join(b'"%s":%s' % (sid.encode(), draw(_ack_json)) for sid in ids)
+        body = b'{"batch_id":%d,"sessions":{%s}}' % (draw(st.integers(0, 3)), entries)
+    else:
+        body = b'{"batch_id":%d,"ack":%s}' % (draw(st.integers(0, 3)), draw(_ack_json))
+    if kind == "truncated":
+        body = body[: draw(st.integers(0, max(0, len(body) - 1)))]
+    return body
+
+
+retry_after_values = st.one_of(
+    st.integers(min_value=-(10**12), max_value=10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.sampled_from(
+        [
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "Wed, 21 Oct 2015 07:28:00",
+            "Sun, 06 Nov 1994 08:49:37 +0100",
+            "soon",
+            "",
+            "1e9",
+            " 7 ",
+        ]
+    ),
+    st.text(max_size=40),
+)
+
+
+@st.composite
+def http_replies(draw: st.DrawFn) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) as a relay, a proxy or a broken server may send them."""
+    status = draw(
+        st.sampled_from([200, 201, 204, 299, 301, 400, 401, 403, 404, 408, 413, 418, 429, 500])
+        | st.sampled_from([502, 503, 504])
+        | st.integers(min_value=100, max_value=599)
+    )
+    headers: dict[str, str] = {}
+    if draw(st.booleans()):
+        headers["content-type"] = draw(
+            st.sampled_from(["application/json", "text/html", "text/plain", "application/xml"])
+        )
+    if draw(st.booleans()):
+        headers["retry-after"] = draw(retry_after_values)
+    return status, headers, draw(reply_bodies())
+
+
+socketio_replies = st.recursive(
+    st.none()
+    | st.text(max_size=20)
+    | st.sampled_from(["ok", "RateLimited", "rate-limited", "TIMEOUT", "payload_too_large"])
+    | st.integers()
+    | st.floats(allow_nan=True),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["reason", "type", "sessions", "ack", "retry_after_s", "a", "b"]),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=8,
+)

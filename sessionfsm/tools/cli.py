@@ -79,6 +79,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sessionfsm.tools.bench_command", "load"),
     "check": ("sessionfsm.tools.check", "command"),
     "diagrams": ("sessionfsm.tools.diagrams", "command"),
+    "relay": ("sessionfsm.tools.live", "relay_command"),
     "simulate": ("sessionfsm.tools.sim.command", "command"),
 }
 
@@ -170,14 +171,21 @@ def main(log_level: str, log_json: bool | None) -> None:
 
 @main.command()
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed for backoff jitter.")
-def demo(seed: int) -> None:
+@click.option("--live", is_flag=True, help="Run for real against the reference relay on loopback.")
+@click.option("--seconds", type=float, default=6.0, show_default=True, help="With --live.")
+def demo(seed: int, live: bool, seconds: float) -> None:
     """Sync a dozen sessions against a scripted relay and show what happened.
 
     The relay refuses one oversized session with RateLimited every time, goes
     unavailable for a while, loses one ack, and one session changes while in
     flight. Watch the oversized session dead-letter after 5 RateLimited acks
-    while the flap costs nobody anything.
+    while the flap costs nobody anything. With --live: see docs/transports.md.
     """
+    if live:
+        from sessionfsm.tools.live import live_demo
+
+        live_demo(seconds=seconds, seed=seed)
+        return
     engine = Engine(Policy(), rng=random.Random(seed))
     relay = ScriptedRelay()
     harness = EngineHarness(engine, relay)
