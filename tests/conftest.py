@@ -184,30 +184,11 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "sessions.db"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def open_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callable[..., Store]]:
-    """``open_store(**kw)``: the store a (re)started process opens, of each kind.
-
-    SQLite: closes the store opened before (its process is gone) and opens
-    the same file again, passing ``kw`` to ``SqliteStore``. Memory: hands back
-    the one ``MemoryStore`` of the test, which outlives its engines.
-    """
-    memory = MemoryStore(history_retention=None)
-    opened: list[SqliteStore] = []
-
-    def open_(**kw: Any) -> Store:
-        if request.param == "memory":
-            return memory
-        for store in opened:
-            store.close()
-        kw.setdefault("history_retention", None)
-        store = SqliteStore(db_path, **kw)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
+@pytest.fixture
+def open_store(any_store: Callable[..., Store]) -> Callable[..., Store]:
+    """``open_store(**kw)``: the store a (re)started process opens, of each kind
+    (memory, SQLite, PostgreSQL); see ``any_store``."""
+    return any_store
 
 
 # ------------------------------------------------------ the exhaustive check
@@ -220,3 +201,76 @@ def checked_two_sessions() -> Any:
     from sessionfsm.check import explore
 
     return explore(sessions=2)
+
+
+# ------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL server for the whole run: ``SESSIONFSM_TEST_DSN`` if set,
+    else a throwaway one started with pgserver. With ``CI=true`` a missing
+    server fails the tests that need it; elsewhere they are skipped."""
+    dsn = os.environ.get("SESSIONFSM_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    # pgserver asks platformdirs for a runtime directory, which warns without one.
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))
+    try:
+        import pgserver
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI: PostgreSQL tests need pgserver or SESSIONFSM_TEST_DSN")
+        pytest.skip("no PostgreSQL: install pgserver or set SESSIONFSM_TEST_DSN")
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+_schemas = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def pg_schema(pg_dsn: str) -> str:
+    """A fresh, unused schema name on the test server (``t_<pid>_<n>``)."""
+    return f"t_{os.getpid()}_{next(_schemas)}"
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callable[..., Store]]:
+    """``any_store(**kw)``: the store a (re)started process opens, of every kind.
+
+    Like ``open_store``, with PostgreSQL too: each call closes the store opened
+    before (its process is gone) and opens the same database (for PostgreSQL,
+    the test's own schema) again, passing ``kw`` to the store.
+    """
+    memory = MemoryStore(history_retention=None)
+    opened: list[Any] = []
+    dsn = schema = ""
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("pg_dsn")
+        schema = request.getfixturevalue("pg_schema")
+
+    def open_(**kw: Any) -> Store:
+        if request.param == "memory":
+            return memory
+        for store in opened:
+            store.close()
+        kw.setdefault("history_retention", None)
+        store: Any
+        if request.param == "sqlite":
+            store = SqliteStore(db_path, **kw)
+        else:
+            from sessionfsm.postgres_store import PostgresStore
+
+            store = PostgresStore(dsn, schema=schema, **kw)
+        opened.append(store)
+        return store  # type: ignore[no-any-return]
+
+    open_.kind = request.param  # type: ignore[attr-defined]
+    yield open_
+    for store in opened:
+        store.close()
