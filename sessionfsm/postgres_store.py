@@ -186,9 +186,17 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             stamped_at double precision,
             PRIMARY KEY (partition, name)
         )""",
+        # Every lease ever granted: who held which partition in which epoch.
+        """CREATE TABLE {s}.lease_log (
+            partition integer NOT NULL,
+            epoch bigint NOT NULL,
+            owner text NOT NULL,
+            acquired_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+            PRIMARY KEY (partition, epoch)
+        )""",
     ),
     2: (
-        # Fleet: live workers, the log of every lease granted, and the inbox
+        # Fleet: live workers, and the inbox
         # through which producers that are not workers enqueue sessions.
         """CREATE TABLE {s}.worker (
             id text PRIMARY KEY,
@@ -197,13 +205,6 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
             heartbeat_at timestamptz NOT NULL DEFAULT clock_timestamp(),
             expires_at timestamptz NOT NULL
-        )""",
-        """CREATE TABLE {s}.lease_log (
-            partition integer NOT NULL,
-            epoch bigint NOT NULL,
-            owner text NOT NULL,
-            acquired_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-            PRIMARY KEY (partition, epoch)
         )""",
         """CREATE TABLE {s}.inbox (
             seq bigserial PRIMARY KEY,

@@ -247,7 +247,7 @@ def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callabl
     before (its process is gone) and opens the same database (for PostgreSQL,
     the test's own schema) again, passing ``kw`` to the store.
     """
-    memory = MemoryStore(history_retention=None)
+    memories: list[MemoryStore] = []
     opened: list[Any] = []
     dsn = schema = ""
     if request.param == "postgres":
@@ -255,11 +255,13 @@ def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callabl
         schema = request.getfixturevalue("pg_schema")
 
     def open_(**kw: Any) -> Store:
+        kw.setdefault("history_retention", None)
         if request.param == "memory":
-            return memory
+            if not memories:  # one store outlives its engines; the first call's options
+                memories.append(MemoryStore(**kw))
+            return memories[0]
         for store in opened:
             store.close()
-        kw.setdefault("history_retention", None)
         store: Any
         if request.param == "sqlite":
             store = SqliteStore(db_path, **kw)
