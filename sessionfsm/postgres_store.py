@@ -460,7 +460,8 @@ class PostgresStore:
         if not held and not self._inbox_done:
             return
         if not held:
-            raise UsageError("inbox rows were consumed but the engine saved nothing")
+            self._drop_inbox()
+            return
         merged: dict[str, SessionRecord] = {}
         changes: list[Change] = []
         for d in held:
@@ -751,6 +752,36 @@ class PostgresStore:
         self._head, self._tail = head, tail
         saved.update(stamps)
         self._since_prune = 0 if prune else self._since_prune + len(changes)
+
+    def _drop_inbox(self) -> None:
+        """Delete consumed inbox rows that changed nothing, under the same fence."""
+        lease, p, s = self._lease, self.partition, self._s
+        assert lease is not None
+        seqs, self._inbox_done = list(self._inbox_done), []
+        try:
+            conn = self._live()
+            with conn.transaction():
+                fence = conn.execute(
+                    f"UPDATE {s}.part SET writes = writes + 1 WHERE partition = %s AND "
+                    "owner = %s AND epoch = %s AND expires_at > clock_timestamp()",
+                    (p, lease.owner, lease.epoch),
+                )
+                if fence.rowcount != 1:
+                    raise _Fenced
+                conn.execute(
+                    f"DELETE FROM {s}.inbox WHERE seq = ANY(%s::int8[]) AND partition = %s",
+                    (seqs, p),
+                )
+        except _Fenced:
+            self._note_fenced()
+            raise StoreFenced(
+                f"cannot save to store {self._where}: partition {p} is no longer held by "
+                f"{lease.owner!r} in epoch {lease.epoch}; nothing was written",
+                partition=p if p is not None else -1,
+                epoch=lease.epoch,
+            ) from None
+        except psycopg.Error as exc:
+            raise self._error("save to", exc) from exc
 
     def _note_fenced(self) -> None:
         """Count a refused save on the partition's row, for operators (best effort)."""

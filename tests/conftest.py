@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -223,11 +225,15 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail("CI: PostgreSQL tests need pgserver or SESSIONFSM_TEST_DSN")
         pytest.skip("no PostgreSQL: install pgserver or set SESSIONFSM_TEST_DSN")
-    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    # Not under pytest's base directory: as root, pgserver runs the server as
+    # another user, who cannot enter pytest's private (0700) directories.
+    data = tempfile.mkdtemp(prefix="sessionfsm-pg-")
+    server = pgserver.get_server(data, cleanup_mode="stop")
     try:
         yield server.get_uri()
     finally:
         server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 _schemas = iter(range(1, 1_000_000))
@@ -276,3 +282,88 @@ def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callabl
     yield open_
     for store in opened:
         store.close()
+
+
+class RecordingRelay:
+    """A relay on 127.0.0.1 for fleet tests: a real HTTP server on a free port.
+
+    For each POSTed batch it refuses (409) one whose epoch is older than the
+    partition's current epoch on the server (a relay that honours fencing
+    tokens), otherwise reads the version of every session from the
+    application's table at that moment (the payload the worker sends) and
+    answers Ok. ``accepted[sid]`` is the highest version it took;
+    ``stale`` counts refused batches.
+    """
+
+    def __init__(self, dsn: str, schema: str, app_schema: str) -> None:
+        import http.server
+        import json
+        import threading
+
+        import psycopg
+
+        from sessionfsm import acks
+
+        self.accepted: dict[str, int] = {}
+        self.batches = 0
+        self.stale = 0
+        self._lock = threading.Lock()
+        conn = psycopg.connect(dsn, autocommit=True)
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with relay._lock:
+                    (epoch,) = conn.execute(
+                        f'SELECT epoch FROM "{schema}".part WHERE partition = %s',
+                        (body["partition"],),
+                    ).fetchone()  # type: ignore[misc]
+                    if body["epoch"] < epoch:
+                        relay.stale += 1
+                        self.send_response(409)
+                        self.end_headers()
+                        return
+                    versions = dict(
+                        conn.execute(
+                            f'SELECT id, version FROM "{app_schema}".doc WHERE id = ANY(%s)',
+                            (body["sessions"],),
+                        ).fetchall()
+                    )
+                    relay.batches += 1
+                    for sid in body["sessions"]:
+                        relay.accepted[sid] = max(relay.accepted.get(sid, 0), versions[sid])
+                reply = acks.encode(acks.BatchAck(batch_id=body["batch_id"], ack=acks.Ok()))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._conn = conn
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/batch"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._conn.close()
+
+
+@pytest.fixture
+def recording_relay(pg_dsn: str, pg_schema: str) -> Iterator[RecordingRelay]:
+    """A ``RecordingRelay`` for the test's schema; the application's table is
+    ``"<schema>_app".doc(id text primary key, version int)``, created empty."""
+    import psycopg
+
+    app = f"{pg_schema}_app"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{app}"')
+        conn.execute(f'CREATE TABLE "{app}".doc (id text PRIMARY KEY, version int NOT NULL)')
+    relay = RecordingRelay(pg_dsn, pg_schema, app)
+    yield relay
+    relay.close()
