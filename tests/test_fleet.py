@@ -154,8 +154,8 @@ def test_a_stalled_worker_is_fenced_drops_its_partitions_and_sends_nothing(
     assert set(w2.owned) == {0, 1}
     assert w2.owned[0].epoch == old.epoch + 1
     sent_before = len(relay.sent)
+    mine = next(f"x{i}" for i in range(100) if partition_of(f"x{i}", 2) == 0)
     with pytest.raises(StoreFenced):
-        mine = next(f"x{i}" for i in range(100) if partition_of(f"x{i}", 2) == 0)
         old.engine.enqueue(mine, now=time.time())
     w1.step()  # wakes up
     assert w1.owned == {}
@@ -351,7 +351,7 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
             "stale_batches_refused_by_relay": recording_relay.stale,
             "recovered_in_flight": recovered,
             "leases_granted": _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".lease_log')[0][0],
-            "fenced_saves": _sql(pg_dsn, f'SELECT sum(fenced) FROM "{pg_schema}".part')[0][0],
+            "fenced_saves": _sql(pg_dsn, f'SELECT sum(fenced)::int FROM "{pg_schema}".part')[0][0],
             "worker_stats": stats,
         }
     )
