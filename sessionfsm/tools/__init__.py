@@ -1,0 +1,1 @@
+"""The tools around the engine (command line, checkers, diagrams)."""
