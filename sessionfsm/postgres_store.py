@@ -186,6 +186,17 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             stamped_at double precision,
             PRIMARY KEY (partition, name)
         )""",
+        # The fence: a save's first statement passes it the number of lease
+        # rows its guarded update matched; anything but 1 aborts the whole
+        # transaction on the server, so a save is one round trip.
+        """CREATE FUNCTION {s}.fence(matched bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+        BEGIN
+            IF matched <> 1 THEN
+                RAISE EXCEPTION 'sessionfsm: the writer no longer holds the partition lease'
+                    USING ERRCODE = 'SF001';
+            END IF;
+            RETURN matched;
+        END $$""",
         # Every lease ever granted: who held which partition in which epoch.
         """CREATE TABLE {s}.lease_log (
             partition integer NOT NULL,
@@ -656,17 +667,19 @@ class PostgresStore:
         renew = self.lease_s if self._own_lease else None
         try:
             conn = self._live()
-            with conn.transaction(), conn.pipeline() as pipe:
+            with conn.pipeline():
+                conn.execute("BEGIN")
                 # First, so the lease row's lock is taken before anything else.
-                fence = conn.execute(
-                    f"UPDATE {s}.part SET now = %s, next_batch_id = %s, link_state = %s, "
-                    "link_failures = %s, link_resume_at = %s, queue_head = %s, queue_tail = %s, "
+                conn.execute(
+                    f"WITH f AS (UPDATE {s}.part SET now = %s, next_batch_id = %s, "
+                    "link_state = %s, link_failures = %s, link_resume_at = %s, queue_head = %s, queue_tail = %s, "
                     "writes = writes + 1, expires_at = CASE WHEN %s::float8 IS NULL "
                     "THEN expires_at ELSE clock_timestamp() + %s::float8 * interval '1 second' "
                     "END, renewed_at = CASE WHEN %s::float8 IS NULL THEN renewed_at "
                     "ELSE clock_timestamp() END "
                     "WHERE partition = %s AND owner = %s AND epoch = %s "
-                    "AND expires_at > clock_timestamp()",
+                    f"AND expires_at > clock_timestamp() RETURNING 1) SELECT {s}.fence(count(*)) "
+                    "FROM f",
                     (
                         last.now,
                         last.next_batch_id,
@@ -730,13 +743,14 @@ class PostgresStore:
                         f"DELETE FROM {s}.inbox WHERE seq = ANY(%s::int8[]) AND partition = %s",
                         (inbox, p),
                     )
-                pipe.sync()
-                if fence.rowcount != 1:
-                    raise _Fenced
                 if prune:
                     self._prune(conn, p, last.now)
-        except _Fenced:
+                conn.execute("COMMIT")
+        except psycopg.Error as exc:
             self._inbox_done.clear()
+            self._abort(self._conn)
+            if getattr(exc, "sqlstate", None) != "SF001":
+                raise self._error("save to", exc) from exc
             self._note_fenced()
             raise StoreFenced(
                 f"cannot save to store {self._where}: partition {p} is no longer held by "
@@ -745,13 +759,18 @@ class PostgresStore:
                 partition=p,
                 epoch=lease.epoch,
             ) from None
-        except psycopg.Error as exc:
-            self._inbox_done.clear()
-            raise self._error("save to", exc) from exc
         self._inbox_done.clear()
         self._head, self._tail = head, tail
         saved.update(stamps)
         self._since_prune = 0 if prune else self._since_prune + len(changes)
+
+    def _abort(self, conn: psycopg.Connection[Any] | None) -> None:
+        """Roll back a transaction a failed pipeline left open (the server undoes it anyway)."""
+        if conn is None or conn.closed or conn.broken:
+            return
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
 
     def _drop_inbox(self) -> None:
         """Delete consumed inbox rows that changed nothing, under the same fence."""
