@@ -191,7 +191,8 @@ def fleet(
             proc.communicate(timeout=30)
         relay.close()
     # enqueued, sent, acked: three persisted transitions per session.
-    return {"workers": workers, "seconds": round(secs, 2), "transitions_s": round(3 * sessions / secs)}
+    rate = round(3 * sessions / secs)
+    return {"workers": workers, "seconds": round(secs, 2), "transitions_s": rate}
 
 
 def takeover(dsn: str, *, partitions: int, lease_s: float, tick_s: float = 0.02) -> dict[str, Any]:

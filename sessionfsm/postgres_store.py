@@ -672,7 +672,8 @@ class PostgresStore:
                 # First, so the lease row's lock is taken before anything else.
                 conn.execute(
                     f"WITH f AS (UPDATE {s}.part SET now = %s, next_batch_id = %s, "
-                    "link_state = %s, link_failures = %s, link_resume_at = %s, queue_head = %s, queue_tail = %s, "
+                    "link_state = %s, link_failures = %s, link_resume_at = %s, "
+                    "queue_head = %s, queue_tail = %s, "
                     "writes = writes + 1, expires_at = CASE WHEN %s::float8 IS NULL "
                     "THEN expires_at ELSE clock_timestamp() + %s::float8 * interval '1 second' "
                     "END, renewed_at = CASE WHEN %s::float8 IS NULL THEN renewed_at "
