@@ -31,6 +31,7 @@ from .policy import Policy, load_policy
 from .sim.command import command as simulate_command
 from .sqlite_store import SqliteStore
 from .testing import EngineHarness, ScriptedRelay
+from .tools.fleet_cli import command as fleet_command
 
 __all__ = ["configure_logging", "main"]
 
@@ -147,6 +148,7 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
 main.add_command(diagrams_command)
 main.add_command(bench_command)
 main.add_command(check_command)
+main.add_command(fleet_command)  # sessionfsm fleet status --dsn / fleet check
 
 
 # ------------------------------------------------------------------------

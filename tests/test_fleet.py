@@ -356,3 +356,40 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
         }
     )
     print("fleet run:", json.dumps(figures, sort_keys=True))
+
+
+def test_fleet_status_shows_leases_heartbeats_and_fencing(
+    pg_dsn: str, pg_schema: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """``sessionfsm fleet status --dsn`` reports each lease's owner and epoch, the
+    workers' heartbeats, fenced saves and the inbox, as a table or JSON."""
+    relay = Recorder()
+    worker = _worker(pg_dsn, pg_schema, relay.sender("w1"), "w1", partitions=2)
+    worker.step()
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue(["a", "b", "c"])
+    result = sessionfsm_cli("fleet", "status", "--dsn", pg_dsn, "--schema", pg_schema, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [(lease["owner"], lease["epoch"]) for lease in data["leases"]] == [("w1", 1)] * 2
+    assert data["workers"][0]["id"] == "w1"
+    assert data["workers"][0]["alive"] is True
+    assert data["inbox"] == 3
+    table = sessionfsm_cli("fleet", "status", "--dsn", pg_dsn, "--schema", pg_schema)
+    assert "partition leases" in table.output
+    assert "fenced" in table.output
+    assert "inbox: 3" in table.output
+    worker.stop()
+    missing = sessionfsm_cli("fleet", "status", "--dsn", pg_dsn, "--schema", "nothing_here")
+    assert missing.exit_code != 0
+    assert "does not exist" in missing.output
+
+
+def test_fleet_check_prints_the_trace_of_the_broken_variant(
+    sessionfsm_cli: Callable[..., Any],
+) -> None:
+    """``sessionfsm fleet check --no-fencing`` fails and prints the violating trace."""
+    result = sessionfsm_cli("fleet", "check", "--no-fencing", "--changes", "2")
+    assert result.exit_code == 1
+    assert "VIOLATED safety 1" in result.output
+    assert "stall w0" in result.output
