@@ -393,3 +393,35 @@ def test_fleet_check_prints_the_trace_of_the_broken_variant(
     assert result.exit_code == 1
     assert "VIOLATED safety 1" in result.output
     assert "stall w0" in result.output
+
+
+def test_a_redrive_request_is_applied_by_the_owner_while_it_runs(
+    pg_dsn: str, pg_schema: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """``fleet redrive --dsn`` revives a dead letter through its running owner, which
+    syncs it; an id that is not a dead letter is ignored and counted."""
+    answers = iter([acks.PayloadTooLarge()])
+
+    def send(partition: int, epoch: int, batch: Batch) -> acks.Ack:
+        return next(answers, acks.Ok())
+
+    worker = _worker(pg_dsn, pg_schema, send, "w1", partitions=2)
+    reader = PostgresStore(pg_dsn, schema=pg_schema, readonly=True, partition=None)
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue(["big"])
+        for _ in range(3):
+            worker.step()
+            worker.wait(0.1)
+        assert reader.session("big").state is SessionState.DEAD_LETTERED
+        result = sessionfsm_cli(
+            "fleet", "redrive", "--dsn", pg_dsn, "--schema", pg_schema, "big", "nobody"
+        )
+        assert result.exit_code == 0, result.output
+        for _ in range(3):
+            worker.wait(0.5)
+            worker.step()
+    assert reader.session("big").state is SessionState.SYNCED
+    assert "redriven" in [c.event for c in reader.history("big")]
+    assert worker.stats["redrive_ignored"] == 1
+    reader.close()
+    worker.stop()

@@ -23,6 +23,8 @@ from ..postgres_store import PostgresStore, partition_of
 __all__ = ["Coordinator", "InboxRow", "Producer", "assign"]
 
 _LANES: Final = {lane.value for lane in Lane}
+#: The inbox "lane" of a redrive request.
+_REDRIVE: Final = "redrive"
 
 #: (seq, session id, lane, seconds since it was enqueued, by the server's clock)
 InboxRow = tuple[int, str, str, float]
@@ -241,7 +243,7 @@ class Producer:
     def enqueue(self, session_ids: Iterable[str], lane: Lane | str = Lane.INCREMENTAL) -> int:
         """Enqueue sessions (one transaction); return how many."""
         name = lane.value if isinstance(lane, Lane) else lane
-        if name not in _LANES:
+        if name not in _LANES and name != _REDRIVE:
             raise UsageError(f"lane must be one of {', '.join(sorted(_LANES))}, got {lane!r}")
         ids = list(session_ids)
         for sid in ids:
@@ -267,6 +269,15 @@ class Producer:
         except psycopg.Error as exc:
             raise c._error("enqueue to", exc) from exc
         return len(ids)
+
+    def redrive(self, session_ids: Iterable[str]) -> int:
+        """Ask each dead letter's owner to redrive it (while workers run); return how many.
+
+        The request goes through the inbox like an enqueue; the owner applies
+        ``Engine.redrive``, and ignores (and logs) a session that is unknown
+        or not dead-lettered.
+        """
+        return self.enqueue(session_ids, _REDRIVE)
 
     def close(self) -> None:
         self._coord.close()

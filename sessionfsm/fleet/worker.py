@@ -35,7 +35,7 @@ from typing import Any
 import psycopg
 
 from .. import acks
-from .._errors import StoreError, StoreFenced
+from .._errors import StoreError, StoreFenced, UsageError
 from .._log import get_logger
 from ..engine import Batch, Engine
 from ..policy import Policy
@@ -272,7 +272,16 @@ class Worker:
                 with owned.store.hold():
                     owned.store.consume_inbox([r[0] for r in rows])
                     for _seq, sid, lane, _age in rows:
-                        owned.engine.enqueue(sid, lane, now=now)
+                        if lane != "redrive":
+                            owned.engine.enqueue(sid, lane, now=now)
+                            continue
+                        try:
+                            owned.engine.redrive(sid, now)
+                        except UsageError as exc:  # unknown, or not dead-lettered
+                            self._count("redrive_ignored")
+                            self._log.info(
+                                "sessionfsm.redrive_ignored", session_id=sid, why=str(exc)
+                            )
             except StoreError as exc:
                 self._lost(p, exc)
                 continue

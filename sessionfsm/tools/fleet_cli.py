@@ -101,3 +101,21 @@ def check(workers: int, changes: int, no_fencing: bool) -> None:
         click.echo(f"VIOLATED {name}:")
         click.echo(format_trace(trace))
     raise SystemExit(1)
+
+
+@command.command("redrive")
+@click.option("--dsn", required=True, help="libpq URL of the fleet's database.")
+@click.option("--schema", default="sessionfsm", show_default=True)
+@click.argument("session_ids", nargs=-1, required=True)
+def redrive(dsn: str, schema: str, session_ids: tuple[str, ...]) -> None:
+    """Ask the running owners to redrive these dead letters (through the inbox)."""
+    from .._errors import SessionFSMError
+
+    try:
+        from ..fleet import Producer
+
+        with Producer(dsn, schema=schema) as producer:
+            n = producer.redrive(session_ids)
+    except (ImportError, SessionFSMError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{n} redrive request(s) queued for their owners")
