@@ -273,16 +273,24 @@ def run(
     partitions: int = 8,
 ) -> dict[str, Any]:
     """Every figure of this module, as one dict."""
+    result: dict[str, Any] = {"cores": os.cpu_count()}
+
+    def note(key: str, value: Any) -> None:
+        result[key] = value
+        print(json.dumps({key: value}), file=sys.stderr, flush=True)  # progress
+
     with postgres(dsn) as url:
-        version = _scalar(url, "SHOW server_version")
-        result: dict[str, Any] = {
-            "cores": os.cpu_count(),
-            "postgresql": version,
-            "one_engine_default_batch": one_engine(
-                url, sessions=sessions, batch=Policy().batch_size, repeat=repeat
-            ),
-            "one_engine_batch_100": one_engine(url, sessions=sessions, batch=100, repeat=repeat),
-            "fleet": [
+        note("postgresql", _scalar(url, "SHOW server_version"))
+        note(
+            "one_engine_default_batch",
+            one_engine(url, sessions=sessions, batch=Policy().batch_size, repeat=repeat),
+        )
+        note("one_engine_batch_100", one_engine(url, sessions=sessions, batch=100, repeat=repeat))
+        note("takeover_after_sigkill", takeover(url, partitions=partitions, lease_s=lease_s))
+        note("enqueue_to_pickup", pickup(url, enqueues=100))
+        note(
+            "fleet",
+            [
                 fleet(
                     url,
                     workers=n,
@@ -293,9 +301,7 @@ def run(
                 )
                 for n in workers
             ],
-            "takeover_after_sigkill": takeover(url, partitions=partitions, lease_s=lease_s),
-            "enqueue_to_pickup": pickup(url, enqueues=100),
-        }
+        )
     return result
 
 
