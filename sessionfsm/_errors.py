@@ -70,3 +70,17 @@ class NotAStore(StoreError):
 
 class StoreTooNew(StoreError):
     """The database was written by a newer sessionfsm; this one will not touch it."""
+
+
+class StoreFenced(StoreError):
+    """This process no longer owns the partition it wrote to: another worker
+    took it over (or its lease ran out). Nothing of the write was kept."""
+
+    def __init__(self, message: str, *, partition: int, epoch: int) -> None:
+        super().__init__(message)
+        self.partition = partition
+        self.epoch = epoch
+
+
+class StoreConnectionLost(StoreError):
+    """The connection to the database server broke; nothing of the call was kept."""

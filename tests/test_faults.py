@@ -362,10 +362,10 @@ def test_a_store_on_a_read_only_mount_can_be_read(
     db = tmp_path / "ro" / "s.db"
     filled_store(db)
     with SqliteStore(db, readonly=True) as reader:
-        expected = (reader.counts(), reader.dead_letters(), reader.history("s001"))
+        expected = (reader.sessions_by_state(), reader.dead_letters(), reader.history("s001"))
     read_only_mount()
     with SqliteStore(db, readonly=True) as reader:
-        assert (reader.counts(), reader.dead_letters(), reader.history("s001")) == expected
+        assert (reader.sessions_by_state(), reader.dead_letters(), reader.history("s001")) == expected
         assert reader.verify() == []
         assert reader.load() is not None
     with pytest.raises(StoreReadOnly):
@@ -376,12 +376,12 @@ def test_an_immutable_reader_sees_a_writer_that_starts_after_it(db_path: Path) -
     """A read-only store opened on a closed file still sees what a later writer saves."""
     filled_store(db_path)
     with SqliteStore(db_path, readonly=True) as reader:
-        total = sum(reader.counts().values())
+        total = sum(reader.sessions_by_state().values())
         with SqliteStore(db_path) as store:
             Engine(SMALL_POLICY, store=store, log=False).enqueue("later", now=10_000.0)
-            assert sum(reader.counts().values()) == total + 1
+            assert sum(reader.sessions_by_state().values()) == total + 1
             assert reader.session("later").state == "queued"
-        assert sum(reader.counts().values()) == total + 1
+        assert sum(reader.sessions_by_state().values()) == total + 1
 
 
 # ------------------------------------------- corruption and load validation

@@ -56,7 +56,7 @@ def _public_state(engine: Engine) -> Any:
             "sessions": list(engine.sessions()),
             "in_flight": engine.in_flight(),
             "link": engine.link,
-            "counts": {state.value: n for state, n in engine.counts().items()},
+            "counts": {state.value: n for state, n in engine.sessions_by_state().items()},
             "anomalies": engine.anomalies,
             "now": engine.now,
             "next_wakeup": engine.next_wakeup(),
@@ -331,7 +331,7 @@ class ListenedEngineMachine(EngineMachine):
     def the_tally_agrees_with_the_engine(self) -> None:
         self._attach()
         figures = self.tally.figures()
-        for state, n in self.engine.counts().items():
+        for state, n in self.engine.sessions_by_state().items():
             by_lane = [v for (s, _), v in figures.sessions.items() if s == state.value]
             assert sum(by_lane) == n, (state, figures.sessions)
             assert all(v >= 0 for v in by_lane)

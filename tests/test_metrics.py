@@ -118,7 +118,7 @@ def test_a_running_runners_metrics_endpoint_matches_the_engine(
         _value(samples, "sessionfsm_dead_letters_total", reason="RateLimited", lane="incremental")
         == 1
     )
-    for state, n in engine.counts().items():
+    for state, n in engine.sessions_by_state().items():
         assert _total(samples, "sessionfsm_sessions", state=state.value) == n
     for view in engine.sessions():
         assert _value(samples, "sessionfsm_sessions", state=view.state.value, lane=view.lane.value)
@@ -199,7 +199,7 @@ def test_a_tally_attached_late_starts_from_what_the_engine_holds(small_policy: P
     engine.on_ack(batch.id, acks.Ok(), now=1.0)
     tally = Tally(engine)
     figures = tally.figures()
-    for state, n in engine.counts().items():
+    for state, n in engine.sessions_by_state().items():
         assert sum(v for (s, _), v in figures.sessions.items() if s == state.value) == n
     engine.tick(12.0)
     # z has waited since before the attach at 1.0; the tally counts from there.

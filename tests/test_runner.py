@@ -750,7 +750,7 @@ def test_a_failed_save_while_applying_an_answer_stops_run_with_that_error(
         with SqliteStore(db_path) as reopened:
             recovered = Engine(small_policy, store=reopened, log=False)
             assert all(not view.counts for view in recovered.sessions())
-            assert recovered.counts()[SessionState.QUEUED] == 3
+            assert recovered.sessions_by_state()[SessionState.QUEUED] == 3
 
     asyncio.run(main())
 

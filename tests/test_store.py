@@ -1,6 +1,6 @@
 """Durable state: stores, recovery, history and its retention, redrive, bad files.
 
-Most tests run against both stores (the ``open_store`` fixture); the bad-file
+Most tests run against every store (the ``open_store`` fixture); the bad-file
 tests are SQLite's own. A restart here is a new ``Engine`` on the store the
 old one left behind; ``tests/test_crash.py`` kills real processes instead.
 """

@@ -94,7 +94,7 @@ def _run_chaos(
     service.send_signal(signal.SIGTERM)
     assert service.wait(timeout=60) == 0
     with SqliteStore(db, readonly=True) as store:
-        assert store.counts()[SessionState.IN_FLIGHT] == 0
+        assert store.sessions_by_state()[SessionState.IN_FLIGHT] == 0
 
     # The last run, on a well-behaved relay except for throttling, to idle.
     relay.configure(drop_every=0)
@@ -107,7 +107,7 @@ def _check(tmp_path: Path, relay: RelayProcess) -> None:
     state = relay.state()
     stored: dict[str, list[str]] = state["stored"]
     with SqliteStore(tmp_path / "sessions.db", readonly=True) as store:
-        counts = store.counts()
+        counts = store.sessions_by_state()
         dead = {view.id: view.dead_letter_reason for view in store.dead_letters()}
     assert counts[SessionState.IN_FLIGHT] == 0
     assert counts[SessionState.QUEUED] == counts[SessionState.BACKOFF] == 0

@@ -110,7 +110,7 @@ async def main(args: argparse.Namespace) -> int:
         if connector is not None:
             connector.cancel()
         await transport.aclose()
-    print(json.dumps({"counts": {s.value: n for s, n in engine.counts().items() if n}}))
+    print(json.dumps({"counts": {s.value: n for s, n in engine.sessions_by_state().items() if n}}))
     return 0
 
 

@@ -80,6 +80,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("sessionfsm.tools.check", "command"),
     "diagrams": ("sessionfsm.tools.diagrams", "command"),
     "relay": ("sessionfsm.tools.live", "relay_command"),
+    "fleet": ("sessionfsm.tools.fleet_cli", "command"),
     "simulate": ("sessionfsm.tools.sim.command", "command"),
 }
 

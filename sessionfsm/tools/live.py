@@ -174,7 +174,7 @@ class LiveDemo:
         table = Table(title=f"sessionfsm demo --live  ({time.monotonic() - self.started:4.1f} s)")
         table.add_column("state")
         table.add_column("sessions", justify="right")
-        for state, n in self.engine.counts().items():
+        for state, n in self.engine.sessions_by_state().items():
             table.add_row(state.value, str(n))
         link = self.engine.link
         table.add_section()
@@ -194,7 +194,7 @@ class LiveDemo:
             1 for sid, v in self.versions.items() if (sid, str(v)) in set(self.relay.log)
         )
         return {
-            "states": {s.value: n for s, n in self.engine.counts().items() if n},
+            "states": {s.value: n for s, n in self.engine.sessions_by_state().items() if n},
             "dead_letters": {v.id: v.dead_letter_reason for v in self.engine.dead_letters()},
             "link": self.engine.link.state.value,
             "relay": dict(self.relay.counts),

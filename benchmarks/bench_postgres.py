@@ -1,0 +1,335 @@
+"""PostgreSQL and the fleet, measured: ``python -m benchmarks.bench_postgres``.
+
+1. Persisted transitions per second for one engine on PostgreSQL beside
+   SQLite, same workload, same process (medians of ``--repeat`` runs), at the
+   default batch size and at 100.
+2. Aggregate throughput with 1, 2 and 4 worker processes on one database,
+   each sending to one HTTP relay on 127.0.0.1 that answers Ok at once.
+3. Takeover time after a SIGKILL: from the kill until every partition of
+   the killed worker has a new live owner (lease ``--lease-s``).
+4. Enqueue-to-pickup latency: from a producer's commit to the owning
+   worker applying it (server clock), with NOTIFY.
+
+PostgreSQL is ``--dsn`` or a throwaway pgserver. Figures depend on the
+machine: the output names its cores, and the whole run shares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.server
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from sessionfsm import Engine, Policy, SqliteStore, Store, acks
+from sessionfsm.fleet import Coordinator, Producer, Worker
+from sessionfsm.postgres_store import PostgresStore
+
+_schemas = iter(range(1, 1_000_000))
+
+
+def _schema() -> str:
+    return f"bench_{os.getpid()}_{next(_schemas)}"
+
+
+@contextlib.contextmanager
+def postgres(dsn: str | None) -> Iterator[str]:
+    """``dsn`` itself, or a throwaway pgserver for the duration."""
+    if dsn:
+        yield dsn
+        return
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="sessionfsm-run-"))
+    import pgserver
+
+    data = tempfile.mkdtemp(prefix="sessionfsm-pg-")
+    server = pgserver.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+# ----------------------------------------------------------- one engine
+
+
+def _cycle(store: Store, sessions: int, batch: int) -> tuple[float, int]:
+    """Enqueue ``sessions``, then send and ack them all; (seconds, transitions) of the sends."""
+    policy = Policy(batch_size=batch, incremental_interval_s=0.0, max_in_flight=4)
+    engine = Engine(policy, store=store, rng=random.Random(0), log=False)
+    for i in range(sessions):
+        engine.enqueue(f"s{i:07d}", now=1.0)
+    now = 2.0
+    start = time.perf_counter()
+    transitions = 0
+    while not engine.idle():
+        for b in engine.tick(now):
+            engine.on_ack(b.id, acks.Ok(), now)
+            transitions += 2 * len(b.session_ids)  # sent, then acked
+        now += 0.001
+    return time.perf_counter() - start, transitions
+
+
+def one_engine(dsn: str, *, sessions: int, batch: int, repeat: int) -> dict[str, Any]:
+    """Persisted transitions/s, PostgreSQL and SQLite, medians of ``repeat`` runs."""
+    rates: dict[str, list[float]] = {"sqlite": [], "postgres": [], "postgres_async_commit": []}
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            with SqliteStore(Path(tmp) / "bench.db") as sqlite_store:
+                secs, n = _cycle(sqlite_store, sessions, batch)
+            rates["sqlite"].append(n / secs)
+        for key, sync in (("postgres", True), ("postgres_async_commit", False)):
+            with PostgresStore(dsn, schema=_schema(), synchronous_commit=sync) as pg_store:
+                secs, n = _cycle(pg_store, sessions, batch)
+            rates[key].append(n / secs)
+    out: dict[str, Any] = {k: round(statistics.median(v)) for k, v in rates.items()}
+    out["postgres_vs_sqlite"] = round(out["postgres"] / out["sqlite"], 3)
+    return out
+
+
+# ------------------------------------------------------------- the fleet
+
+
+class _OkRelay:
+    """An HTTP relay on 127.0.0.1 that answers every batch Ok at once."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                reply = acks.encode(acks.BatchAck(batch_id=body["batch_id"], ack=acks.Ok()))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/batch"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _spawn(dsn: str, schema: str, relay: str, name: str, lease_s: float, batch: int) -> Any:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sessionfsm.fleet",
+            *("--dsn", dsn, "--schema", schema, "--relay", relay, "--worker-id", name),
+            *("--lease-s", str(lease_s), "--tick-s", "0.02", "--batch-size", str(batch)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # ready
+    return proc
+
+
+def _scalar(dsn: str, query: str) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+        return row[0] if row else None
+
+
+def _owned_live(dsn: str, schema: str) -> dict[int, str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f'SELECT partition, owner FROM "{schema}".part '
+            "WHERE expires_at > clock_timestamp()"
+        ).fetchall()
+    return dict(rows)
+
+
+def fleet(
+    dsn: str, *, workers: int, sessions: int, partitions: int, lease_s: float, batch: int
+) -> dict[str, Any]:
+    """Aggregate transitions/s of ``workers`` processes syncing ``sessions`` new sessions."""
+    schema = _schema()
+    Coordinator(dsn, schema=schema, partitions=partitions).close()
+    relay = _OkRelay()
+    procs = [_spawn(dsn, schema, relay.url, f"w{i}", lease_s, batch) for i in range(workers)]
+    try:
+        deadline = time.monotonic() + 30
+        while len(_owned_live(dsn, schema)) < partitions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with Producer(dsn, schema=schema) as producer:
+            start = time.perf_counter()
+            for chunk in range(0, sessions, 1000):
+                producer.enqueue(f"s{i}" for i in range(chunk, min(chunk + 1000, sessions)))
+            synced = 0
+            while synced < sessions:
+                time.sleep(0.05)
+                synced = _scalar(
+                    dsn, f"SELECT count(*) FROM \"{schema}\".session WHERE state = 'synced'"
+                )
+            secs = time.perf_counter() - start
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.communicate(timeout=30)
+        relay.close()
+    # enqueued, sent, acked: three persisted transitions per session.
+    rate = round(3 * sessions / secs)
+    return {"workers": workers, "seconds": round(secs, 2), "transitions_s": rate}
+
+
+def takeover(dsn: str, *, partitions: int, lease_s: float, tick_s: float = 0.02) -> dict[str, Any]:
+    """Seconds from SIGKILL of one of two workers to every one of its partitions re-owned."""
+    schema = _schema()
+    Coordinator(dsn, schema=schema, partitions=partitions).close()
+    relay = _OkRelay()
+    procs = [_spawn(dsn, schema, relay.url, f"w{i}", lease_s, 10) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            owners = _owned_live(dsn, schema)
+            if len(owners) == partitions and set(owners.values()) == {"w0", "w1"}:
+                break
+            time.sleep(0.02)
+        victim = {p for p, o in _owned_live(dsn, schema).items() if o == "w0"}
+        procs[0].kill()
+        killed = time.perf_counter()
+        while True:
+            owners = _owned_live(dsn, schema)
+            if all(owners.get(p) == "w1" for p in victim):
+                break
+            time.sleep(0.005)
+        secs = time.perf_counter() - killed
+    finally:
+        procs[0].wait()
+        procs[1].send_signal(signal.SIGTERM)
+        procs[1].communicate(timeout=30)
+        relay.close()
+    return {
+        "seconds": round(secs, 3),
+        "lease_s": lease_s,
+        "heartbeat_s": round(lease_s / 3, 3),
+        "tick_s": tick_s,
+        "partitions_moved": len(victim),
+    }
+
+
+def pickup(dsn: str, *, enqueues: int) -> dict[str, Any]:
+    """Producer commit to worker apply, one session at a time, NOTIFY on (server clock)."""
+    schema = _schema()
+    worker = Worker(
+        dsn,
+        lambda p, e, b: acks.Ok(),
+        schema=schema,
+        partitions=4,
+        lease_s=5.0,
+        tick_s=1.0,  # only a NOTIFY wakes it early
+        log=False,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"until": stop.is_set}, daemon=True)
+    thread.start()
+    with Producer(dsn, schema=schema) as producer:
+        time.sleep(0.5)
+        for i in range(enqueues):
+            producer.enqueue([f"p{i}"])
+            time.sleep(0.02)
+        time.sleep(1.5)
+    stop.set()
+    thread.join(timeout=30)
+    lat = sorted(worker.pickup_latencies)
+    return {
+        "enqueues": len(lat),
+        "median_ms": round(1000 * statistics.median(lat), 2),
+        "p95_ms": round(1000 * lat[int(0.95 * (len(lat) - 1))], 2),
+    }
+
+
+def run(
+    dsn: str | None = None,
+    *,
+    sessions: int = 20_000,
+    fleet_sessions: int = 20_000,
+    repeat: int = 3,
+    lease_s: float = 1.0,
+    workers: tuple[int, ...] = (1, 2, 4),
+    partitions: int = 8,
+) -> dict[str, Any]:
+    """Every figure of this module, as one dict."""
+    result: dict[str, Any] = {"cores": os.cpu_count()}
+
+    def note(key: str, value: Any) -> None:
+        result[key] = value
+        print(json.dumps({key: value}), file=sys.stderr, flush=True)  # progress
+
+    with postgres(dsn) as url:
+        note("postgresql", _scalar(url, "SHOW server_version"))
+        note(
+            "one_engine_default_batch",
+            one_engine(url, sessions=sessions, batch=Policy().batch_size, repeat=repeat),
+        )
+        note("one_engine_batch_100", one_engine(url, sessions=sessions, batch=100, repeat=repeat))
+        note("takeover_after_sigkill", takeover(url, partitions=partitions, lease_s=lease_s))
+        note("enqueue_to_pickup", pickup(url, enqueues=100))
+        note(
+            "fleet",
+            [
+                fleet(
+                    url,
+                    workers=n,
+                    sessions=fleet_sessions,
+                    partitions=partitions,
+                    lease_s=5.0,
+                    batch=100,
+                )
+                for n in workers
+            ],
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dsn", default=os.environ.get("SESSIONFSM_TEST_DSN"))
+    parser.add_argument("--sessions", type=int, default=20_000)
+    parser.add_argument("--fleet-sessions", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--lease-s", type=float, default=1.0)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sessions, args.fleet_sessions, args.repeat = 2_000, 2_000, 1
+    print(
+        json.dumps(
+            run(
+                args.dsn,
+                sessions=args.sessions,
+                fleet_sessions=args.fleet_sessions,
+                repeat=args.repeat,
+                lease_s=args.lease_s,
+            ),
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""A fleet worker: owns some partitions through leases and runs one engine for each.
+
+The loop, every ``tick_s`` (sooner when a producer's NOTIFY arrives):
+
+1. every ``heartbeat_s``: renew this worker and its leases in one transaction;
+   a partition whose lease did not renew is dropped at once;
+2. rebalance: compute the assignment over the live workers
+   (:func:`~sessionfsm.fleet.coordinator.assign`), give back partitions that
+   are no longer this worker's, and try to take the free or expired ones that
+   are; a partition taken is recovered from the store (in-flight sessions go
+   back to the head of their queue, counters intact);
+3. apply the inbox of each owned partition that has rows, in one fenced
+   transaction per partition;
+4. tick each engine and send its batches, passing the answers back.
+
+Before every send the worker checks its lease is still valid by its own
+monotonic clock (renewed at ``t`` on the server means valid until at least
+``t + lease_s`` there; the worker counts from when it *asked*); a worker that
+was stopped (SIGSTOP) past its lease therefore notices on waking, drops the
+partition and sends nothing more for it. A save it attempts anyway is refused
+by the server (``StoreFenced``). Any ``StoreError`` on a partition drops it
+too; the rebalance takes it again, with a new epoch, if it is still ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from .. import acks
+from .._errors import StoreError, StoreFenced, UsageError
+from .._log import get_logger
+from ..engine import Batch, Engine
+from ..policy import Policy
+from ..postgres_store import Lease, PostgresStore, new_owner_id
+from ..runner import AckResult
+from ..store import DEFAULT_RETENTION, HistoryRetention
+from .coordinator import Coordinator, assign
+
+__all__ = ["HttpSender", "Send", "Worker"]
+
+#: ``send(partition, epoch, batch)`` -> the relay's answer. Raise
+#: ``ConnectionError`` when the relay cannot be reached.
+Send = Callable[[int, int, Batch], AckResult]
+
+
+class _Owned:
+    __slots__ = ("engine", "epoch", "store", "valid_until")
+
+    def __init__(self, engine: Engine, store: PostgresStore, epoch: int, valid_until: float):
+        self.engine = engine
+        self.store = store
+        self.epoch = epoch
+        self.valid_until = valid_until
+
+
+class Worker:
+    """One member of the fleet. Drive it with :meth:`run` (or :meth:`step` in tests).
+
+    ``send`` delivers a batch to the relay (see :data:`Send`); the epoch it
+    gets lets a relay refuse batches of a superseded owner. ``lease_s`` is
+    how long a silent worker keeps its partitions; ``heartbeat_s`` (a third of
+    it by default) how often it renews them.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        send: Send,
+        *,
+        schema: str = "sessionfsm",
+        partitions: int | None = None,
+        policy: Policy | None = None,
+        lease_s: float = 10.0,
+        heartbeat_s: float | None = None,
+        tick_s: float | None = None,
+        worker_id: str | None = None,
+        inbox_limit: int = 5000,
+        history_retention: HistoryRetention | None = DEFAULT_RETENTION,
+        synchronous_commit: bool = True,
+        log: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.send = send
+        self.policy = policy if policy is not None else Policy()
+        self.lease_s = float(lease_s)
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else self.lease_s / 3
+        self.tick_s = tick_s if tick_s is not None else self.policy.tick_interval_s
+        self.id = worker_id or new_owner_id()
+        self.inbox_limit = inbox_limit
+        self._retention = history_retention
+        self._sync_commit = synchronous_commit
+        self._log = get_logger(log)
+        self._logging = log
+        self._clock = clock
+        self.coordinator = Coordinator(dsn, schema=schema, partitions=partitions)
+        self.partitions = self.coordinator.partitions
+        self.owned: dict[int, _Owned] = {}
+        self._next_heartbeat = 0.0
+        self._listen: psycopg.Connection[Any] | None = None
+        self._woken: set[int] = set(range(self.partitions))
+        self._next_poll = 0.0
+        #: What happened, by kind: acquired, released, dropped_*, sent, ...
+        self.stats: dict[str, int] = {}
+        #: Seconds from a producer's enqueue to this worker applying it.
+        self.pickup_latencies: list[float] = []
+
+    # ------------------------------------------------------------- running
+
+    def run(
+        self, *, until: Callable[[], bool] | None = None, max_seconds: float | None = None
+    ) -> None:
+        """Run until ``until()`` is true (or ``max_seconds`` pass); then leave cleanly."""
+        limit = None if max_seconds is None else time.monotonic() + max_seconds
+        try:
+            while not (until is not None and until()):
+                if limit is not None and time.monotonic() > limit:
+                    break
+                self.step()
+                self.wait(self.tick_s)
+        finally:
+            self.stop()
+
+    def step(self) -> None:
+        """One turn of the loop: heartbeat, rebalance, inbox, ticks and sends."""
+        mono = time.monotonic()
+        if mono >= self._next_heartbeat:
+            self._heartbeat(mono)
+            self._rebalance()
+        self._drain_inbox()
+        for p in list(self.owned):
+            self._tick(p)
+
+    def stop(self) -> None:
+        """Give every lease back and leave the fleet (best effort), so others take over now."""
+        for p in list(self.owned):
+            self._drop(p, "stopping", release=True)
+        with contextlib.suppress(StoreError):
+            self.coordinator.leave(self.id)
+        self.coordinator.close()
+        if self._listen is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._listen.close()
+            self._listen = None
+
+    # ------------------------------------------------------------ internals
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        self.stats[kind] = self.stats.get(kind, 0) + n
+
+    def _heartbeat(self, mono: float) -> None:
+        try:
+            held = self.coordinator.heartbeat(
+                self.id, self.lease_s, {p: o.epoch for p, o in self.owned.items()}
+            )
+        except StoreError as exc:
+            # The server cannot be reached: leases run out locally and the
+            # partitions are dropped before anyone else may take them.
+            self._log.warning("sessionfsm.heartbeat_failed", worker=self.id, error=str(exc))
+            self._count("heartbeat_failed")
+            self._next_heartbeat = mono + min(self.heartbeat_s, 0.5)
+            return
+        self._next_heartbeat = mono + self.heartbeat_s
+        for p in list(self.owned):
+            if p in held:
+                self.owned[p].valid_until = mono + self.lease_s
+            else:
+                self._drop(p, "lease_lost")
+
+    def _rebalance(self) -> None:
+        try:
+            live = self.coordinator.live_workers()
+        except StoreError:
+            return
+        if self.id not in live:
+            live.append(self.id)
+        mine = assign(live, self.partitions)[self.id]
+        for p in sorted(set(self.owned) - mine):
+            self._drop(p, "rebalanced", release=True)
+        for p in sorted(mine - set(self.owned)):
+            self._acquire(p)
+
+    def _acquire(self, p: int) -> None:
+        asked = time.monotonic()
+        try:
+            epoch = self.coordinator.acquire(p, self.id, self.lease_s)
+        except StoreError:
+            return
+        if epoch is None:
+            return  # still held by its last owner, until it expires or is given back
+        store: PostgresStore | None = None
+        try:
+            store = PostgresStore(
+                self.dsn,
+                schema=self.schema,
+                partition=p,
+                lease=Lease(owner=self.id, epoch=epoch),
+                history_retention=self._retention,
+                synchronous_commit=self._sync_commit,
+            )
+            engine = Engine(self.policy, store=store, log=self._logging)
+        except StoreError as exc:
+            self._log.warning("sessionfsm.acquire_failed", partition=p, error=str(exc))
+            if store is not None:
+                store.close()
+            with contextlib.suppress(StoreError):
+                self.coordinator.release(p, self.id, epoch)
+            return
+        self.owned[p] = _Owned(engine, store, epoch, asked + self.lease_s)
+        self._woken.add(p)
+        self._count("acquired")
+        self._log.info(
+            "sessionfsm.partition_acquired",
+            worker=self.id,
+            partition=p,
+            epoch=epoch,
+            sessions=len(engine),
+            recovered=engine.sessions_by_state(),
+        )
+
+    def _drop(self, p: int, why: str, *, release: bool = False) -> None:
+        owned = self.owned.pop(p, None)
+        if owned is None:
+            return
+        owned.store.close()
+        if release:
+            with contextlib.suppress(StoreError):
+                self.coordinator.release(p, self.id, owned.epoch)
+        self._count(f"dropped_{why}")
+        self._log.info(
+            "sessionfsm.partition_dropped", worker=self.id, partition=p, epoch=owned.epoch, why=why
+        )
+
+    def _valid(self, p: int) -> bool:
+        owned = self.owned.get(p)
+        if owned is None:
+            return False
+        if time.monotonic() >= owned.valid_until:
+            self._drop(p, "lease_expired")
+            return False
+        return True
+
+    def _drain_inbox(self) -> None:
+        mono = time.monotonic()
+        woken, self._woken = self._woken, set()
+        if mono >= self._next_poll:
+            # NOTIFY is an optimisation: poll now and then, for a lost notification.
+            self._next_poll = mono + max(self.tick_s * 10, 1.0)
+            with contextlib.suppress(StoreError):
+                woken |= self.coordinator.waiting()
+        for p in sorted(woken & set(self.owned)):
+            if not self._valid(p):
+                continue
+            try:
+                rows = self.coordinator.inbox(p, self.inbox_limit)
+            except StoreError:
+                continue
+            if not rows:
+                continue
+            owned = self.owned[p]
+            now = self._clock()
+            try:
+                with owned.store.hold():
+                    owned.store.consume_inbox([r[0] for r in rows])
+                    for _seq, sid, lane, _age in rows:
+                        if lane != "redrive":
+                            owned.engine.enqueue(sid, lane, now=now)
+                            continue
+                        try:
+                            owned.engine.redrive(sid, now)
+                        except UsageError as exc:  # unknown, or not dead-lettered
+                            self._count("redrive_ignored")
+                            self._log.info(
+                                "sessionfsm.redrive_ignored", session_id=sid, why=str(exc)
+                            )
+            except StoreError as exc:
+                self._lost(p, exc)
+                continue
+            self.pickup_latencies.extend(r[3] for r in rows)
+            self._count("enqueued", len(rows))
+            if len(rows) == self.inbox_limit:
+                self._woken.add(p)  # more waiting
+
+    def _tick(self, p: int) -> None:
+        if not self._valid(p):
+            return
+        owned = self.owned[p]
+        engine = owned.engine
+        try:
+            batches = engine.tick(self._clock())
+            for batch in batches:
+                if not self._valid(p):
+                    return  # lost while sending: send nothing more for it
+                try:
+                    answer: AckResult = self.send(p, owned.epoch, batch)
+                except ConnectionError:
+                    answer = acks.RelayUnavailable()
+                self._count("sent")
+                engine.on_ack(batch.id, answer, self._clock())
+        except StoreError as exc:
+            self._lost(p, exc)
+
+    def _lost(self, p: int, exc: StoreError) -> None:
+        why = "fenced" if isinstance(exc, StoreFenced) else "store_error"
+        self._log.warning("sessionfsm.partition_lost", worker=self.id, partition=p, error=str(exc))
+        self._drop(p, why, release=not isinstance(exc, StoreFenced))
+        self._next_heartbeat = 0.0  # rebalance at once: take it back if it is still ours
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking early on a producer's NOTIFY."""
+        conn = self._listen
+        if conn is None or conn.closed:
+            try:
+                conn = psycopg.connect(
+                    self.dsn, autocommit=True, application_name="sessionfsm-listen"
+                )
+                conn.execute(f'LISTEN "{self.coordinator.channel}"')
+            except psycopg.Error:
+                time.sleep(seconds)
+                return
+            self._listen = conn
+        try:
+            for note in conn.notifies(timeout=seconds, stop_after=1):
+                for part in note.payload.split(","):
+                    if part.isdigit():
+                        self._woken.add(int(part))
+        except psycopg.Error:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+            self._listen = None
+
+
+class HttpSender:
+    """Posts each batch as JSON to a relay URL and decodes its ``BatchAck`` answer.
+
+    The body is ``{"partition", "epoch", "batch_id", "sessions": [...]}``. A
+    refused connection, a timeout or a 5xx/409 answer is ``ConnectionError``
+    (the relay is unavailable: never charged to a session).
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self.url = url
+        self.timeout = timeout
+
+    def __call__(self, partition: int, epoch: int, batch: Batch) -> AckResult:
+        body = json.dumps(
+            {
+                "partition": partition,
+                "epoch": epoch,
+                "batch_id": batch.id,
+                "sessions": list(batch.session_ids),
+            }
+        ).encode()
+        request = urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                data = reply.read()
+        except urllib.error.HTTPError as exc:
+            raise ConnectionError(f"relay answered {exc.code}") from exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise ConnectionError(str(exc)) from exc
+        message = acks.decode_message(data)
+        payload = message.ack if message.ack is not None else message.sessions
+        assert payload is not None
+        return payload

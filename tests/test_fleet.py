@@ -1,0 +1,427 @@
+"""Many workers on one PostgreSQL database: leases, fencing, takeover, the inbox.
+
+The first tests drive ``Worker`` objects in this process (a worker that is not
+stepped is exactly a stalled one). The last one runs real worker processes
+against a real relay on 127.0.0.1 and kills, stops, adds and disconnects
+them; everything it asserts is read from the server's rows and the relay's
+record, and it prints the run's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from sessionfsm import Policy, SessionState, acks
+from sessionfsm._errors import StoreFenced
+from sessionfsm.engine import Batch
+from sessionfsm.fleet import Coordinator, Producer, Worker, assign
+from sessionfsm.postgres_store import PostgresStore, partition_of
+from tests.conftest import RecordingRelay
+
+POLICY = Policy(
+    batch_size=50,
+    incremental_interval_s=0.0,
+    backfill_interval_s=0.0,
+    tick_interval_s=0.05,
+    ack_timeout_s=10.0,
+)
+
+
+def _sql(dsn: str, query: str, *params: Any) -> list[Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+def _until(condition: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
+    """Wait for ``condition``; a generous limit only guards against a hang."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+class Recorder:
+    """An in-process relay: answers Ok and records (worker, partition, epoch, sessions)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, int, tuple[str, ...]]] = []
+
+    def sender(self, name: str) -> Callable[[int, int, Batch], acks.Ack]:
+        def send(partition: int, epoch: int, batch: Batch) -> acks.Ack:
+            self.sent.append((name, partition, epoch, batch.session_ids))
+            return acks.Ok()
+
+        return send
+
+
+def _worker(dsn: str, schema: str, send: Any, name: str, **kw: Any) -> Worker:
+    kw.setdefault("lease_s", 5.0)
+    return Worker(
+        dsn, send, schema=schema, policy=POLICY, worker_id=name, log=False, tick_s=0.05, **kw
+    )
+
+
+def _assert_epochs_only_grow(dsn: str, schema: str) -> int:
+    """From the server's rows: along each partition's history, the writing epoch
+    never goes back, and every epoch that wrote was granted in the lease log."""
+    rows = _sql(dsn, f'SELECT partition, epoch FROM "{schema}".history ORDER BY seq')
+    granted = set(_sql(dsn, f'SELECT partition, epoch FROM "{schema}".lease_log'))
+    last: dict[int, int] = {}
+    for partition, epoch in rows:
+        assert epoch >= last.get(partition, 0), f"partition {partition}: epoch {epoch} wrote late"
+        assert (partition, epoch) in granted, (partition, epoch)
+        last[partition] = epoch
+    return len(rows)
+
+
+# ---------------------------------------------------------------------------
+# In this process
+# ---------------------------------------------------------------------------
+
+
+def test_assign_spreads_partitions_evenly_and_the_same_for_everyone() -> None:
+    """Every partition goes to exactly one live worker, at most one apart in count,
+    whatever order the ids come in."""
+    for workers in (["a"], ["c", "a", "b"], ["d", "b", "a", "c"]):
+        got = assign(workers, 8)
+        assert got == assign(list(reversed(workers)), 8)
+        owned = [p for ps in got.values() for p in ps]
+        assert sorted(owned) == list(range(8))
+        sizes = [len(ps) for ps in got.values()]
+        assert max(sizes) - min(sizes) <= 1
+    assert assign([], 4) == {}
+
+
+def test_producers_enqueue_from_anywhere_and_the_owner_syncs_them(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """Sessions a producer enqueues reach their partition's owner through the inbox,
+    are synced, and leave the inbox in the same transaction."""
+    relay = Recorder()
+    worker = _worker(pg_dsn, pg_schema, relay.sender("w1"), "w1", partitions=4)
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        ids = [f"s{i}" for i in range(120)]
+        producer.enqueue(ids)
+        for _ in range(20):
+            worker.step()
+        reader = PostgresStore(pg_dsn, schema=pg_schema, readonly=True, partition=None)
+        assert reader.sessions_by_state()[SessionState.SYNCED] == 120
+        assert reader.inbox_depth() == 0
+        assert sorted(sid for *_, sids in relay.sent for sid in sids) == sorted(ids)
+        assert {p for _, p, _, _ in relay.sent} == {0, 1, 2, 3}
+        assert len(worker.pickup_latencies) == 120
+        producer.enqueue(["s1"])  # changed again: synced -> queued -> synced
+        for _ in range(3):
+            worker.wait(0.5)  # the producer's NOTIFY wakes it
+            worker.step()
+        assert [c.event for c in reader.history("s1")][-3:] == ["changed", "sent", "acked"]
+        leases = reader.leases()
+        assert {lease.owner for lease in leases} == {"w1"}
+        assert all(lease.expires_in_s is not None and lease.expires_in_s > 0 for lease in leases)
+        assert [w.id for w in reader.workers() if w.alive] == ["w1"]
+        reader.close()
+    worker.stop()
+
+
+def test_a_stalled_worker_is_fenced_drops_its_partitions_and_sends_nothing(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """A worker silent past its lease loses its partitions to another; when it runs
+    again it notices, drops them without sending, and any save it tries is refused."""
+    relay = Recorder()
+    w1 = _worker(pg_dsn, pg_schema, relay.sender("w1"), "w1", partitions=2, lease_s=0.4)
+    w1.step()
+    assert set(w1.owned) == {0, 1}
+    old = w1.owned[0]
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue([f"s{i}" for i in range(40)])
+    time.sleep(0.6)  # w1 is "stopped": no heartbeat, its leases run out
+    w2 = _worker(pg_dsn, pg_schema, relay.sender("w2"), "w2", lease_s=0.4)
+    w2.step()
+    assert set(w2.owned) == {0, 1}
+    assert w2.owned[0].epoch == old.epoch + 1
+    sent_before = len(relay.sent)
+    mine = next(f"x{i}" for i in range(100) if partition_of(f"x{i}", 2) == 0)
+    with pytest.raises(StoreFenced):
+        old.engine.enqueue(mine, now=time.time())
+    w1.step()  # wakes up
+    assert w1.owned == {}
+    assert any(k.startswith("dropped_lease") or k == "dropped_fenced" for k in w1.stats)
+    assert all(name == "w2" for name, *_ in relay.sent[sent_before:])
+    for _ in range(10):
+        w2.step()
+        w1.step()
+    assert _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".session WHERE state = %s', "synced")
+    assert _sql(pg_dsn, f'SELECT DISTINCT owner FROM "{pg_schema}".part') == [("w2",)]
+    _assert_epochs_only_grow(pg_dsn, pg_schema)
+    w1.stop()
+    w2.stop()
+
+
+def test_a_leaving_worker_hands_over_at_once_and_a_joining_one_gets_a_share(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """A second worker joining takes half the partitions once the first gives them
+    back; when one stops, the other takes everything without waiting for a lease."""
+    relay = Recorder()
+    w1 = _worker(pg_dsn, pg_schema, relay.sender("w1"), "w1", partitions=4, lease_s=30.0)
+    w1.step()
+    w2 = _worker(pg_dsn, pg_schema, relay.sender("w2"), "w2", lease_s=30.0)
+    w2.step()
+    assert w2.owned == {}  # w1 still holds them
+    w1._next_heartbeat = 0.0
+    w1.step()  # sees w2, gives its share back
+    w2._next_heartbeat = 0.0
+    w2.step()
+    assert len(w1.owned) == len(w2.owned) == 2
+    w1.stop()
+    w2._next_heartbeat = 0.0
+    w2.step()
+    assert set(w2.owned) == {0, 1, 2, 3}
+    w2.stop()
+
+
+# ---------------------------------------------------------------------------
+# Real processes
+# ---------------------------------------------------------------------------
+
+LEASE_S = 1.0
+
+
+def _spawn(dsn: str, schema: str, relay: RecordingRelay, name: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sessionfsm.fleet",
+            "--dsn",
+            dsn,
+            "--schema",
+            schema,
+            "--relay",
+            relay.url,
+            "--lease-s",
+            str(LEASE_S),
+            "--tick-s",
+            "0.05",
+            "--batch-size",
+            "50",
+            "--worker-id",
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline()) == {"ready": name}
+    return proc
+
+
+def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
+    pg_dsn: str, pg_schema: str, recording_relay: RecordingRelay
+) -> None:
+    """Three workers; one SIGKILLed, one SIGSTOPped past its lease then resumed, a
+    fourth added, a connection terminated by the server: at the end every session
+    is synced at its latest version, none is lost, and no superseded epoch wrote."""
+    app = f"{pg_schema}_app"
+    rng = random.Random(16)
+    Coordinator(pg_dsn, schema=pg_schema, partitions=8).close()  # the database, 8 partitions
+    procs = {name: _spawn(pg_dsn, pg_schema, recording_relay, name) for name in "abc"}
+    producer = Producer(pg_dsn, schema=pg_schema)
+    ids = [f"doc{i}" for i in range(400)]
+    figures: dict[str, Any] = {"cores": os.cpu_count(), "sessions": len(ids)}
+
+    def produce(n_new: int, n_changed: int) -> None:
+        new = [ids.pop() for _ in range(min(n_new, len(ids)))]
+        known = [r[0] for r in _sql(pg_dsn, f'SELECT id FROM "{app}".doc')]
+        changed = rng.sample(known, min(n_changed, len(known)))
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for sid in new:
+                conn.execute(f'INSERT INTO "{app}".doc VALUES (%s, 1)', (sid,))
+            for sid in changed:
+                conn.execute(f'UPDATE "{app}".doc SET version = version + 1 WHERE id = %s', (sid,))
+        producer.enqueue(new + changed)
+
+    def owners() -> dict[int, tuple[str, int]]:
+        rows = _sql(
+            pg_dsn,
+            f'SELECT partition, owner, epoch FROM "{pg_schema}".part '
+            "WHERE expires_at > clock_timestamp()",
+        )
+        return {p: (o, e) for p, o, e in rows}
+
+    _until(lambda: len(owners()) == producer.partitions, "every partition owned")
+    for _ in range(5):
+        produce(40, 10)
+        time.sleep(0.1)
+
+    # SIGKILL a mid-run: its partitions are taken over and recovered.
+    killed = {p for p, (o, _) in owners().items() if o == "a"}
+    assert killed
+    procs["a"].kill()
+    t0 = time.monotonic()
+    produce(40, 20)
+    _until(
+        lambda: all(owners().get(p, ("a", 0))[0] != "a" for p in killed),
+        "the killed worker's partitions taken over",
+    )
+    figures["takeover_after_sigkill_s"] = round(time.monotonic() - t0, 2)
+
+    # SIGSTOP b past its lease, keep producing, then SIGCONT it.
+    stopped = {p: e for p, (o, e) in owners().items() if o == "b"}
+    procs["b"].send_signal(signal.SIGSTOP)
+    produce(40, 30)
+    _until(
+        lambda: all(owners().get(p, ("b", 0))[0] not in ("b",) for p in stopped),
+        "the stopped worker's partitions taken over",
+    )
+    produce(40, 30)
+    procs["b"].send_signal(signal.SIGCONT)
+    time.sleep(LEASE_S)
+
+    # A fourth worker joins; then the server cuts one store connection.
+    procs["d"] = _spawn(pg_dsn, pg_schema, recording_relay, "d")
+    produce(40, 30)
+    time.sleep(LEASE_S)
+    victims = _sql(
+        pg_dsn,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'sessionfsm' "
+        "AND datname = current_database() ORDER BY backend_start DESC LIMIT 1",
+    )
+    assert victims
+    _sql(pg_dsn, "SELECT pg_terminate_backend(%s)", victims[0][0])
+    figures["terminated_backends"] = len(victims)
+    while ids:
+        produce(40, 30)
+        time.sleep(0.05)
+
+    def settled() -> bool:
+        docs = dict(_sql(pg_dsn, f'SELECT id, version FROM "{app}".doc'))
+        synced = _sql(
+            pg_dsn, f"SELECT count(*) FROM \"{pg_schema}\".session WHERE state = 'synced'"
+        )[0][0]
+        return synced == len(docs) and all(
+            recording_relay.accepted.get(sid) == v for sid, v in docs.items()
+        )
+
+    _until(settled, "every session synced at its latest version", limit_s=90)
+    stats: dict[str, dict[str, int]] = {}
+    for name, proc in procs.items():
+        if name == "a":
+            proc.wait()
+            continue
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, name
+        stats[name] = json.loads(out.strip().splitlines()[-1])["stats"]
+    producer.close()
+
+    docs = dict(_sql(pg_dsn, f'SELECT id, version FROM "{app}".doc'))
+    sessions = dict(_sql(pg_dsn, f'SELECT id, state FROM "{pg_schema}".session'))
+    assert sessions.keys() == docs.keys()  # nothing lost
+    assert set(sessions.values()) == {"synced"}
+    assert all(recording_relay.accepted[sid] == v for sid, v in docs.items())
+    assert _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".inbox') == [(0,)]
+    history_rows = _assert_epochs_only_grow(pg_dsn, pg_schema)
+    # b noticed it had lost its partitions and dropped them.
+    assert any(k.startswith(("dropped_lease", "dropped_fenced")) for k in stats["b"]), stats["b"]
+    # d got a share.
+    assert stats["d"].get("acquired", 0) > 0
+    recovered = _sql(
+        pg_dsn, f"SELECT count(*) FROM \"{pg_schema}\".history WHERE event = 'recovered'"
+    )[0][0]
+    figures.update(
+        {
+            "history_rows": history_rows,
+            "relay_batches": recording_relay.batches,
+            "stale_batches_refused_by_relay": recording_relay.stale,
+            "recovered_in_flight": recovered,
+            "leases_granted": _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".lease_log')[0][0],
+            "fenced_saves": _sql(pg_dsn, f'SELECT sum(fenced)::int FROM "{pg_schema}".part')[0][0],
+            "worker_stats": stats,
+        }
+    )
+    print("fleet run:", json.dumps(figures, sort_keys=True))
+
+
+def test_fleet_status_shows_leases_heartbeats_and_fencing(
+    pg_dsn: str, pg_schema: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """``sessionfsm fleet status --dsn`` reports each lease's owner and epoch, the
+    workers' heartbeats, fenced saves and the inbox, as a table or JSON."""
+    relay = Recorder()
+    worker = _worker(pg_dsn, pg_schema, relay.sender("w1"), "w1", partitions=2)
+    worker.step()
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue(["a", "b", "c"])
+    result = sessionfsm_cli("fleet", "status", "--dsn", pg_dsn, "--schema", pg_schema, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [(lease["owner"], lease["epoch"]) for lease in data["leases"]] == [("w1", 1)] * 2
+    assert data["workers"][0]["id"] == "w1"
+    assert data["workers"][0]["alive"] is True
+    assert data["inbox"] == 3
+    table = sessionfsm_cli("fleet", "status", "--dsn", pg_dsn, "--schema", pg_schema)
+    assert "partition leases" in table.output
+    assert "fenced" in table.output
+    assert "inbox: 3" in table.output
+    worker.stop()
+    missing = sessionfsm_cli("fleet", "status", "--dsn", pg_dsn, "--schema", "nothing_here")
+    assert missing.exit_code != 0
+    assert "does not exist" in missing.output
+
+
+def test_fleet_check_prints_the_trace_of_the_broken_variant(
+    sessionfsm_cli: Callable[..., Any],
+) -> None:
+    """``sessionfsm fleet check --no-fencing`` fails and prints the violating trace."""
+    result = sessionfsm_cli("fleet", "check", "--no-fencing", "--changes", "2")
+    assert result.exit_code == 1
+    assert "VIOLATED safety 1" in result.output
+    assert "stall w0" in result.output
+
+
+def test_a_redrive_request_is_applied_by_the_owner_while_it_runs(
+    pg_dsn: str, pg_schema: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """``fleet redrive --dsn`` revives a dead letter through its running owner, which
+    syncs it; an id that is not a dead letter is ignored and counted."""
+    answers = iter([acks.PayloadTooLarge()])
+
+    def send(partition: int, epoch: int, batch: Batch) -> acks.Ack:
+        return next(answers, acks.Ok())
+
+    worker = _worker(pg_dsn, pg_schema, send, "w1", partitions=2)
+    reader = PostgresStore(pg_dsn, schema=pg_schema, readonly=True, partition=None)
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue(["big"])
+        for _ in range(3):
+            worker.step()
+            worker.wait(0.1)
+        assert reader.session("big").state is SessionState.DEAD_LETTERED
+        result = sessionfsm_cli(
+            "fleet", "redrive", "--dsn", pg_dsn, "--schema", pg_schema, "big", "nobody"
+        )
+        assert result.exit_code == 0, result.output
+        for _ in range(3):
+            worker.wait(0.5)
+            worker.step()
+    assert reader.session("big").state is SessionState.SYNCED
+    assert "redriven" in [c.event for c in reader.history("big")]
+    assert worker.stats["redrive_ignored"] == 1
+    reader.close()
+    worker.stop()
