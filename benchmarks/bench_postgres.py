@@ -156,8 +156,7 @@ def _scalar(dsn: str, query: str) -> Any:
 def _owned_live(dsn: str, schema: str) -> dict[int, str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
-            f'SELECT partition, owner FROM "{schema}".part '
-            "WHERE expires_at > clock_timestamp()"
+            f'SELECT partition, owner FROM "{schema}".part WHERE expires_at > clock_timestamp()'
         ).fetchall()
     return dict(rows)
 

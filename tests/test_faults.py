@@ -365,7 +365,11 @@ def test_a_store_on_a_read_only_mount_can_be_read(
         expected = (reader.sessions_by_state(), reader.dead_letters(), reader.history("s001"))
     read_only_mount()
     with SqliteStore(db, readonly=True) as reader:
-        assert (reader.sessions_by_state(), reader.dead_letters(), reader.history("s001")) == expected
+        assert (
+            reader.sessions_by_state(),
+            reader.dead_letters(),
+            reader.history("s001"),
+        ) == expected
         assert reader.verify() == []
         assert reader.load() is not None
     with pytest.raises(StoreReadOnly):
