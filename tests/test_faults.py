@@ -173,7 +173,7 @@ def test_a_tick_whose_save_fails_charges_nobody_later(db_path: Any) -> None:
     assert batch.session_ids == ("s1",)
     assert engine.tick(200.0) == []  # timed out: charged once, for that one send
     view = engine.session("s1")
-    assert view.counts == {"AckTimeout": 1}
+    assert view.charges == {"AckTimeout": 1}
     assert view.attempts == 1
     store.close()
 
@@ -583,7 +583,7 @@ def test_random_calls_against_a_failing_store_never_lose_or_charge_anything(
             engine.check()
             assert _file_state(db) == last_saved
             for view in engine.sessions():
-                charged = sum(view.counts.values())
+                charged = sum(view.charges.values())
                 assert charged <= sends[view.id], (
                     f"{view.id} charged {charged}, sent {sends[view.id]}"
                 )

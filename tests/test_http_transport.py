@@ -136,7 +136,7 @@ def test_401_and_403_pause_the_link_with_an_error_and_charge_nobody(
     assert engine.link.state.value == "paused"
     for sid in "abc":
         view = engine.session(sid)
-        assert (view.state, view.counts) == (SessionState.QUEUED, {})
+        assert (view.state, view.charges) == (SessionState.QUEUED, {})
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
@@ -294,7 +294,7 @@ def test_fuzzed_replies_never_raise_lose_or_mischarge_a_session(
     states = {engine.state(sid) for sid in REPLY_SESSIONS}
     if outcome in ("refused", "RelayUnavailable"):
         assert states == {SessionState.QUEUED}
-        assert all(not engine.session(s).counts for s in REPLY_SESSIONS)
+        assert all(not engine.session(s).charges for s in REPLY_SESSIONS)
     elif outcome == "unanswered":
         assert states == {SessionState.IN_FLIGHT}
     elif outcome == "RateLimited":

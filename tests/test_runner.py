@@ -714,7 +714,7 @@ def test_a_custom_unavailable_hook_decides(small_policy: Policy) -> None:
         )
         await runner.run(until_idle=True, max_seconds=3_600)
         assert engine.state("s1") is SessionState.SYNCED
-        assert engine.session("s1").counts == {}
+        assert engine.session("s1").charges == {}
 
     asyncio.run(main())
 
@@ -749,7 +749,7 @@ def test_a_failed_save_while_applying_an_answer_stops_run_with_that_error(
             store.inner.load()
         with SqliteStore(db_path) as reopened:
             recovered = Engine(small_policy, store=reopened, log=False)
-            assert all(not view.counts for view in recovered.sessions())
+            assert all(not view.charges for view in recovered.sessions())
             assert recovered.sessions_by_state()[SessionState.QUEUED] == 3
 
     asyncio.run(main())
