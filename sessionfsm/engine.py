@@ -27,6 +27,18 @@ A tick therefore costs O(batch + due · log n), independent of how many
 sessions wait. A session promoted from backfill to incremental leaves a stale
 entry in the backfill deque, skipped when reached (at most one per session,
 since lanes are only ever promoted).
+
+Blame
+-----
+Before firing a failure, ``on_ack`` and the deadline decide whether it was
+*shared* by several sessions, and what the blame guards of
+:mod:`sessionfsm.machine` need to know: how many sessions the relay has
+accepted, ever (``_accepted``), each failed session's mark (``_marks``: that
+count when its previous attempt ended) and since when the relay has accepted
+nothing (``_refusing_since``). A shared failure that is not a throttle is
+split: its sessions go back to the head of their lane in halves, and
+``_cuts[lane]`` holds the sizes of those parts, so that the next batches of
+the lane are exactly the parts (``docs/blame.md``).
 """
 
 from __future__ import annotations
@@ -65,6 +77,8 @@ _QUEUED: Final = SessionState.QUEUED
 _IN_FLIGHT: Final = SessionState.IN_FLIGHT
 _BACKOFF: Final = SessionState.BACKOFF
 _DEAD: Final = SessionState.DEAD_LETTERED
+_OK: Final = acks.Ok
+_UNAVAILABLE: Final = acks.RelayUnavailable
 _INCREMENTAL: Final = Lane.INCREMENTAL
 _BACKFILL: Final = Lane.BACKFILL
 # Lane by name or by member: a StrEnum hashes as its value, so one dict
@@ -83,17 +97,24 @@ class Batch(msgspec.Struct, frozen=True):
     sent_at: float
     #: After this the engine times the batch out itself.
     deadline: float
+    #: A part of a split batch, sent to find which session failed it.
+    part: bool = False
+    #: The one batch a throttled link sends once its wait is over.
+    probe: bool = False
 
 
 class _OpenBatch:
-    __slots__ = ("batch", "losses", "pending")
+    __slots__ = ("accepted", "batch", "losses", "pending")
 
-    def __init__(self, batch: Batch, losses: int) -> None:
+    def __init__(self, batch: Batch, losses: int, accepted: int = 0) -> None:
         self.batch = batch
         # Sessions still awaiting their ack; a dict keeps the batch's order.
         self.pending: dict[str, None] = dict.fromkeys(batch.session_ids)
         # How many times the link had been lost when this batch was sent.
         self.losses = losses
+        # How many sessions the relay had accepted when this batch was sent:
+        # the mark of a session on its first attempt.
+        self.accepted = accepted
 
 
 class Engine:
@@ -169,6 +190,14 @@ class Engine:
         self._redrive: dict[str, None] = {}
         self._redrive_per_tick = 0
         self._redrive_last: float | None = None
+        # Blame (see the module docstring). Kept in memory only: after a
+        # restart, evidence starts afresh, which can only spare a session.
+        self._accepted = 0
+        self._marks: dict[str, int] = {}
+        self._refusing_since: float | None = None
+        self._cuts: dict[Lane, deque[int]] = {_INCREMENTAL: deque(), _BACKFILL: deque()}
+        # The probe batch a probing link has out, if any (invariant 13).
+        self._probe: int | None = None
         self._store = store
         if store is not None:
             snapshot = store.load()
@@ -234,11 +263,10 @@ class Engine:
         ready sessions and its interval allows, otherwise backfill.
         """
         now = self._clock(now)
-        step = self._step.load(now)
         self._expire(now)
         link = self._link
-        if link.state is LinkState.PAUSED:
-            self._fire_link("resumed", step)
+        if link.state is LinkState.PAUSED or link.state is LinkState.THROTTLED:
+            self._fire_link("resumed", self._step.load(now))
         self._release_due(now)
         if self._redrive and link.state is LinkState.UP:
             self._drain_redrive(now)
@@ -249,6 +277,17 @@ class Engine:
                 if lane is None:
                     break
                 formed.append(self._form(lane, now))
+        elif (
+            link.state is LinkState.PROBING
+            and self._probe is None
+            and len(self._batches) < self.policy.max_in_flight
+        ):
+            # One probe per wait (invariant 13); its answer decides the rest.
+            lane = self._pick_lane(now)
+            if lane is not None:
+                probe = self._form(lane, now, probe=True)
+                self._probe = probe.id
+                formed.append(probe)
         self._commit()
         return formed
 
@@ -284,13 +323,17 @@ class Engine:
             self._commit()
             return []
         pending = open_batch.pending
+        whole = entries is None
         if entries is None:
             entries = [(sid, ack) for sid in pending]  # type: ignore[misc]
         start = len(self._pending)
-        requeued: list[str] = []
-        answered = unavailable = False
-        step = self._step
         sessions = self._sessions
+        # First pass: drop entries that do not belong, and sort the answer.
+        answer: list[tuple[SessionRecord, acks.Ack]] = []
+        oks = failed = 0
+        unavailable = False
+        failure: acks.Ack | None = None
+        alike = True
         for sid, entry in entries:
             if sid not in pending:
                 kind = "duplicate_entry" if sid in open_batch.batch.session_ids else "not_in_batch"
@@ -300,18 +343,41 @@ class Engine:
                 )
                 continue
             del pending[sid]
-            rec = sessions[sid]
-            event = ACK_EVENTS[type(entry)]
-            self._fire(rec, event, step.load(now, entry), front=requeued)
-            if event == "bounced":
+            answer.append((sessions[sid], entry))
+            kind_ = type(entry)
+            if kind_ is _OK:
+                oks += 1
+            elif kind_ is _UNAVAILABLE:
                 unavailable = True
             else:
-                answered = True
-        self._to_front(requeued)
-        if answered:
-            self._fire_link("answered", step.load(now))
+                failed += 1
+                if failure is None:
+                    failure = entry
+                elif alike and type(failure) is not kind_:
+                    alike = False
+                elif kind_ is acks.RateLimited:
+                    # The longest hint is the relay's word for all of them.
+                    hint, other = failure.retry_after_s, entry.retry_after_s  # type: ignore[attr-defined]
+                    if other is not None and (hint is None or other > hint):
+                        failure = entry
+        if failed:
+            self._judge(open_batch, answer, now, whole, oks, failed, failure, alike)
+        else:
+            requeued: list[str] = []
+            step = self._step
+            for rec, entry in answer:
+                self._fire(rec, ACK_EVENTS[type(entry)], step.load(now, entry), front=requeued)
+            self._to_front(requeued)
+            if oks:
+                self._accepted += oks
+                self._refusing_since = None
+                if self._marks:
+                    marks = self._marks
+                    for rec, entry in answer:
+                        marks.pop(rec.id, None)
+                self._fire_link("answered", step.load(now))
         if unavailable:
-            self._fire_link("lost", step.load(now))
+            self._fire_link("lost", self._step.load(now))
         if not pending:
             self._close(batch_id, "duplicate_ack")
         changes = self._changes(start)
@@ -478,11 +544,15 @@ class Engine:
             times.append(
                 self._now if last is None else max(self._now, last + self.policy.tick_interval_s)
             )
-        if self._link.state is LinkState.PAUSED and self._link.resume_at is not None:
-            times.append(self._link.resume_at)
-        # While paused, ready sessions wait for the link: resume_at above.
+        link = self._link.state
         if (
-            self._link.state is LinkState.UP
+            link is LinkState.PAUSED or link is LinkState.THROTTLED
+        ) and self._link.resume_at is not None:
+            times.append(self._link.resume_at)
+        # While paused or throttled, ready sessions wait for the link:
+        # resume_at above. A probing link may send one batch.
+        if (
+            (link is LinkState.UP or (link is LinkState.PROBING and self._probe is None))
             and len(self._batches) < self.policy.max_in_flight
             and any(self._has_ready(lane) for lane in Lane)
         ):
@@ -613,21 +683,149 @@ class Engine:
             # ack: that is the transport's fault and is charged to nobody
             # (invariant 4). Otherwise the relay really did not answer.
             lost = open_batch.losses != self._link_losses
-            ack: acks.Ack = acks.RelayUnavailable() if lost else acks.AckTimeout()
-            event = ACK_EVENTS[type(ack)]
             self._log.info(
                 "sessionfsm.batch_timed_out",
                 batch_id=batch_id,
                 sessions=len(open_batch.pending),
-                charged=not lost,
+                charged=not lost and len(open_batch.pending) == 1,
             )
-            step = self._step
-            requeued: list[str] = []
-            for sid in open_batch.pending:
-                self._fire(self._sessions[sid], event, step.load(now, ack), front=requeued)
-            self._to_front(requeued)
+            sessions = self._sessions
+            if lost:
+                step = self._step
+                requeued: list[str] = []
+                ack = acks.RelayUnavailable()
+                for sid in open_batch.pending:
+                    self._fire(sessions[sid], "bounced", step.load(now, ack), front=requeued)
+                self._to_front(requeued)
+            else:
+                # The relay said nothing for the whole batch: judged like one
+                # AckTimeout for all of it (split, unless it is one session).
+                timeout = acks.AckTimeout()
+                answer = [(sessions[sid], timeout) for sid in open_batch.pending]
+                open_batch.pending.clear()
+                self._judge(open_batch, answer, now, True, 0, len(answer), timeout, True)
             open_batch.pending.clear()
             self._close(batch_id, "late_ack")
+
+    def _judge(
+        self,
+        open_batch: _OpenBatch,
+        answer: list[tuple[SessionRecord, acks.Ack]],
+        now: float,
+        whole: bool,
+        oks: int,
+        failed: int,
+        failure: acks.Ack | None,
+        alike: bool,
+    ) -> None:
+        """Apply an answer with at least one failure, charging only on evidence.
+
+        ``whole``: one ack was given for the whole batch; ``failure``: the
+        first failure (the one with the longest ``retry_after_s`` if they are
+        all ``RateLimited``); ``alike``: every failure is of one kind.
+        """
+        assert failure is not None
+        policy = self.policy
+        since = self._refusing_since
+        past_bound = since is not None and now - since >= policy.max_relay_refusal_s
+        several = len(answer) >= 2
+        everyone = failed == len(answer)
+        throttle = False
+        if whole and several:
+            # One ack for several sessions: evidence against the batch or the
+            # relay, never against each of them (invariant 11).
+            shared = True
+            hint = isinstance(failure, acks.RateLimited) and failure.retry_after_s is not None
+            throttle = hint and not past_bound
+        elif several and everyone and alike and not past_bound:
+            # A per-session answer failing every session alike: the relay
+            # speaks for all of them. Throttled, unless the answer is that each
+            # payload is too large: then split, and let each stand alone.
+            shared = True
+            throttle = not isinstance(failure, acks.PayloadTooLarge)
+        else:
+            shared = False
+        if oks:
+            self._accepted += oks
+        accepted = self._accepted
+        step = self._step.blame(shared, accepted, 0, since)
+        marks = self._marks
+        first = open_batch.accepted
+        lane = open_batch.batch.lane
+        split = shared and not throttle
+        requeued: list[str] = []
+        parted: list[str] = []
+        held = charged = False
+        for rec, entry in answer:
+            sid = rec.id
+            kind = type(entry)
+            if kind is _OK or kind is _UNAVAILABLE:
+                self._fire(rec, ACK_EVENTS[kind], step.load(now, entry), front=requeued)
+                if kind is _OK and marks:
+                    marks.pop(sid, None)
+                continue
+            step.mark = marks.get(sid, first)
+            # Spared sessions go back to the head: split into parts, or as
+            # they were (a throttle, or no evidence against them).
+            front = parted if split and rec.lane is lane else requeued
+            if not self._fire(rec, ACK_EVENTS[kind], step.load(now, entry), front=front):
+                continue
+            state = rec.state
+            if state is _DEAD:
+                marks.pop(sid, None)
+                charged = True
+                continue
+            marks[sid] = accepted
+            if state is _QUEUED:
+                held = held or not shared
+            else:
+                charged = True
+        self._to_front(requeued)
+        if parted:
+            self._split(lane, parted, open_batch.batch.id)
+        if oks:
+            self._refusing_since = None
+        elif since is None:
+            self._refusing_since = now
+        link = self._link.state
+        if oks or (charged and not held):
+            self._fire_link("answered", self._step.load(now))
+        elif (
+            throttle
+            or held
+            or (shared and (link is LinkState.THROTTLED or link is LinkState.PROBING))
+        ):
+            # A relay-wide refusal, or a refusal nobody can be blamed for; a
+            # failed probe extends the throttle.
+            self._fire_link("refused", self._step.load(now, failure))
+        elif shared:
+            self._fire_link("answered", self._step.load(now))
+
+    def _split(self, lane: Lane, ids: list[str], batch_id: int) -> None:
+        """Put a failed batch back at the head of ``lane`` as two parts.
+
+        The parts go after the parts already waiting there, so that a failing
+        part's siblings are tried first: by the time a failing session is
+        alone, the relay has had the chance to accept others, which is the
+        evidence that charges it.
+        """
+        queue, cuts, sessions = self._ready[lane], self._cuts[lane], self._sessions
+        skip = sum(cuts)
+        at = 0
+        while skip and at < len(queue):
+            rec = sessions[queue[at]]
+            if rec.state is _QUEUED and rec.lane is lane:
+                skip -= 1
+            at += 1
+        for offset, sid in enumerate(ids):
+            queue.insert(at + offset, sid)
+        if len(ids) == 1:
+            cuts.append(1)
+        else:
+            half = (len(ids) + 1) // 2
+            cuts.append(half)
+            cuts.append(len(ids) - half)
+        self._log.info("sessionfsm.batch_split", batch_id=batch_id, sessions=len(ids))
 
     def _release_due(self, now: float) -> None:
         retry = self._retry
@@ -698,10 +896,15 @@ class Engine:
                 return lane
         return None
 
-    def _form(self, lane: Lane, now: float) -> Batch:
+    def _form(self, lane: Lane, now: float, probe: bool = False) -> Batch:
         queue = self._ready[lane]
         sessions = self._sessions
         size = self._lane_size[lane]
+        cuts = self._cuts[lane]
+        part = bool(cuts)
+        if part:
+            # The next part of a split batch goes out as a batch of its own.
+            size = min(size, cuts.popleft())
         step = self._step.load(now)
         ids: list[str] = []
         while queue and len(ids) < size:
@@ -714,19 +917,29 @@ class Engine:
         # Only called when _has_ready(lane) was true, so ids is never empty,
         # and the throttle is stamped only for a real batch (invariant 9).
         self._stamps[lane] = now
+        if cuts and not self._has_ready(lane):
+            cuts.clear()  # the parts left refer to sessions no longer queued
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         deadline = now + self.policy.ack_timeout_s
         batch = Batch(
-            id=batch_id, lane=lane, session_ids=tuple(ids), sent_at=now, deadline=deadline
+            id=batch_id,
+            lane=lane,
+            session_ids=tuple(ids),
+            sent_at=now,
+            deadline=deadline,
+            part=part,
+            probe=probe,
         )
-        self._batches[batch_id] = _OpenBatch(batch, self._link_losses)
+        self._batches[batch_id] = _OpenBatch(batch, self._link_losses, self._accepted)
         heapq.heappush(self._deadlines, (deadline, batch_id))
         return batch
 
     def _close(self, batch_id: int, later: str) -> None:
         """Forget an open batch; a later ack for it counts as ``later``."""
         del self._batches[batch_id]
+        if batch_id == self._probe:
+            self._probe = None
         closed = self._closed
         closed[batch_id] = later
         if len(closed) > _CLOSED_MEMORY:
