@@ -355,7 +355,7 @@ class Engine:
                     failure = entry
                 elif alike and type(failure) is not kind_:
                     alike = False
-                elif kind_ is acks.RateLimited:
+                elif kind_ is acks.RateLimited and type(failure) is acks.RateLimited:
                     # The longest hint is the relay's word for all of them.
                     hint, other = failure.retry_after_s, entry.retry_after_s  # type: ignore[attr-defined]
                     if other is not None and (hint is None or other > hint):
@@ -727,7 +727,10 @@ class Engine:
         assert failure is not None
         policy = self.policy
         since = self._refusing_since
-        past_bound = since is not None and now - since >= policy.max_relay_refusal_s
+        # The relay has accepted nothing since ``refusing``: since its first
+        # refusal after its last acceptance, this one if it is the first.
+        refusing = now if since is None or oks else since
+        past_bound = now - refusing >= policy.max_relay_refusal_s
         several = len(answer) >= 2
         everyone = failed == len(answer)
         throttle = False
@@ -748,7 +751,7 @@ class Engine:
         if oks:
             self._accepted += oks
         accepted = self._accepted
-        step = self._step.blame(shared, accepted, 0, since)
+        step = self._step.blame(shared, accepted, 0, refusing)
         marks = self._marks
         first = open_batch.accepted
         lane = open_batch.batch.lane

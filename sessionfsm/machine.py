@@ -336,7 +336,7 @@ def attributable(model: SessionRecord, step: Step) -> bool:
     previous attempt, or has refused everything for too long (invariant 12)."""
     since = step.refusing_since
     if since is not None and step.now - since >= step.policy.max_relay_refusal_s:
-        return True
+        return True  # refused everything for too long: charge again
     return step.accepted > step.mark
 
 

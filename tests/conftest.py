@@ -49,6 +49,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 #: A policy small enough that every path is reached in a few ticks.
 SMALL_POLICY = Policy(
+    max_relay_refusal_s=0.0,
     batch_size=3,
     incremental_interval_s=10.0,
     backfill_batch_size=2,
@@ -60,8 +61,12 @@ SMALL_POLICY = Policy(
 
 @pytest.fixture
 def policy() -> Policy:
-    """The service's default policy."""
-    return Policy()
+    """The service's default policy, except that a session answered on its own
+    is charged at once (``max_relay_refusal_s=0``), as if the relay had
+    refused everything for longer than the bound: most engine tests pin down
+    what a charge does. What is charged at all is pinned down with the
+    default bound in test_blame.py."""
+    return Policy(max_relay_refusal_s=0.0)
 
 
 @pytest.fixture
@@ -116,14 +121,17 @@ Cycle = Callable[..., list[Batch]]
 @pytest.fixture
 def cycle() -> Cycle:
     """``cycle(engine, now, ack)``: tick at ``now``, then answer every batch
-    with ``ack`` (one ack for all, or a {session: ack} mapping) at ``now``.
+    with ``ack`` (one ack for all, or a {session: ack} mapping; with
+    ``each=True``, ``ack`` for each session) at ``now``.
     Returns the batches that were sent."""
 
-    def run(engine: Engine, now: float, ack: Any = None) -> list[Batch]:
+    def run(engine: Engine, now: float, ack: Any = None, *, each: bool = False) -> list[Batch]:
         batches = engine.tick(now)
         if ack is not None:
             for batch in batches:
-                engine.on_ack(batch.id, ack, now=now)
+                # ``each``: the ack once per session, as a per-session answer.
+                answer = dict.fromkeys(batch.session_ids, ack) if each else ack
+                engine.on_ack(batch.id, answer, now=now)
         return batches
 
     return run
