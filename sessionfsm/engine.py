@@ -59,6 +59,7 @@ from .machine import (
     ACK_EVENTS,
     CHARGED_REASONS,
     RESTING_STATES,
+    ZERO_COUNTS,
     Lane,
     LinkRecord,
     LinkState,
@@ -911,10 +912,18 @@ class Engine:
         step = self._step.load(now)
         ids: list[str] = []
         while queue and len(ids) < size:
-            sid = queue.popleft()
+            sid = queue[0]
             rec = sessions[sid]
             if rec.state is not _QUEUED or rec.lane is not lane:
+                queue.popleft()
                 continue  # stale entry
+            if rec.counts != ZERO_COUNTS:
+                # Charged before: it goes alone, so that its next failure
+                # points at it and not at a whole batch to split again.
+                if ids:
+                    break
+                size = 1
+            queue.popleft()
             self._fire(rec, "sent", step)
             ids.append(sid)
         # Only called when _has_ready(lane) was true, so ids is never empty,
