@@ -1072,4 +1072,11 @@ class Engine:
             "stamps": dict(self._stamps),
             "batches": {bid: ob.batch.session_ids for bid, ob in self._batches.items()},
             "anomalies": dict(self._anomalies),
+            "blame": (
+                self._accepted,
+                dict(self._marks),
+                self._refusing_since,
+                {lane.value: list(cuts) for lane, cuts in self._cuts.items()},
+                self._probe,
+            ),
         }
