@@ -1803,6 +1803,8 @@ def format_result(result: CheckResult, *, policy_source: str | None = None) -> s
     bound = "none (the whole reachable space)" if result.depth is None else str(result.depth)
     clock = "free (may advance without a tick)" if result.free_clock else "ticks every advance"
     redrive = "redrive and paced redrive" if result.paced_redrive else "redrive"
+    if result.relay:
+        redrive = "the relay model (good/bad sessions, per-session or per-request, throttles)"
     lines = [
         f"sessionfsm check: {result.sessions} session(s), both lanes, {redrive}, "
         f"depth bound {bound}",
@@ -1834,6 +1836,8 @@ def format_result(result: CheckResult, *, policy_source: str | None = None) -> s
     extra = "" if policy_source is None else f", policy={policy_source}"
     if result.free_clock:
         extra += ", free_clock=True"
+    if result.relay:
+        extra += ", relay=True"
     for v in result.violations:
         lines.append("")
         lines.append(f"{v.invariant}: {v.message}")
@@ -1889,6 +1893,12 @@ def format_result(result: CheckResult, *, policy_source: str | None = None) -> s
     is_flag=True,
     help="Also schedule paced redrives (schedule_redrive); about three times the states.",
 )
+@click.option(
+    "--relay",
+    is_flag=True,
+    help="Answer with the relay model (good and bad sessions, per-session or per-request "
+    "answers, a relay-wide throttle) instead of any ack, and prove the blame properties.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--progress", is_flag=True, help="Report each explored depth on stderr.")
 def command(
@@ -1897,6 +1907,7 @@ def command(
     policy_path: Path | None,
     free_clock: bool,
     paced_redrive: bool,
+    relay: bool,
     as_json: bool,
     progress: bool,
 ) -> None:
@@ -1918,6 +1929,7 @@ def command(
         policy,
         free_clock=free_clock,
         paced_redrive=paced_redrive,
+        relay=relay,
         progress=report if progress else None,
     )
     if as_json:

@@ -20,7 +20,15 @@ import pytest
 
 from sessionfsm import Engine, Lane, Policy, SessionState, acks
 from sessionfsm import check as checker
-from sessionfsm.check import CHECK_POLICY, INVARIANTS, CheckResult, clone_engine, explore, replay
+from sessionfsm.check import (
+    CHECK_POLICY,
+    INVARIANTS,
+    CheckResult,
+    clone_engine,
+    explore,
+    format_result,
+    replay,
+)
 from sessionfsm.machine import CHARGED_REASONS, SessionRecord, Step, bury, settle
 from sessionfsm.runtime import SESSION_TABLE, CompiledRuntime, Table
 
@@ -502,3 +510,52 @@ def test_cli_check_is_fast_for_one_session(
     result = sessionfsm_cli("check", "--sessions", "1")
     assert result.exit_code == 0
     assert time.perf_counter() - start < 10
+
+
+class ChargeEveryone(_Quiet):
+    """Before blame: one failure answered for a whole batch is charged to
+    every session in it, and every refusal counts (no evidence needed)."""
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__(msgspec.structs.replace(policy, max_relay_refusal_s=0.0))
+
+    def on_ack(self, batch_id: int, ack: Any, now: float) -> Any:
+        open_batch = self._batches.get(batch_id)
+        if open_batch is not None and not isinstance(ack, dict):
+            ack = dict.fromkeys(open_batch.pending, ack)
+        return super().on_ack(batch_id, ack, now)
+
+
+def test_inv11_inv12_inv13_relay_model_two_sessions_holds() -> None:
+    """With the relay model, two sessions: no good session dead-lettered by a
+    throttle shorter than the bound, bad ones still die, good ones still sync."""
+    result = explore(sessions=2, relay=True)
+    assert result.ok, format_result(result)
+    assert result.complete
+    assert {"blame_good_never_dead", "live_bad_dies", "live_good_syncs"} <= set(
+        result.invariants
+    )
+    assert result.states > 1000
+
+
+@pytest.mark.slow
+def test_inv11_inv12_inv13_relay_model_three_sessions_holds() -> None:
+    """The relay model with three sessions (slow: opt in with --run-slow)."""
+    result = explore(sessions=3, relay=True)
+    assert result.ok, format_result(result)
+
+
+def test_check_catches_a_whole_batch_failure_charged_to_everyone() -> None:
+    """The behaviour before blame, planted as a mutant: the relay model
+    catches it with a short trace."""
+    result = explore(sessions=2, relay=True, engine_factory=ChargeEveryone, stop_at_first=True)
+    assert not result.ok
+    (violation,) = result.violations
+    assert violation.invariant in (
+        "inv11_shared_failure_not_charged",
+        "inv12_charged_only_on_evidence",
+        "blame_good_never_dead",
+    )
+    assert len(violation.trace) <= 8
+    replayed = replay(violation.trace, engine_factory=ChargeEveryone, relay=True)
+    assert violation.invariant in replayed.broken
