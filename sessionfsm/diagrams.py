@@ -122,7 +122,9 @@ class _Phrase:
 _GUARD_WORDS: Final = {
     "changed_in_flight": ("changed in flight", "unchanged in flight"),
     "retry_due": ("retry_at reached", "before retry_at"),
-    "pause_elapsed": ("relay_pause over", "relay_pause not over"),
+    "pause_elapsed": ("wait over", "wait not over"),
+    "shared": ("shared by the batch", "its own"),
+    "attributable": ("evidence against it", "no evidence against it"),
 }
 
 
