@@ -463,9 +463,15 @@ class Floor:
         if self._resume_at is not None or self._open or not ready:
             return []
         ids: list[str] = []
-        while ready and len(ids) < self._size:
+        size = self._size
+        while ready and len(ids) < size:
+            rec = sessions[ready[0]]
+            if rec.counts != _ZERO:
+                # As the engine does: a session charged before goes alone.
+                if ids:
+                    break
+                size = 1
             sid = ready.popleft()
-            rec = sessions[sid]
             rec.state = table[rec.state, "sent"]
             rec.dirty = False
             rec.attempts += 1
