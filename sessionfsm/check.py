@@ -853,7 +853,8 @@ class _Model:
         """What each session was answered in this action, by ack kind name."""
         kind = action[0]
         if kind == "ack":
-            return dict.fromkeys(before._batches[action[1]].pending, action[2])
+            answered: str = action[2]
+            return dict.fromkeys(before._batches[action[1]].pending, answered)
         if kind == "ack_session":
             return {action[2]: action[3]}
         if kind == "answer":
@@ -1047,19 +1048,16 @@ class _Model:
             for sid, pre in old.items():
                 post = new[sid]
                 if (
-                    sid not in shadow_after.bad
-                    and post.state is _DEAD
-                    and pre.state is not _DEAD
-                ):
-                    if sid not in shadow_after.exposed:
-                        found.append(
-                            (
-                                "blame_good_never_dead",
-                                f"good session {sid!r} dead-lettered at {now:g} by {kind}, "
-                                "though the relay never refused everything for "
-                                f"{self.policy.max_relay_refusal_s:g} s since its last Ok",
-                            )
+                    sid not in shadow_after.bad and post.state is _DEAD and pre.state is not _DEAD
+                ) and sid not in shadow_after.exposed:
+                    found.append(
+                        (
+                            "blame_good_never_dead",
+                            f"good session {sid!r} dead-lettered at {now:g} by {kind}, "
+                            "though the relay never refused everything for "
+                            f"{self.policy.max_relay_refusal_s:g} s since its last Ok",
                         )
+                    )
         for sid in new.keys() - old.keys():
             if not (kind == "enqueue" and action[1] == sid):
                 found.append(("inv1_one_place", f"{sid!r} appeared without an enqueue"))
@@ -1303,9 +1301,9 @@ class _Model:
                     found.append(("inv1_one_place", f"{sid!r} of {new[sid].lane} in {batch.lane}"))
         link = after._link
         if link.state is not LinkState.UP:
-            if (
-                link.state is LinkState.PAUSED or link.state is LinkState.THROTTLED
-            ) and (link.resume_at is not None and link.resume_at <= now):
+            if (link.state is LinkState.PAUSED or link.state is LinkState.THROTTLED) and (
+                link.resume_at is not None and link.resume_at <= now
+            ):
                 found.append(
                     (
                         "inv6_no_starvation",

@@ -356,9 +356,9 @@ class Engine:
                     failure = entry
                 elif alike and type(failure) is not kind_:
                     alike = False
-                elif kind_ is acks.RateLimited and type(failure) is acks.RateLimited:
+                elif isinstance(entry, acks.RateLimited) and isinstance(failure, acks.RateLimited):
                     # The longest hint is the relay's word for all of them.
-                    hint, other = failure.retry_after_s, entry.retry_after_s  # type: ignore[attr-defined]
+                    hint, other = failure.retry_after_s, entry.retry_after_s
                     if other is not None and (hint is None or other > hint):
                         failure = entry
         if failed:
@@ -374,7 +374,7 @@ class Engine:
                 self._refusing_since = None
                 if self._marks:
                     marks = self._marks
-                    for rec, entry in answer:
+                    for rec, _entry in answer:
                         marks.pop(rec.id, None)
                 self._fire_link("answered", step.load(now))
         if unavailable:
@@ -701,7 +701,7 @@ class Engine:
             else:
                 # The relay said nothing for the whole batch: judged like one
                 # AckTimeout for all of it (split, unless it is one session).
-                timeout = acks.AckTimeout()
+                timeout: acks.Ack = acks.AckTimeout()
                 answer = [(sessions[sid], timeout) for sid in open_batch.pending]
                 open_batch.pending.clear()
                 self._judge(open_batch, answer, now, True, 0, len(answer), timeout, True)

@@ -288,9 +288,7 @@ class Step:
         #: Since when the relay has accepted nothing (None: it just did).
         self.refusing_since: float | None = None
 
-    def blame(
-        self, shared: bool, accepted: int, mark: int, refusing_since: float | None
-    ) -> Step:
+    def blame(self, shared: bool, accepted: int, mark: int, refusing_since: float | None) -> Step:
         """Set what the blame guards read; see ``shared`` and ``attributable``."""
         self.shared = shared
         self.accepted = accepted

@@ -184,7 +184,10 @@ def test_inv12_the_incident_culprit_is_charged_when_others_get_through() -> None
             sizes.append(len(batch.session_ids))
             engine.on_ack(
                 batch.id,
-                {sid: acks.RateLimited() if sid == "big" else acks.Ok() for sid in batch.session_ids},
+                {
+                    sid: acks.RateLimited() if sid == "big" else acks.Ok()
+                    for sid in batch.session_ids
+                },
                 now=t,
             )
         t += 5.0

@@ -532,9 +532,7 @@ def test_inv11_inv12_inv13_relay_model_two_sessions_holds() -> None:
     result = explore(sessions=2, relay=True)
     assert result.ok, format_result(result)
     assert result.complete
-    assert {"blame_good_never_dead", "live_bad_dies", "live_good_syncs"} <= set(
-        result.invariants
-    )
+    assert {"blame_good_never_dead", "live_bad_dies", "live_good_syncs"} <= set(result.invariants)
     assert result.states > 1000
 
 

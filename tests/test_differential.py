@@ -86,14 +86,21 @@ def test_reference_runtime_really_runs_python_statemachine() -> None:
     seed=st.integers(0, 2**16),
     ops=st.lists(
         st.one_of(
-            st.tuples(st.just("enqueue"), st.sampled_from(["a", "b", "c", "d"]), st.just("incremental")),
+            st.tuples(
+                st.just("enqueue"), st.sampled_from(["a", "b", "c", "d"]), st.just("incremental")
+            ),
             st.tuples(st.just("tick"), st.sampled_from([1.0, 12.0, 40.0])),
             st.tuples(
                 st.just("ack"),
                 st.integers(0, 3),
                 st.sampled_from(
-                    [acks.AckTimeout(), acks.RateLimited(), acks.RateLimited(retry_after_s=3.0),
-                     acks.PayloadTooLarge(), acks.Ok()]
+                    [
+                        acks.AckTimeout(),
+                        acks.RateLimited(),
+                        acks.RateLimited(retry_after_s=3.0),
+                        acks.PayloadTooLarge(),
+                        acks.Ok(),
+                    ]
                 ),
             ),
         ),

@@ -70,7 +70,8 @@ class EngineMachine(RuleBasedStateMachine):
         if waiting and not overdue_any:
             assert not batches
         if engine.link.state is LinkState.PROBING:
-            assert len(batches) <= 1 and all(b.probe for b in batches)
+            assert len(batches) <= 1
+            assert all(b.probe for b in batches)
         sent = [sid for b in batches for sid in b.session_ids]
         # inv1: nobody sent twice in one tick, nobody sent who was not waiting
         assert len(sent) == len(set(sent))
