@@ -688,7 +688,9 @@ class Engine:
                 "sessionfsm.batch_timed_out",
                 batch_id=batch_id,
                 sessions=len(open_batch.pending),
-                charged=not lost and len(open_batch.pending) == 1,
+                # Lost: the outage ate the ack, nobody is charged. Otherwise
+                # one session alone may be charged; several are split.
+                lost=lost,
             )
             sessions = self._sessions
             if lost:
