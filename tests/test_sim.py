@@ -265,7 +265,8 @@ def test_inv12_lost_answers_are_charged_only_past_the_refusal_bound() -> None:
     assert figures.dead_lettered == {"AckTimeout": 3}
     assert figures.isolation_batches > 0
     for view in sim.engine.dead_letters():
-        assert view.dead_lettered_at is not None and view.dead_lettered_at >= 600.0
+        assert view.dead_lettered_at is not None
+        assert view.dead_lettered_at >= 600.0
     assert all(s.sends > 3 and set(s.answers) == {"lost"} for s in sim.world.sessions.values())
 
 
