@@ -813,7 +813,7 @@ class _Model:
                 if sid not in marked:
                     witnessed.discard(sid)
         exposed = set(shadow.exposed).difference(oks)
-        if since is not None and now - since >= self.policy.max_relay_refusal_s:
+        if self.relay and since is not None and now - since >= self.policy.max_relay_refusal_s:
             exposed.update(
                 sid
                 for sid, rec in before._sessions.items()

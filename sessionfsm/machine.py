@@ -131,9 +131,6 @@ asserts the structural ones on a live engine.
     ``max_relay_refusal_s``.
 13. A ``throttled`` link sends nothing; once its wait is over it sends at
     most one probe batch, and nothing more until that probe is answered.
-14. A split batch's parts go out first in their lane, each as a batch of its
-    own no larger than the part, so a failing session ends up alone; the
-    halves of a split both failing is not, by itself, a throttle.
 """
 
 from __future__ import annotations
