@@ -567,7 +567,7 @@ class Engine:
         return resting and not self._redrive
 
     def check(self) -> None:
-        """Assert the structural invariants (1, 3, 10) over every session.
+        """Assert the structural invariants (1, 3, 10, 13) over every session.
 
         O(n); for tests and debugging, never on a hot path. Raises
         ``AssertionError`` naming the first broken invariant.
@@ -600,6 +600,12 @@ class Engine:
                 assert not any(rec.counts), f"inv3: {sid!r} dead with counts {rec.counts}"
                 assert rec.dead_letter_reason in CHARGED_REASONS, f"inv7: {sid!r} reason"
         assert +counted == +self._by_state, "inv1: state counters drifted"
+        link = self._link
+        if link.state is LinkState.THROTTLED:
+            assert link.resume_at is not None, "inv13: a throttled link with no end to its wait"
+        probes = [ob for ob in self._batches.values() if ob.batch.probe]
+        assert len(probes) <= 1, f"inv13: {len(probes)} probes out at once"
+        assert self._probe is None or self._probe in self._batches, "inv13: stale probe"
 
     # --------------------------------------------------------------- internals
 
