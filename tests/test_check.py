@@ -182,7 +182,7 @@ def test_check_two_sessions_whole_space_holds(checked_two_sessions: CheckResult)
     assert result.complete
     assert result.states > 10_000
     assert result.transitions > 10 * result.states
-    assert set(result.invariants) == set(INVARIANTS)
+    assert set(result.invariants) == set(INVARIANTS) - checker._RELAY_ONLY
     assert result.seconds < 40
 
 
