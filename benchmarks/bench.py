@@ -346,19 +346,29 @@ ACK_MIX: Final[tuple[acks.Ack, ...]] = (
 
 #: The per-ack workload's policy: the defaults, with no pause between batches
 #: so that every tick can send.
-ACK_POLICY: Final = Policy(incremental_interval_s=0.0)
+# ``max_relay_refusal_s=0``: every refusal answered per session is charged,
+# as the floor (which knows nothing of blame) charges it; the engine still
+# sorts every answer for blame, so that cost is in the figure.
+ACK_POLICY: Final = Policy(incremental_interval_s=0.0, max_relay_refusal_s=0.0)
 #: Sessions rate-limited while setting up a population stay backed off for
 #: the whole measurement: a day.
 FAR: Final = 86_400.0
 _FAR_BACKOFF: Final = ReasonPolicy(threshold=5, backoff=Fixed(FAR), honour_retry_after=True)
 #: The tick benchmark's policy: default batches of 10, one in flight.
 TICK_POLICY: Final = Policy(
-    incremental_interval_s=0.0, rate_limited=_FAR_BACKOFF, max_backoff_s=FAR
+    incremental_interval_s=0.0,
+    rate_limited=_FAR_BACKOFF,
+    max_backoff_s=FAR,
+    max_relay_refusal_s=0.0,
 )
 #: Large batches only make building a memory population faster; what stays
 #: allocated per session does not depend on the batch size.
 MEMORY_POLICY: Final = Policy(
-    incremental_interval_s=0.0, batch_size=1000, rate_limited=_FAR_BACKOFF, max_backoff_s=FAR
+    incremental_interval_s=0.0,
+    batch_size=1000,
+    rate_limited=_FAR_BACKOFF,
+    max_backoff_s=FAR,
+    max_relay_refusal_s=0.0,
 )
 
 
@@ -486,9 +496,15 @@ class Floor:
         if self._resume_at is not None or self._open or not ready:
             return []
         ids: list[str] = []
-        while ready and len(ids) < self._size:
+        size = self._size
+        while ready and len(ids) < size:
+            rec = sessions[ready[0]]
+            if rec.counts != _ZERO:
+                # As the engine does: a session charged before goes alone.
+                if ids:
+                    break
+                size = 1
             sid = ready.popleft()
-            rec = sessions[sid]
             rec.state = table[rec.state, "sent"]
             rec.dirty = False
             rec.attempts += 1
@@ -752,7 +768,7 @@ def tick_population(ids: Sequence[str], policy: Policy = TICK_POLICY) -> Engine:
     sent = 0
     while sent < half:
         for batch in engine.tick(0.0):
-            engine.on_ack(batch.id, _RATE, 0.0)
+            engine.on_ack(batch.id, dict.fromkeys(batch.session_ids, _RATE), 0.0)
             sent += len(batch.session_ids)
     return engine
 

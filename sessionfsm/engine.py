@@ -28,6 +28,18 @@ A tick therefore costs O(batch + due · log n), independent of how many
 sessions wait. A session promoted from backfill to incremental leaves a stale
 entry in the backfill deque, skipped when reached (at most one per session,
 since lanes are only ever promoted).
+
+Blame
+-----
+Before firing a failure, ``on_ack`` and the deadline decide whether it was
+*shared* by several sessions, and what the blame guards of
+:mod:`sessionfsm.machine` need to know: how many sessions the relay has
+accepted, ever (``_accepted``), each failed session's mark (``_marks``: that
+count when its previous attempt ended) and since when the relay has accepted
+nothing (``_refusing_since``). A shared failure that is not a throttle is
+split: its sessions go back to the head of their lane in halves, and
+``_cuts[lane]`` holds the sizes of those parts, so that the next batches of
+the lane are exactly the parts (``docs/blame.md``).
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ from .machine import (
     ACK_EVENTS,
     CHARGED_REASONS,
     RESTING_STATES,
+    ZERO_COUNTS,
     Lane,
     LinkRecord,
     LinkState,
@@ -73,6 +86,8 @@ _QUEUED: Final = SessionState.QUEUED
 _IN_FLIGHT: Final = SessionState.IN_FLIGHT
 _BACKOFF: Final = SessionState.BACKOFF
 _DEAD: Final = SessionState.DEAD_LETTERED
+_OK: Final = acks.Ok
+_UNAVAILABLE: Final = acks.RelayUnavailable
 _INCREMENTAL: Final = Lane.INCREMENTAL
 _BACKFILL: Final = Lane.BACKFILL
 # Lane by name or by member: a StrEnum hashes as its value, so one dict
@@ -103,17 +118,24 @@ class Batch(msgspec.Struct, frozen=True):
     session_ids: tuple[str, ...]
     sent_at: float
     deadline: float
+    #: A part of a split batch, sent to find which session failed it.
+    part: bool = False
+    #: The one batch a throttled link sends once its wait is over.
+    probe: bool = False
 
 
 class _OpenBatch:
-    __slots__ = ("batch", "losses", "pending")
+    __slots__ = ("accepted", "batch", "losses", "pending")
 
-    def __init__(self, batch: Batch, losses: int) -> None:
+    def __init__(self, batch: Batch, losses: int, accepted: int = 0) -> None:
         self.batch = batch
         # Sessions still awaiting their ack; a dict keeps the batch's order.
         self.pending: dict[str, None] = dict.fromkeys(batch.session_ids)
         # How many times the link had been lost when this batch was sent.
         self.losses = losses
+        # How many sessions the relay had accepted when this batch was sent:
+        # the mark of a session on its first attempt.
+        self.accepted = accepted
 
 
 def _queue_order(placed: list[tuple[str, bool]]) -> dict[str, list[str]]:
@@ -247,6 +269,14 @@ class Engine:
         # Records changed outside any transition (batches withdrawn after a
         # failed save) that the next save must still write.
         self._unsaved: dict[str, SessionRecord] = {}
+        # Blame (see the module docstring). Kept in memory only: after a
+        # restart, evidence starts afresh, which can only spare a session.
+        self._accepted = 0
+        self._marks: dict[str, int] = {}
+        self._refusing_since: float | None = None
+        self._cuts: dict[Lane, deque[int]] = {_INCREMENTAL: deque(), _BACKFILL: deque()}
+        # The probe batch a probing link has out, if any (invariant 13).
+        self._probe: int | None = None
         self._store = store
         self._store_closed = False
         if store is not None:
@@ -404,11 +434,10 @@ class Engine:
         """
         now = self._clock(now)
         stamps = self._stamps.copy()
-        step = self._step.load(now)
         self._expire(now)
         link = self._link
-        if link.state is LinkState.PAUSED:
-            self._fire_link("resumed", step)
+        if link.state is LinkState.PAUSED or link.state is LinkState.THROTTLED:
+            self._fire_link("resumed", self._step.load(now))
         self._release_due(now)
         if self._redrive and link.state is LinkState.UP:
             self._drain_redrive(now)
@@ -419,6 +448,17 @@ class Engine:
                 if lane is None:
                     break
                 formed.append(self._form(lane, now))
+        elif (
+            link.state is LinkState.PROBING
+            and self._probe is None
+            and len(self._batches) < self.policy.max_in_flight
+        ):
+            # One probe per wait (invariant 13); its answer decides the rest.
+            lane = self._pick_lane(now)
+            if lane is not None:
+                probe = self._form(lane, now, probe=True)
+                self._probe = probe.id
+                formed.append(probe)
         try:
             self._commit()
         except BaseException:
@@ -469,13 +509,17 @@ class Engine:
             self._commit()
             return []
         pending = open_batch.pending
+        whole = entries is None
         if entries is None:
             entries = [(sid, ack) for sid in pending]  # type: ignore[misc]
         start = len(self._pending)
-        requeued: list[str] = []
-        answered = unavailable = False
-        step = self._step
         sessions = self._sessions
+        # First pass: drop entries that do not belong, and sort the answer.
+        answer: list[tuple[SessionRecord, acks.Ack]] = []
+        oks = failed = 0
+        unavailable = False
+        failure: acks.Ack | None = None
+        alike = True
         for sid, entry in entries:
             if sid not in pending:
                 kind = "duplicate_entry" if sid in open_batch.batch.session_ids else "not_in_batch"
@@ -485,30 +529,53 @@ class Engine:
                 )
                 continue
             del pending[sid]
-            rec = sessions[sid]
-            event = ACK_EVENTS[type(entry)]
-            self._fire(rec, event, step.load(now, entry), front=requeued)
-            if event == "bounced":
+            answer.append((sessions[sid], entry))
+            kind_ = type(entry)
+            if kind_ is _OK:
+                oks += 1
+            elif kind_ is _UNAVAILABLE:
                 unavailable = True
             else:
-                answered = True
-        self._to_front(requeued)
+                failed += 1
+                if failure is None:
+                    failure = entry
+                elif alike and type(failure) is not kind_:
+                    alike = False
+                elif isinstance(entry, acks.RateLimited) and isinstance(failure, acks.RateLimited):
+                    # The longest hint is the relay's word for all of them.
+                    hint, other = failure.retry_after_s, entry.retry_after_s
+                    if other is not None and (hint is None or other > hint):
+                        failure = entry
+        if failed:
+            self._judge(open_batch, answer, now, whole, oks, failed, failure, alike)
+        else:
+            requeued: list[str] = []
+            step = self._step
+            for rec, entry in answer:
+                self._fire(rec, ACK_EVENTS[type(entry)], step.load(now, entry), front=requeued)
+            self._to_front(requeued)
+            if oks:
+                self._accepted += oks
+                self._refusing_since = None
+                if self._marks:
+                    marks = self._marks
+                    for rec, _entry in answer:
+                        marks.pop(rec.id, None)
+                self._fire_link("answered", step.load(now))
         listening = self._listening
-        if listening is not None and (answered or unavailable):
+        if listening is not None and answer:
             batch = open_batch.batch
             listening.batch_events.append(
                 BatchEvent(
-                    event="answered" if answered else "bounced",
+                    event="answered" if (oks or failed) else "bounced",
                     batch_id=batch_id,
                     lane=batch.lane,
-                    sessions=len(self._pending) - start,
+                    sessions=len(answer),
                     latency_s=now - batch.sent_at,
                 )
             )
-        if answered:
-            self._fire_link("answered", step.load(now))
         if unavailable:
-            self._fire_link("lost", step.load(now))
+            self._fire_link("lost", self._step.load(now))
         if not pending:
             self._close(batch_id, "duplicate_ack")
         changes = self._changes(start)
@@ -730,11 +797,15 @@ class Engine:
             times.append(
                 self._now if last is None else max(self._now, last + self.policy.tick_interval_s)
             )
-        if self._link.state is LinkState.PAUSED and self._link.resume_at is not None:
-            times.append(self._link.resume_at)
-        # While paused, ready sessions wait for the link: resume_at above.
+        link = self._link.state
         if (
-            self._link.state is LinkState.UP
+            link is LinkState.PAUSED or link is LinkState.THROTTLED
+        ) and self._link.resume_at is not None:
+            times.append(self._link.resume_at)
+        # While paused or throttled, ready sessions wait for the link:
+        # resume_at above. A probing link may send one batch.
+        if (
+            (link is LinkState.UP or (link is LinkState.PROBING and self._probe is None))
             and len(self._batches) < self.policy.max_in_flight
             and any(self._has_ready(lane) for lane in Lane)
         ):
@@ -748,7 +819,7 @@ class Engine:
         return resting and not self._redrive
 
     def check(self) -> None:
-        """Assert the structural invariants (1, 3, 10) over every session.
+        """Assert the structural invariants (1, 3, 10, 13) over every session.
 
         O(n); for tests and debugging, never on a hot path. Raises
         ``AssertionError`` naming the first broken invariant.
@@ -781,6 +852,12 @@ class Engine:
                 assert not any(rec.counts), f"inv3: {sid!r} dead with counts {rec.counts}"
                 assert rec.dead_letter_reason in CHARGED_REASONS, f"inv7: {sid!r} reason"
         assert +counted == +self._by_state, "inv1: state counters drifted"
+        link = self._link
+        if link.state is LinkState.THROTTLED:
+            assert link.resume_at is not None, "inv13: a throttled link with no end to its wait"
+        probes = [ob for ob in self._batches.values() if ob.batch.probe]
+        assert len(probes) <= 1, f"inv13: {len(probes)} probes out at once"
+        assert self._probe is None or self._probe in self._batches, "inv13: stale probe"
 
     # --------------------------------------------------------------- internals
 
@@ -875,13 +952,13 @@ class Engine:
             # ack: that is the transport's fault and is charged to nobody
             # (invariant 4). Otherwise the relay really did not answer.
             lost = open_batch.losses != self._link_losses
-            ack: acks.Ack = acks.RelayUnavailable() if lost else acks.AckTimeout()
-            event = ACK_EVENTS[type(ack)]
             self._log.info(
                 "sessionfsm.batch_timed_out",
                 batch_id=batch_id,
                 sessions=len(open_batch.pending),
-                charged=not lost,
+                # Lost: the outage ate the ack, nobody is charged. Otherwise
+                # one session alone may be charged; several are split.
+                lost=lost,
             )
             listening = self._listening
             if listening is not None:
@@ -895,13 +972,146 @@ class Engine:
                         latency_s=now - batch.sent_at,
                     )
                 )
-            step = self._step
-            requeued: list[str] = []
-            for sid in open_batch.pending:
-                self._fire(self._sessions[sid], event, step.load(now, ack), front=requeued)
-            self._to_front(requeued)
+            sessions = self._sessions
+            if lost:
+                step = self._step
+                requeued: list[str] = []
+                ack = acks.RelayUnavailable()
+                for sid in open_batch.pending:
+                    self._fire(sessions[sid], "bounced", step.load(now, ack), front=requeued)
+                self._to_front(requeued)
+            else:
+                # The relay said nothing for the whole batch: judged like one
+                # AckTimeout for all of it (split, unless it is one session).
+                timeout: acks.Ack = acks.AckTimeout()
+                answer = [(sessions[sid], timeout) for sid in open_batch.pending]
+                open_batch.pending.clear()
+                self._judge(open_batch, answer, now, True, 0, len(answer), timeout, True)
             open_batch.pending.clear()
             self._close(batch_id, "late_ack")
+
+    def _judge(
+        self,
+        open_batch: _OpenBatch,
+        answer: list[tuple[SessionRecord, acks.Ack]],
+        now: float,
+        whole: bool,
+        oks: int,
+        failed: int,
+        failure: acks.Ack | None,
+        alike: bool,
+    ) -> None:
+        """Apply an answer with at least one failure, charging only on evidence.
+
+        ``whole``: one ack was given for the whole batch; ``failure``: the
+        first failure (the one with the longest ``retry_after_s`` if they are
+        all ``RateLimited``); ``alike``: every failure is of one kind.
+        """
+        assert failure is not None
+        policy = self.policy
+        since = self._refusing_since
+        # The relay has accepted nothing since ``refusing``: since its first
+        # refusal after its last acceptance, this one if it is the first.
+        refusing = now if since is None or oks else since
+        past_bound = now - refusing >= policy.max_relay_refusal_s
+        several = len(answer) >= 2
+        everyone = failed == len(answer)
+        throttle = False
+        if whole and several:
+            # One ack for several sessions: evidence against the batch or the
+            # relay, never against each of them (invariant 11).
+            shared = True
+            hint = isinstance(failure, acks.RateLimited) and failure.retry_after_s is not None
+            throttle = hint and not past_bound
+        elif several and everyone and alike and not past_bound:
+            # A per-session answer failing every session alike: the relay
+            # speaks for all of them. Throttled, unless the answer is that each
+            # payload is too large: then split, and let each stand alone.
+            shared = True
+            throttle = not isinstance(failure, acks.PayloadTooLarge)
+        else:
+            shared = False
+        if oks:
+            self._accepted += oks
+        accepted = self._accepted
+        step = self._step.blame(shared, accepted, 0, refusing)
+        marks = self._marks
+        first = open_batch.accepted
+        lane = open_batch.batch.lane
+        split = shared and not throttle
+        requeued: list[str] = []
+        parted: list[str] = []
+        held = charged = False
+        for rec, entry in answer:
+            sid = rec.id
+            kind = type(entry)
+            if kind is _OK or kind is _UNAVAILABLE:
+                self._fire(rec, ACK_EVENTS[kind], step.load(now, entry), front=requeued)
+                if kind is _OK and marks:
+                    marks.pop(sid, None)
+                continue
+            step.mark = marks.get(sid, first)
+            # Spared sessions go back to the head: split into parts, or as
+            # they were (a throttle, or no evidence against them).
+            front = parted if split and rec.lane is lane else requeued
+            if not self._fire(rec, ACK_EVENTS[kind], step.load(now, entry), front=front):
+                continue
+            state = rec.state
+            if state is _DEAD:
+                marks.pop(sid, None)
+                charged = True
+                continue
+            marks[sid] = accepted
+            if state is _QUEUED:
+                held = held or not shared
+            else:
+                charged = True
+        self._to_front(requeued)
+        if parted:
+            self._split(lane, parted, open_batch.batch.id)
+        if oks:
+            self._refusing_since = None
+        elif since is None:
+            self._refusing_since = now
+        link = self._link.state
+        if oks or (charged and not held):
+            self._fire_link("answered", self._step.load(now))
+        elif (
+            throttle
+            or held
+            or (shared and (link is LinkState.THROTTLED or link is LinkState.PROBING))
+        ):
+            # A relay-wide refusal, or a refusal nobody can be blamed for; a
+            # failed probe extends the throttle.
+            self._fire_link("refused", self._step.load(now, failure))
+        elif shared:
+            self._fire_link("answered", self._step.load(now))
+
+    def _split(self, lane: Lane, ids: list[str], batch_id: int) -> None:
+        """Put a failed batch back at the head of ``lane`` as two parts.
+
+        The parts go after the parts already waiting there, so that a failing
+        part's siblings are tried first: by the time a failing session is
+        alone, the relay has had the chance to accept others, which is the
+        evidence that charges it.
+        """
+        queue, cuts, sessions = self._ready[lane], self._cuts[lane], self._sessions
+        skip = sum(cuts)
+        at = 0
+        while skip and at < len(queue):
+            rec = sessions[queue[at]]
+            if rec.state is _QUEUED and rec.lane is lane:
+                skip -= 1
+            at += 1
+        for offset, sid in enumerate(ids):
+            queue.insert(at + offset, sid)
+        if len(ids) == 1:
+            cuts.append(1)
+        else:
+            half = (len(ids) + 1) // 2
+            cuts.append(half)
+            cuts.append(len(ids) - half)
+        self._log.info("sessionfsm.batch_split", batch_id=batch_id, sessions=len(ids))
 
     def _release_due(self, now: float) -> None:
         retry = self._retry
@@ -973,29 +1183,50 @@ class Engine:
                 return lane
         return None
 
-    def _form(self, lane: Lane, now: float) -> Batch:
+    def _form(self, lane: Lane, now: float, probe: bool = False) -> Batch:
         queue = self._ready[lane]
         sessions = self._sessions
         size = self._lane_size[lane]
+        cuts = self._cuts[lane]
+        part = bool(cuts)
+        if part:
+            # The next part of a split batch goes out as a batch of its own.
+            size = min(size, cuts.popleft())
         step = self._step.load(now)
         ids: list[str] = []
         while queue and len(ids) < size:
-            sid = queue.popleft()
+            sid = queue[0]
             rec = sessions[sid]
             if rec.state is not _QUEUED or rec.lane is not lane:
+                queue.popleft()
                 continue  # stale entry
+            if rec.counts != ZERO_COUNTS:
+                # Charged before: it goes alone, so that its next failure
+                # points at it and not at a whole batch to split again.
+                if ids:
+                    break
+                size = 1
+            queue.popleft()
             self._fire(rec, "sent", step)
             ids.append(sid)
         # Only called when _has_ready(lane) was true, so ids is never empty,
         # and the throttle is stamped only for a real batch (invariant 9).
         self._stamps[lane] = now
+        if cuts and not self._has_ready(lane):
+            cuts.clear()  # the parts left refer to sessions no longer queued
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         deadline = now + self.policy.ack_timeout_s
         batch = Batch(
-            id=batch_id, lane=lane, session_ids=tuple(ids), sent_at=now, deadline=deadline
+            id=batch_id,
+            lane=lane,
+            session_ids=tuple(ids),
+            sent_at=now,
+            deadline=deadline,
+            part=part,
+            probe=probe,
         )
-        self._batches[batch_id] = _OpenBatch(batch, self._link_losses)
+        self._batches[batch_id] = _OpenBatch(batch, self._link_losses, self._accepted)
         heapq.heappush(self._deadlines, (deadline, batch_id))
         if self._listening is not None:
             self._listening.batch_events.append(
@@ -1006,6 +1237,8 @@ class Engine:
     def _close(self, batch_id: int, later: str) -> None:
         """Forget an open batch; a later ack for it counts as ``later``."""
         del self._batches[batch_id]
+        if batch_id == self._probe:
+            self._probe = None
         closed = self._closed
         closed[batch_id] = later
         if len(closed) > _CLOSED_MEMORY:
@@ -1121,10 +1354,12 @@ class Engine:
         self._pending[:] = [
             entry for entry in self._pending if not (entry[3] == "sent" and id(entry[0]) in taken)
         ]
+        gone = {batch.id for batch in formed}
+        if self._probe in gone:
+            self._probe = None  # never sent: the probing link may form it again
         listening = self._listening
         if listening is not None:
             # The listeners never hear of a send that did not happen.
-            gone = {batch.id for batch in formed}
             listening.batch_events[:] = [
                 e for e in listening.batch_events if not (e.event == "sent" and e.batch_id in gone)
             ]
@@ -1235,6 +1470,13 @@ class Engine:
                 for lane, queue in self._ready.items()
             },
             "anomalies": dict(self._anomalies),
+            "blame": (
+                self._accepted,
+                dict(self._marks),
+                self._refusing_since,
+                {lane.value: list(cuts) for lane, cuts in self._cuts.items()},
+                self._probe,
+            ),
         }
 
     # The old name, kept for code written against it.

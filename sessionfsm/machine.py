@@ -15,7 +15,8 @@ finite-state machine, declared once below with python-statemachine as
   edit the diagrams by hand.
 
 The relay link is a second, tiny machine, :class:`LinkMachine`. It absorbs
-transport-level failures so that they never touch a session.
+transport-level failures, and refusals of the whole relay (a throttle), so
+that they never touch a session.
 
 The engine (:mod:`sessionfsm.engine`) only decides *when* an event happens
 (a tick picks a batch, an ack arrives, a retry time passes). *What* an event
@@ -61,6 +62,40 @@ A charged reason ``R`` keeps its own consecutive count in ``counts[R]``. The
 dead-letters the session; every earlier one defers it to ``backoff`` for the
 reason's backoff.
 
+Blame: who is charged
+---------------------
+
+A charged reason is charged only on evidence against that one session.
+Real relays answer per request, not per session, so the engine tells three
+kinds of failure apart before it fires anything (``docs/blame.md``):
+
+*shared*
+    One charged ack for a batch of two or more pending sessions (a whole
+    HTTP 413 or 429, an ``AckTimeout``, the engine's own deadline), or a
+    per-session answer in which every session of a batch of two or more
+    fails alike and none succeeds. It says something about the batch or the
+    relay, not about each session: guard ``shared`` sends every session back
+    to ``queued`` untouched. Then either the relay is *throttling* (a whole
+    ``RateLimited`` with ``retry_after_s``, or every session ``RateLimited``
+    or ``AckTimeout`` alike) and the link moves to ``throttled``; or the
+    batch is *split* in halves that go first in their lane as batches of
+    their own, until a failing session is alone.
+*unattributed*
+    A session answered on its own (alone in its batch, or in a per-session
+    answer) while nothing shows the relay accepts others: guard
+    ``attributable`` is false, so it goes back to ``queued`` untouched and
+    the link moves to ``throttled``.
+*attributable*
+    The relay accepted another session in the same answer, or since this
+    session's previous attempt ended; or it has accepted nothing at all for
+    ``policy.max_relay_refusal_s`` (a relay refusing everything cannot be
+    told apart from a queue of culprits, so past this bound refusals are
+    charged again). Only then does a charged reason count.
+
+The link's ``throttled`` state waits ``retry_after_s`` (capped) or its own
+growing ``relay_throttle`` backoff, then becomes ``probing``: one batch may
+go out. An ``Ok`` re-opens the link; another refusal throttles it again.
+
 Invariants
 ----------
 
@@ -86,6 +121,16 @@ asserts the structural ones on a live engine.
 9. A lane's throttle timestamp is stamped only when a batch was really formed.
 10. ``retry_at`` is set if and only if the session is in ``backoff``; a
     charged count only ever grows by one per ack of that reason.
+11. A failure answered for several sessions at once (``shared``) never
+    changes any of their counters and dead-letters none of them: they go
+    back to ``queued`` untouched, to be split or to wait out a throttle.
+12. A session's charged count grows, or it is dead-lettered, only on a
+    failure ``attributable`` to it: answered for it alone while the relay
+    had accepted another session since its previous attempt (or in the same
+    answer), or after the relay accepted nothing for
+    ``max_relay_refusal_s``.
+13. A ``throttled`` link sends nothing; once its wait is over it sends at
+    most one probe batch, and nothing more until that probe is answered.
 """
 
 from __future__ import annotations
@@ -137,6 +182,10 @@ class LinkState(StrEnum):
 
     UP = "up"
     PAUSED = "paused"
+    #: The relay refused a batch as a whole: wait, charging nobody.
+    THROTTLED = "throttled"
+    #: The wait is over: one probe batch may go out.
+    PROBING = "probing"
 
 
 #: Reasons charged to a session, in the order of ``SessionRecord.counts``.
@@ -184,7 +233,8 @@ class SessionRecord(msgspec.Struct, gc=False):
 
 
 class LinkRecord(msgspec.Struct):
-    """The relay link's state: paused after ``failures`` consecutive bounces."""
+    """The relay link's state: paused or throttled after ``failures``
+    consecutive bounces or relay-wide refusals."""
 
     state: LinkState = LinkState.UP
     failures: int = 0
@@ -199,13 +249,17 @@ class Step:
 
     __slots__ = (
         "_by_reason",
+        "accepted",
         "ack",
+        "mark",
         "now",
         "policy",
         "reason",
         "reason_name",
         "reason_policy",
+        "refusing_since",
         "rng",
+        "shared",
     )
 
     def __init__(self, policy: Policy, rng: random.Random) -> None:
@@ -219,6 +273,25 @@ class Step:
         self.reason_policy: ReasonPolicy | None = None
         # Looked up once: ``load`` runs for every session of every ack.
         self._by_reason = tuple(policy.reason(name) for name in CHARGED_REASONS)
+        # What blame needs, set by the engine before it fires a failure
+        # (``blame``); ``load`` leaves them alone, since only failures read them.
+        #: The failure was answered for several sessions at once.
+        self.shared = False
+        #: How many sessions the relay has accepted, ever, this answer included.
+        self.accepted = 0
+        #: ``accepted`` when this session's previous attempt ended (or, for a
+        #: first attempt, when its batch was sent).
+        self.mark = 0
+        #: Since when the relay has accepted nothing (None: it just did).
+        self.refusing_since: float | None = None
+
+    def blame(self, shared: bool, accepted: int, mark: int, refusing_since: float | None) -> Step:
+        """Set what the blame guards read; see ``shared`` and ``attributable``."""
+        self.shared = shared
+        self.accepted = accepted
+        self.mark = mark
+        self.refusing_since = refusing_since
+        return self
 
     def load(self, now: float, ack: acks.Ack | None = None) -> Step:
         self.now = now
@@ -248,6 +321,20 @@ def exhausted(model: SessionRecord, step: Step) -> bool:
     return not rp.retryable or model.counts[step.reason] + 1 >= rp.threshold
 
 
+def shared(model: SessionRecord, step: Step) -> bool:
+    """The failure was answered for several sessions at once (invariant 11)."""
+    return step.shared
+
+
+def attributable(model: SessionRecord, step: Step) -> bool:
+    """Evidence against this session: the relay accepted another since its
+    previous attempt, or has refused everything for too long (invariant 12)."""
+    since = step.refusing_since
+    if since is not None and step.now - since >= step.policy.max_relay_refusal_s:
+        return True  # refused everything for too long: charge again
+    return step.accepted > step.mark
+
+
 def changed_in_flight(model: SessionRecord, step: Step) -> bool:
     """The session changed after this payload was sent."""
     return model.dirty
@@ -259,7 +346,7 @@ def retry_due(model: SessionRecord, step: Step) -> bool:
 
 
 def pause_elapsed(model: LinkRecord, step: Step) -> bool:
-    """The link's pause has run out."""
+    """The link's pause (or throttle wait) has run out."""
     return model.resume_at is None or step.now >= model.resume_at
 
 
@@ -268,7 +355,10 @@ GUARD_DOCS: Final[dict[str, str]] = {
     "or the reason is non-retryable",
     "changed_in_flight": "the session changed after this payload was sent",
     "retry_due": "the retry time has come",
-    "pause_elapsed": "the link's pause has run out",
+    "pause_elapsed": "the link's pause or throttle wait has run out",
+    "shared": "the failure was answered for several sessions at once",
+    "attributable": "the relay accepted another session since this one's previous "
+    "attempt, or has accepted nothing for max_relay_refusal_s",
 }
 
 
@@ -342,6 +432,20 @@ def resume(model: LinkRecord, step: Step) -> None:
     model.resume_at = None
 
 
+def throttle(model: LinkRecord, step: Step) -> None:
+    """The relay refused as a whole: wait its ``retry_after_s`` (capped) or
+    our own growing backoff, charging nobody."""
+    model.failures += 1
+    policy = step.policy
+    ack = step.ack
+    hint = ack.retry_after_s if isinstance(ack, acks.RateLimited) else None
+    if hint is not None:
+        wait = min(hint, policy.rate_limited.retry_after_cap_s)
+    else:
+        wait = policy.relay_throttle.delay(model.failures, step.rng)
+    model.resume_at = step.now + min(wait, policy.max_backoff_s)
+
+
 def steady(model: LinkRecord, step: Step) -> None:
     """The relay answered for real: forget the failure streak."""
     model.failures = 0
@@ -365,15 +469,26 @@ class SessionMachine(StateMachine):
         synced, on=settle
     )
 
-    # The charged reasons: defer, or dead-letter at the threshold (invariant 7).
-    timed_out = in_flight.to(dead_lettered, cond=exhausted, on=bury) | in_flight.to(
-        backoff, on=charge
+    # The charged reasons. A failure shared by several sessions, or not
+    # attributable to this one, sends it back untouched (invariants 11, 12);
+    # otherwise defer, or dead-letter at the threshold (invariant 7).
+    timed_out = (
+        in_flight.to(queued, cond=shared)
+        | in_flight.to(queued, unless=attributable)
+        | in_flight.to(dead_lettered, cond=exhausted, on=bury)
+        | in_flight.to(backoff, on=charge)
     )
-    rate_limited = in_flight.to(dead_lettered, cond=exhausted, on=bury) | in_flight.to(
-        backoff, on=charge
+    rate_limited = (
+        in_flight.to(queued, cond=shared)
+        | in_flight.to(queued, unless=attributable)
+        | in_flight.to(dead_lettered, cond=exhausted, on=bury)
+        | in_flight.to(backoff, on=charge)
     )
-    rejected = in_flight.to(dead_lettered, cond=exhausted, on=bury) | in_flight.to(
-        backoff, on=charge
+    rejected = (
+        in_flight.to(queued, cond=shared)
+        | in_flight.to(queued, unless=attributable)
+        | in_flight.to(dead_lettered, cond=exhausted, on=bury)
+        | in_flight.to(backoff, on=charge)
     )
 
     # RelayUnavailable: back to the queue, nothing charged (invariant 4).
@@ -400,15 +515,43 @@ class LinkMachine(StateMachine):
 
     up = State("up", initial=True, value=LinkState.UP)
     paused = State("paused", value=LinkState.PAUSED)
+    throttled = State("throttled", value=LinkState.THROTTLED)
+    probing = State("probing", value=LinkState.PROBING)
 
     # A RelayUnavailable ack, or the caller reported the relay unavailable.
-    lost = up.to(paused, on=pause) | paused.to.itself(internal=True, on=pause)
-    # The pause ran out.
-    resumed = paused.to(up, cond=pause_elapsed, on=resume)
-    # The caller reported the relay ready.
-    reported_ready = paused.to(up, on=resume) | up.to.itself(internal=True)
-    # The relay really answered a batch (any ack but RelayUnavailable).
-    answered = up.to.itself(internal=True, on=steady) | paused.to(up, on=steady)
+    lost = (
+        up.to(paused, on=pause)
+        | paused.to.itself(internal=True, on=pause)
+        | throttled.to(paused, on=pause)
+        | probing.to(paused, on=pause)
+    )
+    # The pause ran out; a throttle's wait ran out: one probe may go.
+    resumed = paused.to(up, cond=pause_elapsed, on=resume) | throttled.to(
+        probing, cond=pause_elapsed, on=resume
+    )
+    # The caller reported the relay ready. That says nothing about a throttle.
+    reported_ready = (
+        paused.to(up, on=resume)
+        | up.to.itself(internal=True)
+        | throttled.to.itself(internal=True)
+        | probing.to.itself(internal=True)
+    )
+    # The relay really answered a batch: it accepted a session, or refused
+    # one on evidence against that session.
+    answered = (
+        up.to.itself(internal=True, on=steady)
+        | paused.to(up, on=steady)
+        | throttled.to(up, on=steady)
+        | probing.to(up, on=steady)
+    )
+    # The relay refused as a whole, or refused a session without evidence
+    # against it: throttle, or extend the throttle (invariant 13).
+    refused = (
+        up.to(throttled, on=throttle)
+        | paused.to(throttled, on=throttle)
+        | throttled.to.itself(internal=True, on=throttle)
+        | probing.to(throttled, on=throttle)
+    )
 
 
 #: States drawn as final: the session is at rest there.

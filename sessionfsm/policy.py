@@ -157,6 +157,17 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: How long the relay link stays paused after the n-th consecutive
     #: ``RelayUnavailable``. Grows, capped; never charged to a session.
     relay_pause: Exponential = Exponential(base_s=1.0, factor=2.0, cap_s=60.0, jitter=False)
+    #: How long the link waits after the n-th consecutive relay-wide refusal
+    #: (a throttle) that carried no ``retry_after_s``; a hint is honoured,
+    #: capped at ``rate_limited.retry_after_cap_s``. Never charged to a session.
+    relay_throttle: Exponential = Exponential(base_s=10.0, factor=2.0, cap_s=300.0, jitter=False)
+    #: A refusal is charged to a session only on evidence against it (the
+    #: relay accepted another session since its previous attempt). A relay
+    #: that has accepted nothing for this long looks exactly like a queue of
+    #: culprits only, so past it every refusal is charged again: no culprit
+    #: retries forever, and no throttle shorter than this dead-letters a valid
+    #: session. 0 charges every refusal of a session answered on its own.
+    max_relay_refusal_s: float = 6 * 3600.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "backfill_batch_size", "max_in_flight"):
@@ -165,7 +176,12 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 isinstance(value, int) and 1 <= value <= 1_000_000,
                 f"{name} must be an integer from 1 to 1000000, got {value!r}",
             )
-        for name in ("incremental_interval_s", "backfill_interval_s", "max_backoff_s"):
+        for name in (
+            "incremental_interval_s",
+            "backfill_interval_s",
+            "max_backoff_s",
+            "max_relay_refusal_s",
+        ):
             _finite_nonneg(getattr(self, name), name)
         for name in ("ack_timeout_s", "tick_interval_s"):
             value = getattr(self, name)

@@ -52,6 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 #: A policy small enough that every path is reached in a few ticks.
 SMALL_POLICY = Policy(
+    max_relay_refusal_s=0.0,
     batch_size=3,
     incremental_interval_s=10.0,
     backfill_batch_size=2,
@@ -63,8 +64,12 @@ SMALL_POLICY = Policy(
 
 @pytest.fixture
 def policy() -> Policy:
-    """The service's default policy."""
-    return Policy()
+    """The service's default policy, except that a session answered on its own
+    is charged at once (``max_relay_refusal_s=0``), as if the relay had
+    refused everything for longer than the bound: most engine tests pin down
+    what a charge does. What is charged at all is pinned down with the
+    default bound in test_blame.py."""
+    return Policy(max_relay_refusal_s=0.0)
 
 
 @pytest.fixture
@@ -119,14 +124,17 @@ Cycle = Callable[..., list[Batch]]
 @pytest.fixture
 def cycle() -> Cycle:
     """``cycle(engine, now, ack)``: tick at ``now``, then answer every batch
-    with ``ack`` (one ack for all, or a {session: ack} mapping) at ``now``.
+    with ``ack`` (one ack for all, or a {session: ack} mapping; with
+    ``each=True``, ``ack`` for each session) at ``now``.
     Returns the batches that were sent."""
 
-    def run(engine: Engine, now: float, ack: Any = None) -> list[Batch]:
+    def run(engine: Engine, now: float, ack: Any = None, *, each: bool = False) -> list[Batch]:
         batches = engine.tick(now)
         if ack is not None:
             for batch in batches:
-                engine.on_ack(batch.id, ack, now=now)
+                # ``each``: the ack once per session, as a per-session answer.
+                answer = dict.fromkeys(batch.session_ids, ack) if each else ack
+                engine.on_ack(batch.id, answer, now=now)
         return batches
 
     return run
@@ -286,8 +294,13 @@ def filled_store(path: Path, *, sessions: int = 60, rounds: int = 4) -> None:
         t = 100.0
         for r in range(rounds):
             for batch in engine.tick(t):
-                ack = (acks.Ok(), acks.RateLimited(), acks.PayloadTooLarge())[(batch.id + r) % 3]
-                engine.on_ack(batch.id, ack, t)
+                # Per session, with an Ok in most answers: evidence that the
+                # relay accepts others, so the refusals are charged (blame).
+                kinds = (acks.Ok(), acks.RateLimited(), acks.PayloadTooLarge())
+                answer = {
+                    sid: kinds[(i + batch.id + r) % 3] for i, sid in enumerate(batch.session_ids)
+                }
+                engine.on_ack(batch.id, answer, t)
             t += 100.0
 
 

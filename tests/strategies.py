@@ -59,6 +59,7 @@ policies: st.SearchStrategy[Policy] = st.builds(
     ack_timeout=reason_policies(),
     rate_limited=reason_policies(),
     payload_too_large=reason_policies(),
+    max_relay_refusal_s=st.sampled_from([0.0, 20.0, 21600.0]),
 )
 
 #: One step of a random driver: see ``tests/test_differential.py``.
@@ -89,6 +90,10 @@ pair_contexts: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
         "retry": times,
         "now": times,
         "retry_after_s": retry_after,
+        # What the blame guards read: shared by several sessions; evidence
+        # (the relay accepted another since this session's previous attempt).
+        "shared": st.booleans(),
+        "evidence": st.booleans(),
     }
 )
 

@@ -60,6 +60,9 @@ POLICY = Policy(
     ack_timeout=ReasonPolicy(threshold=3, backoff=Fixed(2.0)),
     rate_limited=ReasonPolicy(threshold=5, backoff=Fixed(2.0)),
     payload_too_large=ReasonPolicy(threshold=1, retryable=False),
+    # Short, so that a session refused alone with nothing else left to send
+    # (no evidence either way) is charged within the run.
+    max_relay_refusal_s=20.0,
 )
 
 #: After this (engine clock), the relay accepts kind-5 sessions, and every

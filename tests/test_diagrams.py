@@ -176,7 +176,12 @@ def test_guards_are_labelled_by_policy_field_and_number() -> None:
     assert "rate_limited [rate_limited.threshold reached (5)] / bury" in labels
     assert "timed_out [ack_timeout.threshold reached (3)] / bury" in labels
     assert "rejected [payload_too_large not retryable] / bury" in labels
-    assert "rate_limited [below rate_limited.threshold (5)]" in labels
+    assert (
+        "rate_limited [below rate_limited.threshold (5) and its own and evidence against it]"
+        in labels
+    )
+    assert "rate_limited [shared by the batch]" in labels
+    assert "rate_limited [no evidence against it]" in labels
     assert "exhausted" not in labels
 
 

@@ -16,7 +16,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessionfsm import Engine, Policy, SessionFSMError
+from sessionfsm import Engine, Policy, SessionFSMError, acks
 from sessionfsm.runtime import SESSION_TABLE, ReferenceRuntime
 from tests.strategies import operations, policies
 
@@ -81,3 +81,48 @@ def test_reference_runtime_really_runs_python_statemachine() -> None:
     machines = runtime._machines
     assert len(machines) == 2
     assert all(isinstance(m, StateMachine) for m in machines.values())
+
+
+@given(
+    policy=policies,
+    seed=st.integers(0, 2**16),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("enqueue"), st.sampled_from(["a", "b", "c", "d"]), st.just("incremental")
+            ),
+            st.tuples(st.just("tick"), st.sampled_from([1.0, 12.0, 40.0])),
+            st.tuples(
+                st.just("ack"),
+                st.integers(0, 3),
+                st.sampled_from(
+                    [
+                        acks.AckTimeout(),
+                        acks.RateLimited(),
+                        acks.RateLimited(retry_after_s=3.0),
+                        acks.PayloadTooLarge(),
+                        acks.Ok(),
+                    ]
+                ),
+            ),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_inv11_inv12_inv13_blame_agrees_between_runtimes(
+    policy: Policy, seed: int, ops: list[tuple[Any, ...]]
+) -> None:
+    """Whole-batch failures, splits, throttles and probes: both runtimes agree."""
+    compiled = Engine(policy, rng=random.Random(seed), log=False, runtime="compiled")
+    reference = Engine(policy, rng=random.Random(seed), log=False, runtime="reference")
+    now = 0.0
+    for step, op in enumerate(ops):
+        if op[0] == "tick":
+            now += op[1]
+        got = _apply(compiled, op, now)
+        want = _apply(reference, op, now)
+        assert msgspec.to_builtins(got) == msgspec.to_builtins(want), (step, op)
+        assert compiled.debug_state() == reference.debug_state(), (step, op)
+    compiled.check()
+    reference.check()

@@ -70,13 +70,15 @@ def test_flaw2_inv6_backfill_not_starved_while_incremental_all_backed_off(
     engine: Engine, cycle: Cycle
 ) -> None:
     """With every incremental session backed off, the very next tick sends backfill."""
-    slow = Policy(rate_limited=ReasonPolicy(threshold=5, backoff=Fixed(120.0)))
+    slow = Policy(
+        max_relay_refusal_s=0.0, rate_limited=ReasonPolicy(threshold=5, backoff=Fixed(120.0))
+    )
     engine = Engine(slow, log=False)
     for i in range(3):
         engine.enqueue(f"inc{i}")
     for i in range(50):
         engine.enqueue(f"old{i}", lane=Lane.BACKFILL)
-    (first,) = cycle(engine, 0.0, acks.RateLimited())
+    (first,) = cycle(engine, 0.0, acks.RateLimited(), each=True)
     assert first.lane is Lane.INCREMENTAL
     # The backoff (120 s) is far longer than the incremental interval (30 s):
     # the reviewer's case. Backfill must flow on every tick all the same.
@@ -91,10 +93,12 @@ def test_flaw2_inv6_backfill_not_starved_while_incremental_all_backed_off(
 
 def test_flaw2_inv9_throttle_not_stamped_when_no_batch_formed(cycle: Cycle) -> None:
     """A tick that finds every session backed off does not delay one enqueued after it."""
-    slow = Policy(rate_limited=ReasonPolicy(threshold=5, backoff=Fixed(120.0)))
+    slow = Policy(
+        max_relay_refusal_s=0.0, rate_limited=ReasonPolicy(threshold=5, backoff=Fixed(120.0))
+    )
     engine = Engine(slow, log=False)
     engine.enqueue("s1")
-    cycle(engine, 0.0, acks.RateLimited())  # a real batch: stamped at 0; s1 waits to 120
+    cycle(engine, 0.0, acks.RateLimited(), each=True)  # a real batch: stamped at 0; s1 waits
     assert engine.tick(40.0) == []  # the interval allows, but nothing is ready
     engine.enqueue("s2")
     (batch,) = engine.tick(41.0)  # stamped at 40 it would wait until 70
@@ -170,7 +174,9 @@ def test_inv6_backed_off_session_never_blocks_the_ones_behind_it(
     engine: Engine, cycle: Cycle
 ) -> None:
     """Sessions queued behind a backed-off one are sent while it waits."""
-    engine = Engine(Policy(batch_size=1, incremental_interval_s=0.0), log=False)
+    engine = Engine(
+        Policy(max_relay_refusal_s=0.0, batch_size=1, incremental_interval_s=0.0), log=False
+    )
     for sid in ("head", "a", "b"):
         engine.enqueue(sid)
     cycle(engine, 0.0, acks.RateLimited())  # head backs off for 30 s
@@ -201,7 +207,7 @@ def test_inv7_dead_letter_exactly_at_the_threshold(
 def test_inv7_non_retryable_reason_dead_letters_at_once(engine: Engine, cycle: Cycle) -> None:
     """PayloadTooLarge dead-letters on the first ack."""
     engine.enqueue("big")
-    cycle(engine, 0.0, acks.PayloadTooLarge())
+    cycle(engine, 0.0, acks.PayloadTooLarge(), each=True)
     view = engine.session("big")
     assert (view.state, view.dead_letter_reason, view.dead_lettered_at) == (
         DEAD,
@@ -223,7 +229,7 @@ def test_inv7_reasons_count_separately(engine: Engine, cycle: Cycle) -> None:
 
 def test_inv8_update_made_in_flight_is_never_marked_synced(engine: Engine) -> None:
     """An Ok for a stale payload re-queues the session; the next Ok syncs it."""
-    engine = Engine(Policy(incremental_interval_s=0.0), log=False)
+    engine = Engine(Policy(max_relay_refusal_s=0.0, incremental_interval_s=0.0), log=False)
     engine.enqueue("s1")
     (batch,) = engine.tick(0.0)
     engine.enqueue("s1")  # changed while in flight
@@ -346,7 +352,7 @@ def test_redrive_of_a_live_session_is_refused_with_its_state(engine: Engine) -> 
 
 def test_redrive_all_by_reason_and_limit(engine: Engine, cycle: Cycle) -> None:
     """Bulk redrive picks dead letters oldest first, filtered and paced."""
-    engine = Engine(Policy(incremental_interval_s=0.0), log=False)
+    engine = Engine(Policy(max_relay_refusal_s=0.0, incremental_interval_s=0.0), log=False)
     for sid in ("a", "b", "c"):
         engine.enqueue(sid)
     cycle(engine, 0.0, {"a": acks.PayloadTooLarge(), "b": acks.PayloadTooLarge(), "c": acks.Ok()})
@@ -517,7 +523,7 @@ def test_relay_unavailable_pauses_the_link_with_a_growing_capped_pause(
     engine: Engine, cycle: Cycle
 ) -> None:
     """Each consecutive bounce pauses longer, up to the cap; an answer resets it."""
-    engine = Engine(Policy(incremental_interval_s=0.0), log=False)
+    engine = Engine(Policy(max_relay_refusal_s=0.0, incremental_interval_s=0.0), log=False)
     engine.enqueue("s1")
     pauses = []
     t = 0.0
@@ -633,7 +639,7 @@ def test_one_info_line_per_deferral_then_quiet_after_dead_letter(
 def test_logging_off_emits_nothing(engine: Engine, cycle: Cycle, logs: list[Any]) -> None:
     """Engine(log=False) never calls structlog."""
     engine.enqueue("s1")
-    cycle(engine, 0.0, acks.PayloadTooLarge())
+    cycle(engine, 0.0, acks.PayloadTooLarge(), each=True)
     engine.tick(-5.0)
     assert logs == []
 
@@ -659,10 +665,10 @@ def test_readme_loop_runs_as_written() -> None:
 
 def test_paced_redrive_forgets_a_session_redriven_another_way(engine: Engine, cycle: Cycle) -> None:
     """A session redriven by hand leaves the paced schedule; dying again, it stays dead."""
-    engine = Engine(Policy(incremental_interval_s=0.0), log=False)
+    engine = Engine(Policy(max_relay_refusal_s=0.0, incremental_interval_s=0.0), log=False)
     engine.enqueue("a")
     engine.enqueue("b")
-    cycle(engine, 0.0, acks.PayloadTooLarge())
+    cycle(engine, 0.0, acks.PayloadTooLarge(), each=True)
     assert engine.schedule_redrive(per_tick=1) == 2
     engine.redrive("a", now=1.0)
     assert engine.redrive_backlog == 1  # "b" only

@@ -178,16 +178,16 @@ def test_outage_and_steady_wrongly_dead_letter_nobody(name: str) -> None:
     assert figures.drained
 
 
-def test_the_incident_transport_dead_letters_valid_sessions_in_an_outage() -> None:
-    """An outage answered RateLimited dead-letters valid sessions; RelayUnavailable, none."""
+def test_inv11_the_incident_transport_no_longer_dead_letters_valid_sessions_in_an_outage() -> None:
+    """An outage answered RateLimited for whole batches is a shared failure:
+    split and throttled, it dead-letters no valid session; RelayUnavailable, none."""
     legacy = Simulation(load_scenario("outage-3min-legacy")).run().figures
     honest = Simulation(load_scenario("outage-3min")).run().figures
-    assert legacy.wrongly_dead_lettered > 10
-    assert set(legacy.dead_lettered) == {"RateLimited"}
+    assert legacy.wrongly_dead_lettered == 0
+    assert legacy.isolation_batches > 0  # the whole-batch refusals were split
+    assert legacy.drained
     assert honest.wrongly_dead_lettered == 0
-
-
-# -------------------------------------------------------------- the relay
+    assert honest.isolation_batches == 0
 
 
 def _run(scenario: Scenario, policy: Policy | None = None, **kw: Any) -> Simulation:
@@ -256,13 +256,18 @@ def test_sessions_that_change_in_flight_are_never_synced_stale() -> None:
         assert session.sends > 1
 
 
-def test_lost_answers_are_charged_as_ack_timeouts() -> None:
-    """Lost answers dead-letter valid sessions on AckTimeout after 3 sends: wrongly."""
-    sim = _run(_scenario(relay={"ack_loss": 1.0}))
+def test_inv12_lost_answers_are_charged_only_past_the_refusal_bound() -> None:
+    """A relay that never answers looks like a queue of culprits only: the
+    sessions are split, then charged AckTimeout only once it has accepted
+    nothing for max_relay_refusal_s (the documented limit)."""
+    sim = _run(_scenario(relay={"ack_loss": 1.0}), Policy(max_relay_refusal_s=600.0))
     figures = sim._figures(True, 0.0)
     assert figures.dead_lettered == {"AckTimeout": 3}
-    assert figures.wrongly_dead_lettered == 3
-    assert all(s.sends == 3 and s.answers == {"lost": 3} for s in sim.world.sessions.values())
+    assert figures.isolation_batches > 0
+    for view in sim.engine.dead_letters():
+        assert view.dead_lettered_at is not None
+        assert view.dead_lettered_at >= 600.0
+    assert all(s.sends > 3 and set(s.answers) == {"lost"} for s in sim.world.sessions.values())
 
 
 def test_a_throttle_refuses_everyone_until_it_ends() -> None:
@@ -377,19 +382,19 @@ def test_the_timeline_ends_with_the_final_counts() -> None:
 # ------------------------------------------------------------------- sweep
 
 
-def test_sweep_trades_wrong_dead_letters_for_patience() -> None:
-    """On slow-throttle, 12 x 60 s dead-letters no valid session, 3 x 10 s some; it drains later."""
+def test_sweep_shows_no_wrong_dead_letter_for_any_threshold_or_backoff() -> None:
+    """On slow-throttle, every threshold and backoff dead-letters no valid
+    session; a low threshold still dead-letters the oversized one."""
     rows = sweep(
         load_scenario("slow-throttle"), thresholds=[3, 12], backoffs=["fixed:10", "fixed:60"]
     )
     by = {(r.threshold, r.backoff): r for r in rows}
     assert len(rows) == 4
-    hasty, patient = by[(3, "10 s")], by[(12, "60 s")]
-    assert patient.wrongly_dead_lettered == 0 < hasty.wrongly_dead_lettered
-    assert patient.dead_lettered == 1  # the oversized session, still
-    assert patient.drain_time_s is not None
-    assert hasty.drain_time_s is not None
-    assert patient.drain_time_s > hasty.drain_time_s
+    assert all(r.wrongly_dead_lettered == 0 for r in rows)
+    hasty = by[(3, "10 s")]
+    assert hasty.dead_lettered == 1  # the oversized session
+    assert hasty.drained
+    assert all(r.throttled_batches <= 10 for r in rows)  # one probe per wait, 200 s
 
 
 def test_sweep_rejects_a_bad_threshold() -> None:

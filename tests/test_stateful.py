@@ -59,7 +59,19 @@ class EngineMachine(RuleBasedStateMachine):
         overdue = {
             sid for b in engine.in_flight() if b.deadline <= self.now for sid in b.session_ids
         }
+        link = engine.link
+        waiting = link.state is LinkState.THROTTLED and (
+            link.resume_at is not None and link.resume_at > max(passed, self.now)
+        )
+        overdue_any = bool(overdue)
         batches = engine.tick(passed)
+        # inv13: a throttled link sends nothing before its wait is over (unless
+        # a timeout in this tick re-opened it), and a probing one one probe.
+        if waiting and not overdue_any:
+            assert not batches
+        if engine.link.state is LinkState.PROBING:
+            assert len(batches) <= 1
+            assert all(b.probe for b in batches)
         sent = [sid for b in batches for sid in b.session_ids]
         # inv1: nobody sent twice in one tick, nobody sent who was not waiting
         assert len(sent) == len(set(sent))
@@ -102,13 +114,17 @@ class EngineMachine(RuleBasedStateMachine):
         # Only sessions still awaiting an answer in *this* batch are affected;
         # one answered earlier may since be in flight again in another batch.
         awaiting = set(engine.debug_state()["pending"][batch.id])
+        # inv11: one failure for several sessions at once is nobody's own.
+        shared = (
+            whole and len(awaiting) >= 2 and not isinstance(ack, (acks.Ok, acks.RelayUnavailable))
+        )
         engine.on_ack(batch.id, answer, now=self.now)
         for sid in targets:
             if sid not in awaiting:
                 assert engine.session(sid) == before[sid], "an ignored entry changed a session"
                 continue
             got = answer if isinstance(answer, acks._AckBase) else answer[sid]
-            self._check_ack(before[sid], got, engine.session(sid))
+            self._check_ack(before[sid], got, engine.session(sid), shared)
 
     @rule(sid=session_ids)
     def redrive(self, sid: str) -> None:
@@ -119,8 +135,13 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule()
     def relay_ready(self) -> None:
+        throttled = self.engine.link.state in (LinkState.THROTTLED, LinkState.PROBING)
         self.engine.relay_ready(now=self.now)
-        assert self.engine.link.state is LinkState.UP
+        # The transport being ready says nothing about a relay's throttle.
+        if throttled:
+            assert self.engine.link.state in (LinkState.THROTTLED, LinkState.PROBING)
+        else:
+            assert self.engine.link.state is LinkState.UP
 
     @rule()
     def relay_unavailable(self) -> None:
@@ -135,6 +156,14 @@ class EngineMachine(RuleBasedStateMachine):
         self.engine.check()
         assert {v.id for v in self.engine.sessions()} == self.enqueued
         assert sum(self.engine.sessions_by_state().values()) == len(self.enqueued)
+
+    @invariant()
+    def inv13_a_throttled_link_waits_then_probes_once(self) -> None:
+        link = self.engine.link
+        if link.state is LinkState.THROTTLED:
+            assert link.resume_at is not None
+        probes = [b for b in self.engine.in_flight() if b.probe]
+        assert len(probes) <= 1
 
     @invariant()
     def inv3_dead_letters_hold_no_counters(self) -> None:
@@ -165,7 +194,9 @@ class EngineMachine(RuleBasedStateMachine):
                 waiting = [v.id for v in engine.sessions() if v.state is QUEUED and v.lane is lane]
                 assert not waiting, f"{lane} may send but left {waiting} waiting"
 
-    def _check_ack(self, old: SessionView, ack: acks.Ack, new: SessionView) -> None:
+    def _check_ack(
+        self, old: SessionView, ack: acks.Ack, new: SessionView, shared: bool = False
+    ) -> None:
         policy = self.engine.policy
         if isinstance(ack, acks.Ok):
             # inv2 reset on success; inv8 no lost update
@@ -177,6 +208,13 @@ class EngineMachine(RuleBasedStateMachine):
             # inv4: never charged, never dead-lettered
             assert new.charges == old.charges
             assert new.state is QUEUED
+            return
+        if shared or new.state is QUEUED:
+            # inv11, inv12: not its own failure (shared, or no evidence):
+            # back to the queue untouched.
+            assert new.state is QUEUED
+            assert new.charges == old.charges
+            assert new.retry_at is None
             return
         reason = type(ack).__name__
         rp = policy.reason(reason)

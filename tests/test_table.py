@@ -73,9 +73,17 @@ def _record(state: SessionState, counts: tuple[int, ...], dirty: bool, retry: fl
     )
 
 
-def _fire(runtime_cls: type, rec: Any, event: str, step_args: tuple[Any, ...]) -> Any:
+def _fire(
+    runtime_cls: type,
+    rec: Any,
+    event: str,
+    step_args: tuple[Any, ...],
+    blame: tuple[bool, bool] = (False, True),
+) -> Any:
     policy, now, ack, seed = step_args
+    shared, evidence = blame
     step = Step(policy, random.Random(seed)).load(now, ack)
+    step.blame(shared, 1 if evidence else 0, 0, None)
     return runtime_cls(SESSION_TABLE).fire(rec, event, step)
 
 
@@ -90,8 +98,9 @@ def test_compiled_table_matches_declaration_on_every_pair(
     compiled = _record(state, rec_counts, dirty, retry)
     reference = _record(state, rec_counts, dirty, retry)
     args = (policy, now, ack, 1234)
-    got = _fire(CompiledRuntime, compiled, event, args)
-    want = _fire(ReferenceRuntime, reference, event, args)
+    blame = (ctx["shared"], ctx["evidence"])
+    got = _fire(CompiledRuntime, compiled, event, args, blame)
+    want = _fire(ReferenceRuntime, reference, event, args, blame)
     assert got == want
     assert msgspec.to_builtins(compiled) == msgspec.to_builtins(reference)
     if got is None:
@@ -108,7 +117,8 @@ def test_inv2_to_inv10_hold_on_every_pair(
     ack = _ack_for(event, retry_after_s)
     rec = _record(state, rec_counts, dirty, retry)
     before = msgspec.structs.replace(rec)
-    target = _fire(CompiledRuntime, rec, event, (policy, now, ack, 99))
+    # A failure attributable to this session alone: what a charge does.
+    target = _fire(CompiledRuntime, rec, event, (policy, now, ack, 99), (False, True))
     if target is None:
         return
     # inv10: retry_at exactly in backoff
@@ -152,13 +162,52 @@ def test_inv2_to_inv10_hold_on_every_pair(
         assert now >= before.retry_at
 
 
+CHARGED_EVENTS = [event for ack_type, event in ACK_EVENTS.items() if REASON_INDEX[ack_type] >= 0]
+
+
+@pytest.mark.parametrize("event", CHARGED_EVENTS)
+@given(ctx=pair_contexts)
+def test_inv11_inv12_a_failure_not_its_own_changes_nothing_on_every_pair(
+    event: str, ctx: dict[str, Any]
+) -> None:
+    """A shared failure, or one without evidence, sends the session back untouched."""
+    policy, rec_counts, dirty, retry, now, retry_after_s = _unpack(ctx)
+    ack = _ack_for(event, retry_after_s)
+    shared, evidence = ctx["shared"], ctx["evidence"]
+    for runtime in (CompiledRuntime, ReferenceRuntime):
+        rec = _record(SessionState.IN_FLIGHT, rec_counts, dirty, retry)
+        before = msgspec.structs.replace(rec)
+        # refusing_since None: the relay has not refused for long (the bound aside).
+        target = _fire(runtime, rec, event, (policy, now, ack, 7), (shared, evidence))
+        if shared or not evidence:
+            assert target is SessionState.QUEUED
+            assert rec.counts == before.counts
+            assert rec.retry_at is None
+        else:
+            assert target in (SessionState.BACKOFF, SessionState.DEAD_LETTERED)
+
+
+@given(policy=policies, now=times, since=times)
+def test_inv12_past_the_bound_a_refusal_is_charged_again(
+    policy: Policy, now: float, since: float
+) -> None:
+    """Without evidence, a refusal is charged exactly when the relay has
+    accepted nothing for max_relay_refusal_s."""
+    rec = _record(SessionState.IN_FLIGHT, (0, 0, 0), False, 0.0)
+    step = Step(policy, random.Random(1)).load(now, acks.AckTimeout())
+    step.blame(False, 0, 0, since)
+    target = CompiledRuntime(SESSION_TABLE).fire(rec, "timed_out", step)
+    past = now - since >= policy.max_relay_refusal_s
+    assert (target is not SessionState.QUEUED) == past
+
+
 @pytest.mark.parametrize(("state", "event"), LINK_PAIRS, ids=[f"{s}-{e}" for s, e in LINK_PAIRS])
 @given(policy=policies, failures=st.integers(0, 6), resume=times, now=times)
 def test_link_table_matches_declaration_on_every_pair(
     state: LinkState, event: str, policy: Policy, failures: int, resume: float, now: float
 ) -> None:
     """The compiled link table and python-statemachine agree on every pair."""
-    resume_at = resume if state is LinkState.PAUSED else None
+    resume_at = resume if state in (LinkState.PAUSED, LinkState.THROTTLED) else None
     compiled = LinkRecord(state=state, failures=failures, resume_at=resume_at)
     reference = LinkRecord(state=state, failures=failures, resume_at=resume_at)
     step_c = Step(policy, random.Random(5)).load(now)
@@ -167,9 +216,13 @@ def test_link_table_matches_declaration_on_every_pair(
     want = ReferenceRuntime(LINK_TABLE).fire(reference, event, step_r)
     assert got == want
     assert compiled == reference
-    if got is LinkState.PAUSED:
+    if got is LinkState.PAUSED or (got is LinkState.THROTTLED and event == "refused"):
         assert compiled.resume_at is not None
         assert compiled.resume_at >= now
+    if event == "refused":  # inv13: a throttle always has an end, within the policy's caps
+        assert got is LinkState.THROTTLED
+        assert compiled.resume_at is not None
+        assert compiled.resume_at <= now + policy.max_backoff_s
 
 
 def test_every_state_is_declared_and_every_ack_has_an_event() -> None:
@@ -211,6 +264,11 @@ def test_compiler_refuses_callbacks_it_cannot_run() -> None:
 def test_compiled_rows_keep_declaration_order() -> None:
     """Guarded rows come before their fallback, as python-statemachine tries them."""
     rows = SESSION_TABLE.index[(SessionState.IN_FLIGHT, "rate_limited")]
-    assert [row.target for row in rows] == [SessionState.DEAD_LETTERED, SessionState.BACKOFF]
-    assert rows[0].guard_label == "exhausted"
+    assert [row.target for row in rows] == [
+        SessionState.QUEUED,
+        SessionState.QUEUED,
+        SessionState.DEAD_LETTERED,
+        SessionState.BACKOFF,
+    ]
+    assert [row.guard_label for row in rows] == ["shared", "not attributable", "exhausted", ""]
     assert SESSION_TABLE.machine is SessionMachine

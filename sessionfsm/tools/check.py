@@ -129,7 +129,18 @@ CHECK_POLICY: Final = Policy(
     rate_limited=ReasonPolicy(threshold=2, backoff=Fixed(2.0)),
     payload_too_large=ReasonPolicy(threshold=1, retryable=False),
     relay_pause=Exponential(base_s=1.0, factor=1.0, cap_s=1.0, jitter=False),
+    relay_throttle=Exponential(base_s=1.0, factor=1.0, cap_s=1.0, jitter=False),
+    max_relay_refusal_s=3.0,
 )
+
+#: The relay model's extra answer: a whole-request 429 with Retry-After.
+_HINTED: Final = "RateLimited+retry_after"
+_RELAY_ACKS: Final[dict[str, acks.Ack]] = {
+    **ACK_KINDS,
+    _HINTED: acks.RateLimited(retry_after_s=2.0),
+}
+#: How the relay model may answer a batch.
+RELAY_STYLES: Final = ("per-session", "per-request", "per-request-hint")
 
 #: Every property checked, by the name used in reports.
 INVARIANTS: Final[dict[str, str]] = {
@@ -143,6 +154,18 @@ INVARIANTS: Final[dict[str, str]] = {
     "inv8_no_lost_update": "a session changed in flight is never marked synced by that ack",
     "inv9_stamp_only_with_batch": "a lane's throttle stamp moves only when it forms a batch",
     "inv10_retry_at_and_counts": "retry_at iff backoff; a count grows by one per ack of it",
+    "inv11_shared_failure_not_charged": "a failure answered for several sessions at once "
+    "changes none of their counters",
+    "inv12_charged_only_on_evidence": "a count grows only on a failure attributable to "
+    "the session (the relay accepted another since its previous attempt, or the bound)",
+    "inv13_one_probe_per_wait": "a throttled link sends nothing before its wait is "
+    "over, then one probe until it is answered",
+    "blame_good_never_dead": "(relay model) a good session is dead-lettered only if the "
+    "relay accepted nothing for max_relay_refusal_s since its last Ok",
+    "live_bad_dies": "(relay model) every bad session can still be dead-lettered by time "
+    "and the relay's answers alone, even when only bad sessions are left",
+    "live_good_syncs": "(relay model) once the throttle is off, every good session not "
+    "dead-lettered can still be synced by time and the relay's answers alone",
     "paced_redrive_as_scheduled": "a paced redrive revives only dead letters scheduled "
     "while dead and dead ever since, at most per_tick a tick",
     "no_crash": "no action on a valid engine raises",
@@ -151,6 +174,10 @@ INVARIANTS: Final[dict[str, str]] = {
 }
 
 _BY_NUMBER: Final = {name.split("_", 1)[0]: name for name in INVARIANTS}
+_NOT_FAILURES: Final = frozenset({"Ok", "RelayUnavailable"})
+# The relay model's actions that neither add a session nor start a throttle.
+_RELAY_ONLY: Final = frozenset({"blame_good_never_dead", "live_bad_dies", "live_good_syncs"})
+_UNFORCED: Final = frozenset({"tick", "advance", "answer", "throttle_off"})
 
 _QUEUED: Final = SessionState.QUEUED
 _IN_FLIGHT: Final = SessionState.IN_FLIGHT
@@ -192,6 +219,7 @@ class CheckResult:
     policy: Policy
     free_clock: bool = False
     paced_redrive: bool = False
+    relay: bool = False
     states: int = 0
     transitions: int = 0
     #: Property evaluations: one per transition, per new state, and per
@@ -217,6 +245,7 @@ class CheckResult:
             "checks": self.checks,
             "free_clock": self.free_clock,
             "paced_redrive": self.paced_redrive,
+            "relay": self.relay,
             "complete": self.complete,
             "max_depth": self.max_depth,
             "seconds": round(self.seconds, 3),
@@ -264,6 +293,8 @@ _COPIED: Final = frozenset(
         "_link",
         "_redrive",
         "_placed",
+        "_marks",
+        "_cuts",
     }
 )
 # What an engine shares with every copy of it, left out of a frozen one.
@@ -293,6 +324,9 @@ _SHARED: Final = frozenset(_CONSTANT) | frozenset(
         "_link_losses",
         "_redrive_per_tick",
         "_redrive_last",
+        "_accepted",
+        "_refusing_since",
+        "_probe",
     }
 )
 _IMMUTABLE: Final = (int, float, str, type(None), tuple, frozenset)
@@ -329,6 +363,9 @@ def clone_engine(engine: Engine) -> Engine:
     state["_link"] = old["_link"].__copy__()
     if "_redrive" in old:
         state["_redrive"] = old["_redrive"].copy()
+    if "_marks" in old:
+        state["_marks"] = old["_marks"].copy()
+        state["_cuts"] = {lane: deque(c) for lane, c in old["_cuts"].items()}
     for name in old.keys() - _COPIED - _SHARED - {"_listening"}:
         value = old[name]
         if not isinstance(value, _IMMUTABLE):
@@ -391,12 +428,16 @@ def _without_jitter(policy: Policy) -> Policy:
         return msgspec.structs.replace(rp, backoff=fixed(rp.backoff))
 
     pause = policy.relay_pause
+    throttle = policy.relay_throttle
     return msgspec.structs.replace(
         policy,
         ack_timeout=reason(policy.ack_timeout),
         rate_limited=reason(policy.rate_limited),
         payload_too_large=reason(policy.payload_too_large),
         relay_pause=msgspec.structs.replace(pause, jitter=False) if pause.jitter else pause,
+        relay_throttle=(
+            msgspec.structs.replace(throttle, jitter=False) if throttle.jitter else throttle
+        ),
     )
 
 
@@ -424,6 +465,21 @@ class _Shadow:
     changed: frozenset[str] = frozenset()
     lost: frozenset[int] = frozenset()
     scheduled: frozenset[str] = frozenset()
+    #: Blame, as the checker sees it. ``marked``: sessions whose previous
+    #: attempt failed (since their last Ok); ``witnessed``: sessions for which
+    #: the relay accepted another session since their mark (or, unmarked,
+    #: since they were sent); ``refusing_since``: since when the relay has
+    #: accepted nothing.
+    marked: frozenset[str] = frozenset()
+    witnessed: frozenset[str] = frozenset()
+    refusing_since: float | None = None
+    #: The relay model: bad sessions, and whether a relay-wide throttle is on.
+    bad: frozenset[str] = frozenset()
+    throttling: bool = False
+    #: Sessions that were waiting while the relay accepted nothing for
+    #: ``max_relay_refusal_s``, since their last Ok: past the bound, refusals
+    #: are charged again, by design.
+    exposed: frozenset[str] = frozenset()
 
 
 class _Model:
@@ -437,7 +493,9 @@ class _Model:
         *,
         free_clock: bool,
         paced_redrive: bool = False,
+        relay: bool = False,
     ) -> None:
+        self.relay = relay
         self.policy = policy
         self.ids = tuple(f"s{i}" for i in range(sessions))
         self.factory = factory
@@ -445,7 +503,10 @@ class _Model:
         self.paced_redrive = paced_redrive
         self.tick_s = policy.tick_interval_s
         self.intervals = (policy.incremental_interval_s, policy.backfill_interval_s)
-        self.failures_cap = _failures_that_matter(policy.relay_pause)
+        self.failures_cap = max(
+            _failures_that_matter(policy.relay_pause),
+            _failures_that_matter(policy.relay_throttle),
+        )
         self.rng = random.Random(0)
         self._intern: dict[Hashable, int] = {}
         self._actions: dict[Action, Action] = {}
@@ -462,8 +523,10 @@ class _Model:
 
     # ------------------------------------------------------------- actions
 
-    def actions(self, engine: Engine) -> list[Action]:
+    def actions(self, engine: Engine, shadow: _Shadow | None = None) -> list[Action]:
         """Every action enabled in this state, each tuple shared across states."""
+        if self.relay:
+            return self._relay_actions(engine, shadow or _Shadow())
         out = list(self._always)
         action = self._action
         for ob in engine._batches.values():
@@ -479,6 +542,46 @@ class _Model:
         if self.paced_redrive and engine._dead.keys() - engine._redrive.keys():
             out.append(("schedule_redrive",))
         return out
+
+    def _relay_actions(self, engine: Engine, shadow: _Shadow) -> list[Action]:
+        """The relay model: sessions arrive good or bad, the environment turns
+        a relay-wide throttle on and off, and the relay answers each batch as
+        it would, per session or per request, with or without Retry-After."""
+        action = self._action
+        out: list[Action] = [("tick",)]
+        # A relay answers a batch of good sessions while it is not throttling:
+        # only a batch with a bad session in it (a slow upload, say) or a
+        # throttle may go unanswered until the engine's deadline.
+        soon = self.now(1) + engine.now
+        if not any(
+            ob.batch.deadline <= soon
+            and not shadow.throttling
+            and not any(sid in shadow.bad for sid in ob.pending)
+            for ob in engine._batches.values()
+        ):
+            out.append(("advance",))
+        for sid in self.ids:
+            if sid not in engine._sessions:
+                for lane in _LANES:
+                    for nature in ("good", "bad"):
+                        out.append(action("enqueue", sid, lane.value, nature))
+        out.append(("throttle_off",) if shadow.throttling else ("throttle_on",))
+        for ob in engine._batches.values():
+            ids = tuple(ob.pending)
+            for style in RELAY_STYLES:
+                out.append(action("answer", ob.batch.id, style, self._answer(ids, style, shadow)))
+        return out
+
+    def _answer(self, ids: tuple[str, ...], style: str, shadow: _Shadow) -> Any:
+        """What the relay model answers: one kind name, or (session, kind) pairs."""
+        if style == "per-session":
+            refuse = shadow.throttling
+            return tuple(
+                (sid, "RateLimited" if refuse or sid in shadow.bad else "Ok") for sid in ids
+            )
+        if shadow.throttling:
+            return _HINTED if style == "per-request-hint" else "RateLimited"
+        return "RateLimited" if any(sid in shadow.bad for sid in ids) else "Ok"
 
     def _action(self, *action: Any) -> Action:
         # A million states each remember the action that found them: share it.
@@ -499,6 +602,14 @@ class _Model:
             return n, engine.tick(now)
         if kind == "enqueue":
             engine.enqueue(action[1], action[2], now=now)
+        elif kind == "answer":
+            answer = action[3]
+            if isinstance(answer, str):
+                engine.on_ack(action[1], _RELAY_ACKS[answer], now)
+            else:
+                engine.on_ack(action[1], {sid: _RELAY_ACKS[k] for sid, k in answer}, now)
+        elif kind == "throttle_on" or kind == "throttle_off":
+            pass  # the relay's own state: the shadow keeps it
         elif kind == "ack":
             engine.on_ack(action[1], ACK_KINDS[action[2]], now)
         elif kind == "ack_session":
@@ -516,6 +627,13 @@ class _Model:
         return n, None
 
     # ------------------------------------------------------------- the key
+
+    @staticmethod
+    def _since(since: float | None, now: float, bound: float) -> float | None:
+        # A refusal streak at or past the bound is past it for good.
+        if since is None:
+            return None
+        return round(min(now - since, bound), _DIGITS)
 
     def _stamp(self, stamp: float | None, lane: int, now: float) -> float | None:
         # A stamp older than the lane's interval no longer throttles anything.
@@ -545,7 +663,22 @@ class _Model:
             retry = rec.retry_at
             if retry is not None:
                 retry = round(retry - now, _DIGITS) if retry > now else 0.0
-            parts.append((rec.state, rec.lane, rec.counts, retry, rec.dirty, sid in changed))
+            mark = engine._marks.get(sid)
+            parts.append(
+                (
+                    rec.state,
+                    rec.lane,
+                    rec.counts,
+                    retry,
+                    rec.dirty,
+                    sid in changed,
+                    None if mark is None else mark < engine._accepted,
+                    sid in shadow.marked,
+                    sid in shadow.witnessed,
+                    sid in shadow.bad,
+                    sid in shadow.exposed,
+                )
+            )
         for lane in _LANES:
             parts.append(
                 tuple(
@@ -576,8 +709,19 @@ class _Model:
                     tuple(ob.pending),
                     ob.losses != losses,
                     bid in lost,
+                    ob.accepted < engine._accepted,
+                    bid == engine._probe,
                 )
                 for bid, ob in engine._batches.items()
+            )
+        )
+        bound = self.policy.max_relay_refusal_s
+        parts.append(
+            (
+                tuple(tuple(engine._cuts[lane]) for lane in _LANES),
+                self._since(engine._refusing_since, now, bound),
+                self._since(shadow.refusing_since, now, bound),
+                shadow.throttling,
             )
         )
         stamp = self._stamp
@@ -655,7 +799,129 @@ class _Model:
         if action[0] == "schedule_redrive":
             scheduled.update(before._dead)
         scheduled = {sid for sid in scheduled if sessions[sid].state is _DEAD}
-        return _Shadow((stamps[0], stamps[1]), frozenset(changed), lost, frozenset(scheduled))
+        # Blame: who got Ok, who failed, in this action.
+        marked, witnessed = set(shadow.marked), set(shadow.witnessed)
+        since = shadow.refusing_since
+        received = self.received(action, before, batches, shadow, now)
+        oks = [sid for sid, got in received.items() if got == "Ok"]
+        failed = [sid for sid, got in received.items() if got not in ("Ok", "RelayUnavailable")]
+        if oks:
+            witnessed = set(self.ids)
+            marked.difference_update(oks)
+            since = None
+        elif failed and since is None:
+            since = now
+        for sid in failed:
+            if sessions[sid].state is _DEAD:
+                marked.discard(sid)
+            else:
+                marked.add(sid)
+            witnessed.discard(sid)
+        for batch in batches or ():
+            for sid in batch.session_ids:
+                if sid not in marked:
+                    witnessed.discard(sid)
+        exposed = set(shadow.exposed).difference(oks)
+        if self.relay and since is not None and now - since >= self.policy.max_relay_refusal_s:
+            exposed.update(
+                sid
+                for sid, rec in before._sessions.items()
+                if rec.state is not _SYNCED and rec.state is not _DEAD
+            )
+        # Only sessions with a mark, or in flight, can be judged: drop the rest.
+        relevant = marked | {sid for sid, rec in sessions.items() if rec.state is _IN_FLIGHT}
+        bad = shadow.bad
+        if action[0] == "enqueue" and len(action) > 3 and action[3] == "bad":
+            bad = bad | {action[1]}
+        throttling = shadow.throttling
+        if action[0] == "throttle_on":
+            throttling = True
+        elif action[0] == "throttle_off":
+            throttling = False
+        return _Shadow(
+            (stamps[0], stamps[1]),
+            frozenset(changed),
+            lost,
+            frozenset(scheduled),
+            frozenset(marked),
+            frozenset(witnessed & relevant),
+            since,
+            bad,
+            throttling,
+            frozenset(exposed),
+        )
+
+    def received(
+        self,
+        action: Action,
+        before: Engine,
+        batches: list[Batch] | None,
+        shadow: _Shadow,
+        now: float,
+    ) -> dict[str, str]:
+        """What each session was answered in this action, by ack kind name."""
+        kind = action[0]
+        if kind == "ack":
+            answered: str = action[2]
+            return dict.fromkeys(before._batches[action[1]].pending, answered)
+        if kind == "ack_session":
+            return {action[2]: action[3]}
+        if kind == "answer":
+            answer = action[3]
+            if isinstance(answer, str):
+                return dict.fromkeys(before._batches[action[1]].pending, answer)
+            return dict(answer)
+        received: dict[str, str] = {}
+        if batches is not None:
+            # The engine times out overdue batches: charged, unless the link
+            # was lost after the batch left (the outage ate its ack).
+            for bid, ob in before._batches.items():
+                if ob.batch.deadline <= now:
+                    why = "RelayUnavailable" if bid in shadow.lost else "AckTimeout"
+                    received.update(dict.fromkeys(ob.pending, why))
+        return received
+
+    def spared(
+        self, action: Action, before: Engine, received: dict[str, str], shadow: _Shadow, now: float
+    ) -> dict[str, str]:
+        """Failed sessions that must not be charged, and the invariant that says so.
+
+        The checker's own reading of the blame rule, from what it saw: a
+        failure answered for several sessions at once is shared (invariant
+        11); otherwise a session is charged only if the relay accepted
+        another since its previous attempt, in this answer included, or
+        accepted nothing for ``max_relay_refusal_s`` (invariant 12).
+        """
+        failed = {sid: got for sid, got in received.items() if got not in _NOT_FAILURES}
+        if not failed:
+            return {}
+        oks = any(got == "Ok" for got in received.values())
+        since = None if oks or shadow.refusing_since is None else shadow.refusing_since
+        past = now - (now if since is None else since) >= self.policy.max_relay_refusal_s
+        out: dict[str, str] = {}
+        groups: list[dict[str, str]] = []
+        kind = action[0]
+        whole = kind == "ack" or (kind == "answer" and isinstance(action[3], str))
+        if kind == "tick" or kind == "advance":
+            # Each overdue batch is judged on its own, as one whole answer.
+            for ob in before._batches.values():
+                group = {sid: failed[sid] for sid in ob.pending if sid in failed}
+                if group:
+                    groups.append(group)
+            whole = True
+        else:
+            groups.append(failed)
+        for group in groups:
+            several = len(group) >= 2
+            kinds = set(group.values())
+            alike = len(kinds) == 1 and len(group) == len(received)
+            shared = several and (whole or (alike and not past and not oks))
+            for sid in group:
+                if shared:
+                    out[sid] = "inv11_shared_failure_not_charged"
+                elif not past and not oks and sid not in shadow.witnessed:
+                    out[sid] = "inv12_charged_only_on_evidence"
+        return out
 
     def check_state(self, engine: Engine, shadow: _Shadow) -> list[tuple[str, str]]:
         """Invariants that hold in every state, whatever led to it."""
@@ -711,6 +977,8 @@ class _Model:
         link = engine._link
         if link.state is LinkState.PAUSED and link.resume_at is None:
             found.append(("inv6_no_starvation", "link paused with no resume time"))
+        if link.state is LinkState.THROTTLED and link.resume_at is None:
+            found.append(("inv13_one_probe_per_wait", "link throttled with no end to its wait"))
         return found
 
     def check_step(
@@ -734,20 +1002,10 @@ class _Model:
         new = after._sessions
         ticked = batches is not None
 
-        # What each session was answered in this action, if anything.
-        received: dict[str, str] = {}
-        if kind == "ack":
-            answer: str = action[2]
-            received = dict.fromkeys(before._batches[action[1]].pending, answer)
-        elif kind == "ack_session":
-            received = {action[2]: action[3]}
-        elif ticked:
-            # The engine times out overdue batches: charged, unless the link
-            # was lost after the batch left (the outage ate its ack).
-            for bid, ob in before._batches.items():
-                if ob.batch.deadline <= now:
-                    why = "RelayUnavailable" if bid in shadow.lost else "AckTimeout"
-                    received.update(dict.fromkeys(ob.pending, why))
+        # What each session was answered in this action, if anything, and
+        # which of the failures must not be charged.
+        received = self.received(action, before, batches, shadow, now)
+        spared = self.spared(action, before, received, shadow, now)
         sent = {sid for batch in batches or () for sid in batch.session_ids}
         # Dead letters the paced redrive revived in this tick: those whose
         # schedule entry the tick used up, dead before it or dead-lettered by it.
@@ -792,14 +1050,30 @@ class _Model:
                     shadow,
                     now,
                     sid in revived,
+                    spared.get(sid),
                 )
             )
+        if self.relay:
+            for sid, pre in old.items():
+                post = new[sid]
+                if (
+                    sid not in shadow_after.bad and post.state is _DEAD and pre.state is not _DEAD
+                ) and sid not in shadow_after.exposed:
+                    found.append(
+                        (
+                            "blame_good_never_dead",
+                            f"good session {sid!r} dead-lettered at {now:g} by {kind}, "
+                            "though the relay never refused everything for "
+                            f"{self.policy.max_relay_refusal_s:g} s since its last Ok",
+                        )
+                    )
         for sid in new.keys() - old.keys():
             if not (kind == "enqueue" and action[1] == sid):
                 found.append(("inv1_one_place", f"{sid!r} appeared without an enqueue"))
         if ticked:
             assert batches is not None
             found.extend(self._check_tick(after, batches, shadow_after, now))
+            found.extend(self._check_probe(before, after, batches, now))
         for i, lane in enumerate(_LANES):
             if after._stamps[lane] != shadow_after.stamps[i]:
                 found.append(
@@ -811,18 +1085,41 @@ class _Model:
                 )
         return found
 
+    def _check_probe(
+        self, before: Engine, after: Engine, batches: list[Batch], now: float
+    ) -> list[tuple[str, str]]:
+        """Invariant 13: a throttled link waits, then sends one probe at a time."""
+        state = after._link.state
+        if state is LinkState.UP or state is LinkState.PAUSED:
+            return []  # a charge or an Ok re-opened the link in this tick
+        allowed = 1 if state is LinkState.PROBING else 0
+        probes = sum(ob.batch.probe for ob in after._batches.values())
+        if len(batches) > allowed or any(not b.probe for b in batches) or probes > 1:
+            return [
+                (
+                    "inv13_one_probe_per_wait",
+                    f"a tick at {now:g} left the link {state} (it was "
+                    f"{before._link.state}, resume_at {before._link.resume_at}) and sent "
+                    f"{len(batches)} batch(es), {sum(b.probe for b in batches)} marked probe, "
+                    f"with {probes} probe(s) out; at most {allowed} allowed",
+                )
+            ]
+        return []
+
     def _exhausts(self, pre: SessionRecord, got: str) -> bool:
         """Whether an ack of kind ``got`` dead-letters a session like ``pre``."""
         if got not in CHARGED_REASONS:
-            return False
+            if got != _HINTED:
+                return False
+            got = "RateLimited"
         rp = self.policy.reason(got)
         count = pre.counts[CHARGED_REASONS.index(got)] + 1
         return not rp.retryable or count >= rp.threshold
 
-    def _delay(self, reason: str, count: int) -> float:
+    def _delay(self, reason: str, count: int, hint: float | None = None) -> float:
         """The backoff the policy prescribes for the count-th ``reason``."""
         rp = self.policy.reason(reason)
-        return min(rp.delay(count, None, self.rng), self.policy.max_backoff_s)
+        return min(rp.delay(count, hint, self.rng), self.policy.max_backoff_s)
 
     def _check_session(
         self,
@@ -836,11 +1133,13 @@ class _Model:
         shadow: _Shadow,
         now: float,
         revived: bool,
+        spared: str | None = None,
     ) -> list[tuple[str, str]]:
         """One session across one action. ``got``: the ack it was answered
         with (None: none); ``sent``: it went out in a batch of this tick;
         ``revived``: the tick's paced redrive brought it back from dead
-        (checked on its own, in ``check_step``)."""
+        (checked on its own, in ``check_step``); ``spared``: its failure must
+        not be charged, by the invariant named."""
         found: list[tuple[str, str]] = []
         due = pre.state is _BACKOFF and pre.retry_at is not None and pre.retry_at <= now
         if got is not None and pre.state is not _IN_FLIGHT:
@@ -880,8 +1179,23 @@ class _Model:
                     ("inv4_transport_not_charged", f"{sid!r} RelayUnavailable left it {post.state}")
                 )
             return found
+        if got is not None and spared is not None:
+            if post.counts != pre.counts or not (
+                post.state is _QUEUED or (sent and post.state is _IN_FLIGHT)
+            ):
+                found.append(
+                    (
+                        spared,
+                        f"{sid!r} {got} (not its own failure) took counts "
+                        f"{_counts(pre.counts)} -> {_counts(post.counts)} and left it "
+                        f"{post.state}",
+                    )
+                )
+            return found
         if got is not None:
-            i = REASON_INDEX[type(ACK_KINDS[got])]
+            ack = _RELAY_ACKS[got]
+            got = type(ack).__name__
+            i = REASON_INDEX[type(ack)]
             rp = self.policy.reason(got)
             count = pre.counts[i] + 1
             limit = rp.threshold if rp.retryable else 1
@@ -914,7 +1228,8 @@ class _Model:
                         f"{_counts(post.counts)}, expected {_counts(want)}",
                     )
                 )
-            retry_at = now + self._delay(got, count)
+            hint = ack.retry_after_s if isinstance(ack, acks.RateLimited) else None
+            retry_at = now + self._delay(got, count, hint)
             if sent or post.state is _QUEUED:
                 # Released (and maybe sent) in this same tick: only a zero
                 # backoff allows that.
@@ -994,13 +1309,15 @@ class _Model:
                 if new[sid].lane is not batch.lane:
                     found.append(("inv1_one_place", f"{sid!r} of {new[sid].lane} in {batch.lane}"))
         link = after._link
-        if link.state is LinkState.PAUSED:
-            if link.resume_at is not None and link.resume_at <= now:
+        if link.state is not LinkState.UP:
+            if (link.state is LinkState.PAUSED or link.state is LinkState.THROTTLED) and (
+                link.resume_at is not None and link.resume_at <= now
+            ):
                 found.append(
                     (
                         "inv6_no_starvation",
-                        f"link still paused after a tick at {now:g}, past its resume_at "
-                        f"{link.resume_at:g}",
+                        f"link still {link.state} after a tick at {now:g}, past its "
+                        f"resume_at {link.resume_at:g}",
                     )
                 )
             return found
@@ -1054,15 +1371,34 @@ class _Graph:
         self.succ: list[tuple[int, ...]] = []
         #: Successors by the clock alone (``tick``, ``advance``).
         self.timed: list[tuple[int, ...]] = []
+        #: The relay model: successors by the clock, the relay's answers and
+        #: the throttle stopping (no new session, no new throttle).
+        self.unforced: list[tuple[int, ...]] = []
+        #: Bit i: session i is bad and not dead-lettered yet.
+        self.bad_alive = array("L")
+        #: Bit i: session i is good and neither synced nor dead-lettered.
+        self.good_pending = array("L")
+        #: Bit i: session i is good and synced.
+        self.good_synced = array("L")
+        #: The relay model's throttle is on.
+        self.throttling = bytearray()
 
     def __len__(self) -> int:
         return len(self.parent)
 
     def add(
-        self, parent: int, via: Action | None, depth: int, engine: Engine, ids: Sequence[str]
+        self,
+        parent: int,
+        via: Action | None,
+        depth: int,
+        engine: Engine,
+        ids: Sequence[str],
+        shadow: _Shadow | None = None,
     ) -> int:
         restless = 0
         waiting = 0
+        bad_alive = good_pending = good_synced = 0
+        bad = shadow.bad if shadow is not None else frozenset()
         sessions = engine._sessions
         for i, sid in enumerate(ids):
             rec = sessions.get(sid)
@@ -1072,6 +1408,18 @@ class _Graph:
                 restless |= 1 << i
             if rec.state is _QUEUED:
                 waiting |= 1 << _LANES.index(rec.lane)
+            if sid in bad:
+                if rec.state is not _DEAD:
+                    bad_alive |= 1 << i
+            elif rec.state is _SYNCED:
+                good_synced |= 1 << i
+            elif rec.state is not _DEAD:
+                good_pending |= 1 << i
+        self.bad_alive.append(bad_alive)
+        self.good_pending.append(good_pending)
+        self.good_synced.append(good_synced)
+        self.throttling.append(1 if shadow is not None and shadow.throttling else 0)
+        self.unforced.append(())
         self.parent.append(parent)
         self.via.append(via)
         self.depth.append(depth)
@@ -1101,6 +1449,7 @@ def explore(
     engine_factory: EngineFactory | None = None,
     free_clock: bool = False,
     paced_redrive: bool = False,
+    relay: bool = False,
     stop_at_first: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> CheckResult:
@@ -1115,6 +1464,11 @@ def explore(
     ``paced_redrive`` adds ``schedule_redrive(per_tick=1)`` to the actions,
     offered while the engine's redrive queue holds fewer than two entries per
     session (it multiplies the states, so it is opt-in).
+    ``relay`` replaces the free choice of acks by the relay model: each
+    session arrives good or bad, the environment starts and stops a
+    relay-wide throttle, and the relay answers each batch per session or per
+    request (with or without Retry-After); it adds the ``blame_*`` and
+    ``live_*`` properties of that model.
     ``stop_at_first`` returns at the first violation, with its shortest trace.
     ``progress(depth, states, transitions)`` is called after each level.
     Jitter in the policy is replaced by its upper bound.
@@ -1131,6 +1485,7 @@ def explore(
         engine_factory or _default_factory,
         free_clock=free_clock,
         paced_redrive=paced_redrive,
+        relay=relay,
     )
     result = CheckResult(
         sessions=sessions,
@@ -1138,6 +1493,8 @@ def explore(
         policy=policy,
         free_clock=free_clock,
         paced_redrive=paced_redrive,
+        relay=relay,
+        invariants=tuple(n for n in INVARIANTS if relay or n not in _RELAY_ONLY),
     )
     graph = _Graph()
     found: dict[str, Violation] = {}
@@ -1155,7 +1512,7 @@ def explore(
     root = model.factory(policy)
     shadow0 = _Shadow()
     visited: dict[Hashable, int] = {model.key(root, 0, shadow0): 0}
-    graph.add(0, None, 0, root, model.ids)
+    graph.add(0, None, 0, root, model.ids, shadow0)
     result.checks += 1
     frontier: list[tuple[int, _Frozen | Engine, int, _Shadow] | None] = []
     base: dict[str, Any] = {n: root.__dict__[n] for n in _CONSTANT if n in root.__dict__}
@@ -1177,7 +1534,8 @@ def explore(
             engine = _thaw(frozen)
             succ: set[int] = set()
             timed: set[int] = set()
-            for action in model.actions(engine):
+            unforced: set[int] = set()
+            for action in model.actions(engine, shadow):
                 result.transitions += 1
                 touches = action[0] != "advance" or not model.free_clock
                 child = clone_engine(engine) if touches else engine
@@ -1199,7 +1557,7 @@ def explore(
                 key = model.key(child, n2, shadow2)
                 target = visited.get(key)
                 if target is None:
-                    target = graph.add(node, action, level + 1, child, model.ids)
+                    target = graph.add(node, action, level + 1, child, model.ids, shadow2)
                     visited[key] = target
                     result.checks += 1
                     broken = report(target, None, model.check_state(child, shadow2)) or broken
@@ -1211,12 +1569,15 @@ def explore(
                     succ.add(target)
                     if action[0] == "tick" or action[0] == "advance":
                         timed.add(target)
+                    if action[0] in _UNFORCED:
+                        unforced.add(target)
                 if stop_at_first and found:
                     stopped = True
                     break
             graph.expanded[node] = not stopped
             graph.succ[node] = tuple(succ)
             graph.timed[node] = tuple(timed)
+            graph.unforced[node] = tuple(unforced)
             if stopped:
                 break
         frontier = next_frontier
@@ -1287,7 +1648,9 @@ def _liveness(graph: _Graph, model: _Model) -> list[tuple[str, str, int]]:
                 )
             )
     del preds
-    timed_preds = _predecessors(graph.timed)
+    # In the relay model the relay must answer a batch of good sessions
+    # before its deadline, so time alone may not be enough: its answers count.
+    timed_preds = _predecessors(graph.unforced if model.relay else graph.timed)
     for i, lane in enumerate(_LANES):
         bit = 1 << i
         goal = [n for n in range(size) if graph.served[n] & bit]
@@ -1299,6 +1662,50 @@ def _liveness(graph: _Graph, model: _Model) -> list[tuple[str, str, int]]:
                     "live_lane_served",
                     f"from here {lane} has a queued session, but no run of ticks and "
                     "clock advances ever forms a batch in it",
+                    bad,
+                )
+            )
+    if model.relay:
+        out.extend(_relay_liveness(graph, model, unknown))
+    return out
+
+
+def _relay_liveness(graph: _Graph, model: _Model, unknown: list[int]) -> list[tuple[str, str, int]]:
+    """The relay model's liveness, over the clock, the relay's answers and the
+    throttle stopping alone: bad sessions can still die, good ones still sync."""
+    size = len(graph)
+    out: list[tuple[str, str, int]] = []
+    preds = _predecessors(graph.unforced)
+    for i, sid in enumerate(model.ids):
+        bit = 1 << i
+        goal = [n for n in range(size) if graph.bad_alive[n] & bit == 0]
+        can = _reach(preds, goal + unknown)
+        bad = next((n for n in range(size) if graph.bad_alive[n] & bit and not can[n]), None)
+        if bad is not None:
+            out.append(
+                (
+                    "live_bad_dies",
+                    f"from here bad session {sid!r} can never be dead-lettered by time "
+                    "and the relay's answers alone",
+                    bad,
+                )
+            )
+        goal = [n for n in range(size) if graph.good_synced[n] & bit]
+        can = _reach(preds, goal + unknown)
+        bad = next(
+            (
+                n
+                for n in range(size)
+                if graph.good_pending[n] & bit and not graph.throttling[n] and not can[n]
+            ),
+            None,
+        )
+        if bad is not None:
+            out.append(
+                (
+                    "live_good_syncs",
+                    f"from here, the throttle off, good session {sid!r} can never be "
+                    "synced by time and the relay's answers alone",
                     bad,
                 )
             )
@@ -1331,6 +1738,7 @@ def replay(
     *,
     engine_factory: EngineFactory | None = None,
     free_clock: bool = False,
+    relay: bool = False,
 ) -> Replay:
     """You pass a trace (from a report, or JSON lists); every step is re-checked.
 
@@ -1341,7 +1749,9 @@ def replay(
     its state with no violation of its own.
     """
     policy = _without_jitter(policy if policy is not None else CHECK_POLICY)
-    model = _Model(policy, 0, engine_factory or _default_factory, free_clock=free_clock)
+    model = _Model(
+        policy, 0, engine_factory or _default_factory, free_clock=free_clock, relay=relay
+    )
     engine = model.factory(policy)
     shadow = _Shadow()
     n = 0
@@ -1400,6 +1810,8 @@ def format_result(result: CheckResult, *, policy_source: str | None = None) -> s
     bound = "none (the whole reachable space)" if result.depth is None else str(result.depth)
     clock = "free (may advance without a tick)" if result.free_clock else "ticks every advance"
     redrive = "redrive and paced redrive" if result.paced_redrive else "redrive"
+    if result.relay:
+        redrive = "the relay model (good/bad sessions, per-session or per-request, throttles)"
     lines = [
         f"sessionfsm check: {result.sessions} session(s), both lanes, {redrive}, "
         f"depth bound {bound}",
@@ -1431,6 +1843,8 @@ def format_result(result: CheckResult, *, policy_source: str | None = None) -> s
     extra = "" if policy_source is None else f", policy={policy_source}"
     if result.free_clock:
         extra += ", free_clock=True"
+    if result.relay:
+        extra += ", relay=True"
     for v in result.violations:
         lines.append("")
         lines.append(f"{v.invariant}: {v.message}")
@@ -1488,6 +1902,12 @@ def format_result(result: CheckResult, *, policy_source: str | None = None) -> s
     is_flag=True,
     help="Also schedule paced redrives (schedule_redrive); about three times the states.",
 )
+@click.option(
+    "--relay",
+    is_flag=True,
+    help="Answer with the relay model (good and bad sessions, per-session or per-request "
+    "answers, a relay-wide throttle) instead of any ack, and prove the blame properties.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(
     "--progress/--no-progress",
@@ -1501,6 +1921,7 @@ def command(
     policy_path: Path | None,
     free_clock: bool,
     paced_redrive: bool,
+    relay: bool,
     as_json: bool,
     progress: bool,
 ) -> None:
@@ -1531,6 +1952,7 @@ def command(
         policy,
         free_clock=free_clock,
         paced_redrive=paced_redrive,
+        relay=relay,
         progress=report if progress else None,
     )
     if as_json:

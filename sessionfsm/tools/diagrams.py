@@ -119,10 +119,15 @@ class _Phrase:
 
 
 #: Guards without a number: (drawn when true, drawn when false), by function name.
+#: Guards that decide whether a failure is the session's own (docs/blame.md).
+_BLAME_GUARDS: Final = frozenset({"shared", "attributable"})
+
 _GUARD_WORDS: Final = {
     "changed_in_flight": ("changed in flight", "unchanged in flight"),
     "retry_due": ("retry_at reached", "before retry_at"),
-    "pause_elapsed": ("relay_pause over", "relay_pause not over"),
+    "pause_elapsed": ("wait over", "wait not over"),
+    "shared": ("shared by the batch", "its own"),
+    "attributable": ("evidence against it", "no evidence against it"),
 }
 
 
@@ -212,16 +217,13 @@ def _lines(table: Table, policy: Policy) -> list[_Line]:
         code = [_name(fn) if want else f"not {_name(fn)}" for fn, want in row.guards]
         if not row.guards and earlier:
             if all(len(r.guards) == 1 for r in earlier):
+                # The policy's own condition first, then the blame guards.
+                negated = [(fn, want) for r in earlier for fn, want in r.guards]
+                negated.sort(key=lambda g: _name(g[0]) in _BLAME_GUARDS)
                 phrases = [
-                    _guard(_name(fn), row.event, policy, holds=not want)
-                    for r in earlier
-                    for fn, want in r.guards
+                    _guard(_name(fn), row.event, policy, holds=not want) for fn, want in negated
                 ]
-                code = [
-                    f"not {_name(fn)}" if want else _name(fn)
-                    for r in earlier
-                    for fn, want in r.guards
-                ]
+                code = [f"not {_name(fn)}" if want else _name(fn) for fn, want in negated]
             else:
                 phrases = [_Phrase("otherwise")]
                 code = ["otherwise"]

@@ -146,6 +146,8 @@ def _print_summary(result: SimResult, db: Path | None, persisted: dict[str, int]
         ("valid sessions wrongly dead-lettered", str(f.wrongly_dead_lettered)),
         ("attempts (session sends)", f"{f.attempts} in {f.batches} batches"),
         ("wasted sends", f"{f.wasted_sends} ({_by_reason(f.wasted_by_answer)})"),
+        ("batches isolating a failure (split parts)", str(f.isolation_batches)),
+        ("batches sent during a relay throttle", str(f.throttled_batches)),
         ("time to drain (simulated)", _seconds(f.drain_time_s)),
     ]
     if lines is not None:
@@ -204,7 +206,17 @@ def _print_sweep(scenario: Scenario, policy: Policy, rows: list[SweepRow]) -> No
         caption="* the policy given (or the default); everything else as in it",
         caption_justify="left",
     )
-    for column in ("threshold", "backoff", "wrongly dead-lettered", "wasted sends", "drain"):
+    columns = (
+        "threshold",
+        "backoff",
+        "wrongly dead-lettered",
+        "wasted sends",
+        "batches",
+        "split parts",
+        "during throttle",
+        "drain",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "backoff" else "right", no_wrap=True)
     for row in rows:
         mark = " *" if (row.threshold, row.backoff) == current else ""
@@ -213,6 +225,9 @@ def _print_sweep(scenario: Scenario, policy: Policy, rows: list[SweepRow]) -> No
             row.backoff,
             str(row.wrongly_dead_lettered),
             str(row.wasted_sends),
+            str(row.batches),
+            str(row.isolation_batches),
+            str(row.throttled_batches),
             _seconds(row.drain_time_s),
         )
     Console().print(table)

@@ -12,10 +12,18 @@ throttle everyone gets ``RateLimited``; an empty token bucket gives
 stored and answered ``Ok``. During a flap the whole batch gets the flap's
 answer instead, and a lost answer never arrives (what the relay accepted is
 still stored).
+
+Before any of that, a batch too slow to upload within the engine's ack
+timeout is never answered, and a batch above the request body limit gets
+one ``PayloadTooLarge`` for the whole request. A ``per-request`` relay
+answers the whole batch with the first refusal any session of it would get
+(one 429 during a throttle, with or without ``retry_after_s``), storing
+nothing, or ``Ok`` for all.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,8 +62,19 @@ class SimSession:
 class World:
     """Every session of a scenario, built deterministically from a seed."""
 
-    def __init__(self, scenario: Scenario, rng: random.Random) -> None:
-        limit = scenario.relay.size_limit_bytes
+    def __init__(
+        self, scenario: Scenario, rng: random.Random, ack_timeout_s: float | None = None
+    ) -> None:
+        relay = scenario.relay
+        limit = relay.size_limit_bytes
+        if relay.body_limit_bytes is not None:
+            limit = min(limit, relay.body_limit_bytes)
+        if relay.upload_bytes_per_s is not None and ack_timeout_s is not None:
+            # Alone in a batch, it must upload and be answered in time.
+            room = (ack_timeout_s - relay.latency_s - relay.latency_jitter_s) * (
+                relay.upload_bytes_per_s
+            )
+            limit = min(limit, max(0, int(room) - 1))
         self.sessions: dict[str, SimSession] = {}
         #: Per session, the times it changes after arriving.
         self.changes: dict[str, list[float]] = {}
@@ -113,6 +132,14 @@ class _Bucket:
             return True
         return False
 
+    def take_all(self, now: float, n: int) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = max(self.at, now)
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
     def wait(self) -> float:
         return (1.0 - self.tokens) / self.rate
 
@@ -127,10 +154,21 @@ def _active(periods: tuple[Flap, ...] | tuple[Throttle, ...], now: float) -> Fla
 class SimRelay:
     """A relay in simulated time. It implements ``SyncRelay.answer``."""
 
-    def __init__(self, spec: RelaySpec, world: World, rng: random.Random) -> None:
+    def __init__(
+        self,
+        spec: RelaySpec,
+        world: World,
+        rng: random.Random,
+        ack_timeout_s: float = math.inf,
+    ) -> None:
         self.spec = spec
         self.world = world
         self._rng = rng
+        self._ack_timeout_s = ack_timeout_s
+        #: Batches sent as parts of a split batch (isolating a failure).
+        self.part_batches = 0
+        #: Batches received while a throttle was on.
+        self.throttled_batches = 0
         self._bucket = _Bucket(spec.rate_limit) if spec.rate_limit is not None else None
         oversize: acks.Ack = (
             acks.RateLimited() if spec.oversize_ack == "RateLimited" else acks.PayloadTooLarge()
@@ -153,6 +191,8 @@ class SimRelay:
             delay += self._rng.uniform(0.0, spec.latency_jitter_s)
         for sid in batch.session_ids:
             sessions[sid].sends += 1
+        if batch.part:
+            self.part_batches += 1
         flap = self.flap_at(now)
         if flap is not None:
             if flap.answer == "lost":
@@ -164,6 +204,20 @@ class SimRelay:
             self._tally(batch, flap.answer)
             return Reply(ack, delay)
         throttle = _active(spec.throttles, now)
+        if throttle is not None:
+            self.throttled_batches += 1
+        total = sum(sessions[sid].size for sid in batch.session_ids)
+        if spec.upload_bytes_per_s is not None:
+            delay += total / spec.upload_bytes_per_s
+            if delay >= self._ack_timeout_s:
+                # The client gives up before the upload ends: nothing stored.
+                self._tally(batch, "lost")
+                return None
+        if spec.body_limit_bytes is not None and total > spec.body_limit_bytes:
+            self._tally(batch, "PayloadTooLarge")
+            return Reply(acks.PayloadTooLarge(), delay)
+        if spec.answers == "per-request":
+            return self._answer_request(batch, now, throttle, delay)
         limit, bucket = spec.size_limit_bytes, self._bucket
         per: dict[str, acks.Ack] = {}
         for sid in batch.session_ids:
@@ -185,6 +239,29 @@ class SimRelay:
         for sid, ack in per.items():
             sessions[sid].answers[type(ack).__name__] += 1
         return Reply(per, delay)
+
+    def _answer_request(
+        self, batch: Batch, now: float, throttle: Flap | Throttle | None, delay: float
+    ) -> Reply | None:
+        """One answer for the whole request, as an HTTP relay gives."""
+        spec, sessions = self.spec, self.world.sessions
+        ack: acks.Ack | None = None
+        if any(sessions[sid].size > spec.size_limit_bytes for sid in batch.session_ids):
+            ack = self._oversize
+        elif isinstance(throttle, Throttle):
+            ack = acks.RateLimited(retry_after_s=throttle.retry_after_s)
+        elif self._bucket is not None and not self._bucket.take_all(now, len(batch.session_ids)):
+            hint = self._bucket.wait() if spec.rate_limit and spec.rate_limit.retry_after else None
+            ack = acks.RateLimited(retry_after_s=hint)
+        if ack is None:
+            for sid in batch.session_ids:
+                sessions[sid].stored = sessions[sid].version
+            ack = acks.Ok()
+        if spec.ack_loss and self._rng.random() < spec.ack_loss:
+            self._tally(batch, "lost")
+            return None
+        self._tally(batch, type(ack).__name__)
+        return Reply(ack, delay)
 
     def _tally(self, batch: Batch, kind: str) -> None:
         sessions = self.world.sessions

@@ -97,6 +97,10 @@ class Figures(msgspec.Struct, frozen=True):
     batches: int
     #: Session sends not answered ``Ok``: refused, bounced or unanswered.
     wasted_sends: int
+    #: Batches sent as parts of a split batch, to find which session failed it.
+    isolation_batches: int
+    #: Batches the relay received while it was throttling everyone.
+    throttled_batches: int
     wasted_by_answer: dict[str, int]
     drained: bool
     #: Simulated seconds until every session was at rest and no input was
@@ -155,8 +159,11 @@ class Simulation:
         self.policy = policy if policy is not None else Policy()
         self.seed = scenario.seed if seed is None else seed
         self.log_counter = log_counter if log else None
-        self.world = World(scenario, random.Random(f"{self.seed}:world"))
-        self.relay = SimRelay(scenario.relay, self.world, random.Random(f"{self.seed}:relay"))
+        timeout = self.policy.ack_timeout_s
+        self.world = World(scenario, random.Random(f"{self.seed}:world"), timeout)
+        self.relay = SimRelay(
+            scenario.relay, self.world, random.Random(f"{self.seed}:relay"), timeout
+        )
         self.engine = Engine(
             self.policy, store=store, rng=random.Random(f"{self.seed}:engine"), log=log
         )
@@ -296,6 +303,8 @@ class Simulation:
             attempts=attempts,
             batches=self.relay.batches,
             wasted_sends=sum(wasted.values()),
+            isolation_batches=self.relay.part_batches,
+            throttled_batches=self.relay.throttled_batches,
             wasted_by_answer=dict(sorted(wasted.items())),
             drained=drained,
             drain_time_s=round(elapsed, 3) if drained else None,
@@ -316,6 +325,9 @@ class SweepRow(msgspec.Struct, frozen=True):
     dead_lettered: int
     wasted_sends: int
     attempts: int
+    batches: int
+    isolation_batches: int
+    throttled_batches: int
     drained: bool
     drain_time_s: float | None
 
@@ -389,6 +401,9 @@ def sweep(
                 dead_lettered=sum(figures.dead_lettered.values()),
                 wasted_sends=figures.wasted_sends,
                 attempts=figures.attempts,
+                batches=figures.batches,
+                isolation_batches=figures.isolation_batches,
+                throttled_batches=figures.throttled_batches,
                 drained=figures.drained,
                 drain_time_s=figures.drain_time_s,
             )

@@ -100,7 +100,11 @@ class Flap(_Spec, frozen=True):
 
 
 class Throttle(_Spec, frozen=True):
-    """The server is overloaded: every session gets ``RateLimited`` for a while."""
+    """The server is overloaded: every session gets ``RateLimited`` for a while.
+
+    A ``per-session`` relay refuses each session of a batch; a
+    ``per-request`` one answers the whole request with one 429.
+    """
 
     at_s: NonNeg
     for_s: Positive
@@ -120,8 +124,18 @@ class RateLimit(_Spec, frozen=True):
 class RelaySpec(_Spec, frozen=True):
     """How the simulated relay behaves."""
 
+    #: ``per-session``: one answer per session of a batch. ``per-request``:
+    #: one answer for the whole batch, as an HTTP relay gives one status per
+    #: POST: any refused session refuses the request, and nothing is stored.
+    answers: Literal["per-session", "per-request"] = "per-session"
     #: Payloads above this are never accepted.
     size_limit_bytes: Bytes = 8 * 1024 * 1024
+    #: A request whose payloads add up to more than this is refused whole with
+    #: one ``PayloadTooLarge`` (HTTP 413), however the relay answers otherwise.
+    body_limit_bytes: Bytes | None = None
+    #: Upload speed. A batch whose bytes take longer than the engine's ack
+    #: timeout to upload is never answered, and nothing of it is stored.
+    upload_bytes_per_s: Positive | None = None
     #: What an oversized payload gets. The relay of the incident said
     #: ``RateLimited``; a well-behaved one says ``PayloadTooLarge``.
     oversize_ack: Literal["RateLimited", "PayloadTooLarge"] = "RateLimited"
