@@ -1749,14 +1749,21 @@ def replay(
     its state with no violation of its own.
     """
     policy = _without_jitter(policy if policy is not None else CHECK_POLICY)
+    steps = tuple(tuple(a) for a in trace)
+    # The model must know as many sessions as the trace names, as explore's
+    # did: the blame shadow ("the relay accepted others") ranges over them.
+    named = [int(a[1][1:]) for a in steps if a and a[0] == "enqueue"]
     model = _Model(
-        policy, 0, engine_factory or _default_factory, free_clock=free_clock, relay=relay
+        policy,
+        max(named, default=-1) + 1,
+        engine_factory or _default_factory,
+        free_clock=free_clock,
+        relay=relay,
     )
     engine = model.factory(policy)
     shadow = _Shadow()
     n = 0
     out: list[tuple[int, Violation]] = []
-    steps = tuple(tuple(a) for a in trace)
     for name, message in model.check_state(engine, shadow):
         out.append((-1, Violation(name, message, ())))
     for index, action in enumerate(steps):
