@@ -237,7 +237,7 @@ def test_link_seconds_add_up_to_the_engine_clock(small_policy: Policy) -> None:
     engine.tick(25.0)
     figures = tally.figures()
     assert figures.link_state == LinkState.UP.value
-    assert figures.link_seconds == {"up": 19.0, "paused": 6.0}
+    assert figures.link_seconds == {"up": 19.0, "paused": 6.0, "throttled": 0.0, "probing": 0.0}
     assert figures.link_changes == {("up", "paused"): 1, ("paused", "up"): 1}
 
 
@@ -322,7 +322,7 @@ def test_otel_collects_the_same_figures_as_prometheus(
     assert duration.sum == pytest.approx(_total(samples, "sessionfsm_ack_latency_seconds_sum"))
     assert list(duration.explicit_bounds)[:3] == [0.05, 0.1, 0.25]
     link = {p.attributes["sessionfsm.link.state"]: p.value for p in points["sessionfsm.link.state"]}
-    assert link == {"up": 1, "paused": 0}
+    assert link == {"up": 1, "paused": 0, "throttled": 0, "probing": 0}
     otel.close()
     assert engine.listeners == ()
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from itertools import chain, compress, repeat
+from operator import attrgetter, eq
 from typing import Final
 
 import msgspec
@@ -53,14 +55,19 @@ DEFAULT_LATENCY_BUCKETS: Final[tuple[float, ...]] = (
 #: Any other event name it reports later is counted as it comes.
 BATCH_EVENTS: Final[tuple[str, ...]] = ("sent", "answered", "bounced", "timed_out")
 
-#: Reports a tally buffers before folding them in one go (and when read);
-#: between 16 and 256 it makes little difference.
-_FOLD_EVERY: Final = 64
+#: Reports a tally buffers before folding them in one go (and when read).
+_FOLD_EVERY: Final = 128
 
 _QUEUED: Final = SessionState.QUEUED
 _DEAD: Final = SessionState.DEAD_LETTERED
 _BACKFILL: Final = Lane.BACKFILL.value
 _INCREMENTAL: Final = Lane.INCREMENTAL.value
+
+# The fold reads reports and batch events in bulk through these (in C).
+_BATCHES = attrgetter("batches")
+_LINK_AFTER = attrgetter("link_after")
+_BATCH_KEY = attrgetter("event", "lane")
+_EVENT = attrgetter("event")
 
 
 class Histogram(msgspec.Struct, frozen=True):
@@ -149,9 +156,9 @@ class Tally:
         # (event, source, target, reason, lane) -> rows folded.
         self._rows: dict[tuple[str, str | None, str, str | None, str], int] = {}
         self._dead_keys = [(reason, lane) for reason in CHARGED_REASONS for lane in lanes]
-        self._batches: dict[tuple[str, str], int] = {
-            (event, lane): 0 for event in BATCH_EVENTS for lane in lanes
-        }
+        self._batches: Counter[tuple[str, str]] = Counter(
+            {(event, lane): 0 for event in BATCH_EVENTS for lane in lanes}
+        )
         self._latency: dict[str, list[int]] = {lane: [0] * (len(bounds) + 1) for lane in lanes}
         self._latency_sum: dict[str, float] = dict.fromkeys(lanes, 0.0)
         # lane -> {session id: when it last joined that lane's queue}; insertion
@@ -208,20 +215,23 @@ class Tally:
     def _fold(self) -> None:
         # The hot path: one dictionary update per row, plus the queue's
         # bookkeeping; gauges and counters are derived from ``_rows`` when
-        # read, over its few distinct keys. Call it holding the lock.
+        # read, over its few distinct keys. Batch events and link changes are
+        # gathered from all the buffered reports at once. Call it holding the
+        # lock.
         buffer = self._buffer
-        if not buffer:
+        n = len(buffer)  # reports appended meanwhile wait for the next fold
+        if not n:
             return
-        if self._link_since is None:
-            self._link_since = buffer[0].now
         take = buffer.popleft
+        reports = [take() for _ in range(n)]
+        if self._link_since is None:
+            self._link_since = reports[0].now
         rows, queued = self._rows, self._queued
-        queued_state, backfill, incremental = _QUEUED, _BACKFILL, _INCREMENTAL
-        now = self._now
-        while buffer:
-            report = take()
+        queued_state = _QUEUED
+        for report in reports:
             now = report.now
-            # The engine hands states as SessionState members: identity is enough.
+            # The engine hands states as SessionState members: identity is
+            # enough. The tests are ordered by how often they decide.
             for change, lane in zip(report.changes, report.lanes):  # noqa: B905
                 source, target = change.source, change.target
                 key = (change.event, source, target, change.reason, lane)
@@ -229,29 +239,32 @@ class Tally:
                     rows[key] += 1
                 except KeyError:
                     rows[key] = 1
-                if source is target:
-                    if source is queued_state and change.event == "promoted":
+                if source is queued_state:
+                    if target is not queued_state:
+                        queued[lane].pop(change.session_id, None)
+                    elif change.event == "promoted":
                         # The one lane move: out of backfill, to the back of incremental.
-                        queued[backfill].pop(change.session_id, None)
-                        queued[incremental][change.session_id] = now
-                elif source is queued_state:
-                    queued[lane].pop(change.session_id, None)
+                        queued[_BACKFILL].pop(change.session_id, None)
+                        queued[_INCREMENTAL][change.session_id] = now
                 elif target is queued_state:
                     queued[lane][change.session_id] = now
-            if report.batches:
-                self._fold_batches(report.batches)
+        events = list(chain.from_iterable(map(_BATCHES, reports)))
+        if events:
+            self._fold_batches(events)
+        for report in filter(_LINK_AFTER, reports):
             after = report.link_after
-            if after is not None:
-                self._fold_link(after.state.value, after.failures, now)
-        self._now = now
+            assert after is not None
+            self._fold_link(after.state.value, after.failures, report.now)
+        self._now = reports[-1].now
 
-    def _fold_batches(self, events: tuple[BatchEvent, ...]) -> None:
-        for batch in events:
-            key = (batch.event, batch.lane)
-            self._batches[key] = self._batches.get(key, 0) + 1
-            if batch.event == "answered" and batch.latency_s is not None:
-                self._latency[batch.lane][bisect.bisect_left(self._bounds, batch.latency_s)] += 1
-                self._latency_sum[batch.lane] += batch.latency_s
+    def _fold_batches(self, events: list[BatchEvent]) -> None:
+        self._batches.update(map(_BATCH_KEY, events))
+        bounds, latency, total = self._bounds, self._latency, self._latency_sum
+        for batch in compress(events, map(eq, map(_EVENT, events), repeat("answered"))):
+            seconds = batch.latency_s
+            if seconds is not None:
+                latency[batch.lane][bisect.bisect_left(bounds, seconds)] += 1
+                total[batch.lane] += seconds
 
     def _fold_link(self, state: str, failures: int, now: float) -> None:
         if self._link_since is None:
