@@ -34,7 +34,7 @@ from sessionfsm import acks
 from sessionfsm._errors import SessionFSMError, StoreLocked, UsageError
 from sessionfsm._log import render_times
 from sessionfsm.engine import Engine
-from sessionfsm.machine import CHARGED_REASONS
+from sessionfsm.machine import CHARGED_REASONS, SessionState
 from sessionfsm.policy import Policy, load_policy
 from sessionfsm.sqlite_store import SqliteStore
 from sessionfsm.store import StoreReader
@@ -203,6 +203,14 @@ def demo(seed: int, live: bool, seconds: float) -> None:
         harness.step()
     relay.up()
     engine.relay_ready(harness.clock.now)
+    # A live app keeps changing its sessions: the relay accepting s01 again and
+    # again is the evidence that s03's refusals are its own (docs/blame.md).
+    changed_at = harness.clock.now
+    while engine.state("s03") not in (SessionState.SYNCED, SessionState.DEAD_LETTERED):
+        harness.step()
+        if harness.clock.now - changed_at >= 30.0:
+            changed_at = harness.clock.now
+            engine.enqueue("s01", now=changed_at)
     done_at = harness.run_until_idle()
 
     rows = []

@@ -230,7 +230,10 @@ def _print_sweep(scenario: Scenario, policy: Policy, rows: list[SweepRow]) -> No
             str(row.throttled_batches),
             _seconds(row.drain_time_s),
         )
-    Console().print(table)
+    # Never cut a column's name or a figure: a narrow terminal or a pipe
+    # (80 columns) gets a wider table rather than "wrongly dead-le…".
+    console = Console()
+    Console(width=max(console.width, 132)).print(table)
 
 
 def _prometheus_exporter() -> Any:
