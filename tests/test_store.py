@@ -66,6 +66,9 @@ FAST = Policy(
     max_in_flight=2,
     tick_interval_s=5.0,
     ack_timeout_s=120.0,
+    # These tests pin down what a store keeps of a charge: every refusal is
+    # charged, evidence or not (the blame rules are tested in test_blame.py).
+    max_relay_refusal_s=0.0,
 )
 
 OpenStore = Callable[..., Store]
@@ -180,19 +183,20 @@ def test_in_flight_batches_are_sent_again_first_with_counters_intact(
     assert (b1.session_ids, b2.session_ids) == (("s1", "s2", "s3"), ("s4",))
     engine.on_ack(b1.id, {"s1": acks.AckTimeout(), "s2": acks.Ok(), "s3": acks.Ok()}, now=1.0)
     engine.enqueue("s5", now=2.0)
-    (b3,) = engine.tick(31.0)  # s5, then s1 after its 30 s backoff
-    assert b3.session_ids == ("s5", "s1")
-    assert engine.session("s1").attempts == 2
+    (b3,) = engine.tick(31.0)  # s5; s1, charged once, waits to be sent alone (blame)
+    assert b3.session_ids == ("s5",)
+    assert engine.session("s1").attempts == 1
 
     store = open_store()
     restarted = _engine(store, FAST)
     assert restarted.sessions_by_state()[QUEUED] == 3
     s1 = restarted.session("s1")
-    assert (s1.state, s1.attempts, s1.charges) == (QUEUED, 2, {"AckTimeout": 1})
-    assert _history_events(store, "s1")[-1] == ("recovered", IN_FLIGHT, QUEUED)
+    assert (s1.state, s1.attempts, s1.charges) == (QUEUED, 1, {"AckTimeout": 1})
+    assert _history_events(store, "s1")[-1] == ("elapsed", BACKOFF, QUEUED)
+    assert _history_events(store, "s5")[-1] == ("recovered", IN_FLIGHT, QUEUED)
     assert _queues(restarted)[Lane.INCREMENTAL] == ["s4", "s5", "s1"]
-    (again,) = restarted.tick(32.0)
-    assert again.session_ids == ("s4", "s5", "s1")
+    again, alone = restarted.tick(32.0)  # s1, charged, still goes alone
+    assert (again.session_ids, alone.session_ids) == (("s4", "s5"), ("s1",))
     assert again.id == b3.id + 1  # batch ids are never reused
     # The old batch's ack is for a batch this engine never sent: ignored.
     assert restarted.on_ack(b2.id, acks.Ok(), now=33.0) == []
