@@ -233,12 +233,10 @@ def demo(seed: int, live: bool, seconds: float) -> None:
 # ------------------------------------------------------------------------
 
 _DB_HELP = (
-    "SQLite database of the engine (written by a service or `simulate`) "
-    "[default: sessionfsm.db]."
+    "SQLite database of the engine (written by a service or `simulate`) [default: sessionfsm.db]."
 )
 _DSN_HELP = (
-    "PostgreSQL database of a fleet (libpq URL) instead of --db; "
-    "needs the 'postgres' extra."
+    "PostgreSQL database of a fleet (libpq URL) instead of --db; needs the 'postgres' extra."
 )
 
 
