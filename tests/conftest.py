@@ -520,19 +520,6 @@ def need(module: str) -> Any:
         pytest.skip(f"needs {module} (pip install -e '.[test]')")
 
 
-def engine_splits_whole_batch_413() -> bool:
-    """Whether the engine finds the culprit of a whole-batch PayloadTooLarge
-    instead of dead-lettering every session of the batch."""
-    from sessionfsm import SessionState, acks
-
-    engine = Engine(Policy(batch_size=2, incremental_interval_s=0.0), log=False)
-    engine.enqueue("a", now=0.0)
-    engine.enqueue("b", now=0.0)
-    (batch,) = engine.tick(0.0)
-    engine.on_ack(batch.id, acks.PayloadTooLarge(), 0.0)
-    return engine.state("a") is not SessionState.DEAD_LETTERED
-
-
 class RelayProcess:
     """A reference relay running as a separate process on 127.0.0.1."""
 

@@ -34,7 +34,7 @@ from sessionfsm import acks
 from sessionfsm._errors import SessionFSMError, StoreLocked, UsageError
 from sessionfsm._log import render_times
 from sessionfsm.engine import Engine
-from sessionfsm.machine import CHARGED_REASONS
+from sessionfsm.machine import CHARGED_REASONS, SessionState
 from sessionfsm.policy import Policy, load_policy
 from sessionfsm.sqlite_store import SqliteStore
 from sessionfsm.store import StoreReader
@@ -173,14 +173,22 @@ def main(log_level: str, log_json: bool | None) -> None:
 @main.command()
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed for backoff jitter.")
 @click.option("--live", is_flag=True, help="Run for real against the reference relay on loopback.")
-@click.option("--seconds", type=float, default=6.0, show_default=True, help="With --live.")
+@click.option(
+    "--seconds",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="With --live: at most this long; it stops once every session is at rest.",
+)
 def demo(seed: int, live: bool, seconds: float) -> None:
     """Sync a dozen sessions against a scripted relay and show what happened.
 
     The relay refuses one oversized session with RateLimited every time, goes
     unavailable for a while, loses one ack, and one session changes while in
-    flight. Watch the oversized session dead-letter after 5 RateLimited acks
-    while the flap costs nobody anything. With --live: see docs/transports.md.
+    flight; another (s01, the user's open session) keeps changing every 20 s.
+    Watch the oversized session dead-letter after 5 RateLimited acks, each
+    charged because the relay accepted s01 meanwhile, while the flap costs
+    nobody anything. With --live: see docs/transports.md.
     """
     if live:
         from sessionfsm.tools.live import live_demo
@@ -196,13 +204,26 @@ def demo(seed: int, live: bool, seconds: float) -> None:
     relay.script("s05", None)  # its ack is lost: the engine times it out
     harness.step()  # t=0: the first incremental batch
     engine.enqueue("s02", now=harness.clock.now)  # changed after it was synced
-    while harness.clock.now < 35.0:
-        harness.step()
+    changes = 0
+
+    def step_until(end: float) -> None:
+        # s01 is open on the user's machine: it changes every 20 s. That the
+        # relay accepts it is the evidence that charges s03 (docs/blame.md);
+        # alone, s03 would be charged only past Policy.max_relay_refusal_s.
+        nonlocal changes
+        while harness.clock.now < end:
+            if harness.clock.now >= 20.0 * (changes + 1):
+                changes += 1
+                engine.enqueue("s01", now=harness.clock.now)
+            harness.step()
+
+    step_until(35.0)
     relay.down()  # the relay flaps for 20 s: nobody may be charged for it
-    while harness.clock.now < 55.0:
-        harness.step()
+    step_until(55.0)
     relay.up()
     engine.relay_ready(harness.clock.now)
+    while engine.state("s03") is not SessionState.DEAD_LETTERED and harness.clock.now < 3600.0:
+        step_until(harness.clock.now + 20.0)
     done_at = harness.run_until_idle()
 
     rows = []
