@@ -50,7 +50,7 @@ from sessionfsm import sqlite_store as sqlite_store_module
 from sessionfsm.machine import LinkRecord, SessionRecord
 from sessionfsm.store import Change, Delta
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
-from tests.conftest import SMALL_POLICY
+from tests.conftest import FAST, SMALL_POLICY
 from tests.strategies import operations_with_restarts, policies, store_kinds
 
 QUEUED = SessionState.QUEUED
@@ -59,14 +59,6 @@ BACKOFF = SessionState.BACKOFF
 SYNCED = SessionState.SYNCED
 DEAD = SessionState.DEAD_LETTERED
 
-#: Batches of up to 3, no throttle, two batches in flight at once, acks awaited 2 min.
-FAST = Policy(
-    batch_size=3,
-    incremental_interval_s=0.0,
-    max_in_flight=2,
-    tick_interval_s=5.0,
-    ack_timeout_s=120.0,
-)
 
 OpenStore = Callable[..., Store]
 
