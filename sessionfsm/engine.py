@@ -111,6 +111,10 @@ class Batch(msgspec.Struct, frozen=True):
       on the clock you pass as ``now``.
     * ``deadline``: ``sent_at + policy.ack_timeout_s``, same clock: with no
       ack by then, the engine times the batch out itself.
+    * ``part``: True for a part of a split batch, sent to find which session
+      failed the whole (see docs/blame.md).
+    * ``probe``: True for the one batch a throttled link sends once its wait
+      is over; its answer reopens the link or extends the throttle.
     """
 
     id: int

@@ -132,6 +132,12 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
       :class:`ReasonPolicy` each: threshold, backoff, retry-after handling.
     * ``relay_pause``: how long the link stays paused after the n-th
       consecutive ``RelayUnavailable``; grows, capped; never charged.
+    * ``relay_throttle``: how long the link stays ``throttled`` after the
+      n-th consecutive relay-wide refusal without ``retry_after_s`` (a hint
+      is honoured instead, capped); grows, capped; never charged.
+    * ``max_relay_refusal_s``: refusals are charged only on evidence (the
+      relay accepted another session since); after the relay has accepted
+      nothing for this long, they are charged again (6 hours).
     """
 
     #: At most this many sessions in one incremental batch.

@@ -20,7 +20,16 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from sessionfsm import Batch, Engine, MemoryStore, Policy, SqliteStore, Store, StoreError
+from sessionfsm import (
+    Batch,
+    Engine,
+    MemoryStore,
+    Policy,
+    SessionFSMError,
+    SqliteStore,
+    Store,
+    StoreError,
+)
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
 
 settings.register_profile(
@@ -520,19 +529,6 @@ def need(module: str) -> Any:
         pytest.skip(f"needs {module} (pip install -e '.[test]')")
 
 
-def engine_splits_whole_batch_413() -> bool:
-    """Whether the engine finds the culprit of a whole-batch PayloadTooLarge
-    instead of dead-lettering every session of the batch."""
-    from sessionfsm import SessionState, acks
-
-    engine = Engine(Policy(batch_size=2, incremental_interval_s=0.0), log=False)
-    engine.enqueue("a", now=0.0)
-    engine.enqueue("b", now=0.0)
-    (batch,) = engine.tick(0.0)
-    engine.on_ack(batch.id, acks.PayloadTooLarge(), 0.0)
-    return engine.state("a") is not SessionState.DEAD_LETTERED
-
-
 class RelayProcess:
     """A reference relay running as a separate process on 127.0.0.1."""
 
@@ -843,3 +839,39 @@ def recording_relay(pg_dsn: str, pg_schema: str) -> Iterator[RecordingRelay]:
     relay = RecordingRelay(pg_dsn, pg_schema, app)
     yield relay
     relay.close()
+
+
+# ------------------------------------------------ engine operations and policies
+
+
+def apply_operation(engine: Engine, op: tuple[Any, ...], now: float) -> Any:
+    """One operation of ``tests.strategies.operations``; what it returned or raised."""
+    kind = op[0]
+    try:
+        if kind == "enqueue":
+            return engine.enqueue(op[1], lane=op[2])
+        if kind in ("tick", "clock_back"):
+            return engine.tick(now if kind == "tick" else now - op[1])
+        if kind in ("ack", "ack_each"):
+            batches = engine.in_flight()
+            batch_id = batches[op[1] % len(batches)].id if batches else 999
+            return engine.on_ack(batch_id, op[2], now=now)
+        if kind == "redrive":
+            return engine.redrive(op[1], now=now)
+        if kind == "relay_ready":
+            return engine.relay_ready(now=now)
+        if kind == "relay_unavailable":
+            return engine.relay_unavailable(now=now)
+    except SessionFSMError as exc:
+        return (type(exc).__name__, str(exc))
+    raise AssertionError(f"unknown operation {op!r}")
+
+
+#: Batches of up to 3, no throttle, two batches in flight at once, acks awaited 2 min.
+FAST = Policy(
+    batch_size=3,
+    incremental_interval_s=0.0,
+    max_in_flight=2,
+    tick_interval_s=5.0,
+    ack_timeout_s=120.0,
+)

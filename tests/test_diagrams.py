@@ -415,9 +415,10 @@ def test_mermaid_draws_only_takeable_rows_and_keeps_events_apart() -> None:
     assert "never" not in mmd
     assert "| never, payload_too_large not retryable" in generate()["session-table.md"]
     (to_queued,) = [line for line in mmd.splitlines() if "in_flight --> queued:" in line]
-    rows = to_queued.split(": ", 1)[1].split("<br>")
-    assert rows[0] == "• acked [changed in flight] / settle"
-    assert rows[-1] == "• bounced"
-    assert all(row.startswith("• ") for row in rows)  # each event its own bulleted row
+    label = to_queued.split(": ", 1)[1]
+    assert label.startswith("• acked [changed in flight] / settle<br>")
+    assert label.endswith("<br>• bounced")
+    assert label.count("•") == label.count("<br>") + 1  # every row its own bullet
+    assert "• rate_limited [shared by the batch]" in label  # blame's spared rows too
     (to_synced,) = [line for line in mmd.splitlines() if "in_flight --> synced:" in line]
     assert "•" not in to_synced  # one row, no bullet

@@ -16,34 +16,10 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessionfsm import Engine, Policy, SessionFSMError, acks
+from sessionfsm import Engine, Policy, acks
 from sessionfsm.runtime import SESSION_TABLE, ReferenceRuntime
+from tests.conftest import apply_operation
 from tests.strategies import operations, policies
-
-
-def _apply(engine: Engine, op: tuple[Any, ...], now: float) -> Any:
-    """Run one operation; return what the engine returned or raised."""
-    kind = op[0]
-    try:
-        if kind == "enqueue":
-            return engine.enqueue(op[1], lane=op[2])
-        if kind == "tick":
-            return engine.tick(now)
-        if kind in ("ack", "ack_each"):
-            batches = engine.in_flight()
-            batch_id = batches[op[1] % len(batches)].id if batches else 999
-            return engine.on_ack(batch_id, op[2], now=now)
-        if kind == "redrive":
-            return engine.redrive(op[1], now=now)
-        if kind == "relay_ready":
-            return engine.relay_ready(now=now)
-        if kind == "relay_unavailable":
-            return engine.relay_unavailable(now=now)
-        if kind == "clock_back":
-            return engine.tick(now - op[1])
-    except SessionFSMError as exc:
-        return (type(exc).__name__, str(exc))
-    raise AssertionError(f"unknown operation {op!r}")
 
 
 @given(
@@ -61,8 +37,8 @@ def test_compiled_and_reference_runtimes_agree(
     for step, op in enumerate(ops):
         if op[0] == "tick":
             now += op[1]
-        got = _apply(compiled, op, now)
-        want = _apply(reference, op, now)
+        got = apply_operation(compiled, op, now)
+        want = apply_operation(reference, op, now)
         assert msgspec.to_builtins(got) == msgspec.to_builtins(want), (step, op)
         assert compiled.debug_state() == reference.debug_state(), (step, op)
     compiled.check()
@@ -120,8 +96,8 @@ def test_inv11_inv12_inv13_blame_agrees_between_runtimes(
     for step, op in enumerate(ops):
         if op[0] == "tick":
             now += op[1]
-        got = _apply(compiled, op, now)
-        want = _apply(reference, op, now)
+        got = apply_operation(compiled, op, now)
+        want = apply_operation(reference, op, now)
         assert msgspec.to_builtins(got) == msgspec.to_builtins(want), (step, op)
         assert compiled.debug_state() == reference.debug_state(), (step, op)
     compiled.check()

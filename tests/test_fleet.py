@@ -400,28 +400,111 @@ def test_a_redrive_request_is_applied_by_the_owner_while_it_runs(
 ) -> None:
     """``fleet redrive --dsn`` revives a dead letter through its running owner, which
     syncs it; an id that is not a dead letter is ignored and counted."""
-    answers = iter([acks.PayloadTooLarge()])
+    worker = _dead_letter_big(pg_dsn, pg_schema)
+    reader = PostgresStore(pg_dsn, schema=pg_schema, readonly=True, partition=None)
+    result = sessionfsm_cli(
+        "fleet", "redrive", "--dsn", pg_dsn, "--schema", pg_schema, "big", "nobody"
+    )
+    assert result.exit_code == 0, result.output
+    _until(
+        lambda: (worker.step(), reader.session("big").state)[1] is SessionState.SYNCED,
+        "the owner to redrive and sync big",
+    )
+    assert "redriven" in [c.event for c in reader.history("big")]
+    _until(lambda: worker.stats["redrive_ignored"] == 1, "the unknown id to be ignored")
+    reader.close()
+    worker.stop()
 
-    def send(partition: int, epoch: int, batch: Batch) -> acks.Ack:
-        return next(answers, acks.Ok())
 
+def _dead_letter_big(pg_dsn: str, pg_schema: str) -> Worker:
+    """A running worker whose relay refuses ``big`` (PayloadTooLarge) once and
+    accepts everything else: ``a`` and ``b`` synced, ``big`` dead-lettered."""
+
+    def send(partition: int, epoch: int, batch: Batch) -> acks.Ack | dict[str, acks.Ack]:
+        if "big" in batch.session_ids and not send.refused:  # type: ignore[attr-defined]
+            send.refused = True  # type: ignore[attr-defined]
+            return {
+                sid: acks.PayloadTooLarge() if sid == "big" else acks.Ok()
+                for sid in batch.session_ids
+            }
+        return acks.Ok()
+
+    send.refused = False  # type: ignore[attr-defined]
     worker = _worker(pg_dsn, pg_schema, send, "w1", partitions=2)
     reader = PostgresStore(pg_dsn, schema=pg_schema, readonly=True, partition=None)
     with Producer(pg_dsn, schema=pg_schema) as producer:
-        producer.enqueue(["big"])
-        for _ in range(3):
-            worker.step()
-            worker.wait(0.1)
-        assert reader.session("big").state is SessionState.DEAD_LETTERED
-        result = sessionfsm_cli(
-            "fleet", "redrive", "--dsn", pg_dsn, "--schema", pg_schema, "big", "nobody"
-        )
-        assert result.exit_code == 0, result.output
-        for _ in range(3):
-            worker.wait(0.5)
-            worker.step()
-    assert reader.session("big").state is SessionState.SYNCED
+        producer.enqueue(["a", "b", "big"])
+    _until(
+        lambda: (worker.step(), reader.sessions_by_state())[1].get(SessionState.DEAD_LETTERED) == 1,
+        "big to be dead-lettered",
+    )
+    reader.close()
+    return worker
+
+
+def test_operating_commands_read_a_fleet_with_dsn(
+    pg_dsn: str, pg_schema: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """``status``, ``dead-letters`` and ``history`` take ``--dsn`` and read every
+    partition of a fleet's database beside a running worker, never naming the DSN."""
+    worker = _dead_letter_big(pg_dsn, pg_schema)
+    where = ("--dsn", pg_dsn, "--schema", pg_schema)
+    status = sessionfsm_cli("status", *where, "--json")
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.output)
+    assert data["schema"] == pg_schema
+    assert data["counts"]["dead_lettered"] == 1
+    assert data["sessions"] == 3
+    dead = json.loads(sessionfsm_cli("dead-letters", *where, "--json").output)
+    assert [(s["id"], s["reason"]) for s in dead["sessions"]] == [("big", "PayloadTooLarge")]
+    history = json.loads(sessionfsm_cli("history", "big", *where, "--json").output)
+    assert history["session"]["state"] == "dead_lettered"
+    assert [c["event"] for c in history["history"]][-1] == "rejected"
+    table = sessionfsm_cli("status", *where)
+    assert table.exit_code == 0, table.output
+    assert f"postgresql schema '{pg_schema}'" in table.output
+    assert pg_dsn not in table.output + status.output
+    worker.stop()
+
+
+def test_redrive_with_dsn_goes_through_the_running_owner(
+    pg_dsn: str, pg_schema: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """``redrive --dsn`` asks each dead letter's owner through the inbox while the
+    worker runs; the owner revives and syncs it, and its lease is never bypassed."""
+    worker = _dead_letter_big(pg_dsn, pg_schema)
+    where = ("--dsn", pg_dsn, "--schema", pg_schema)
+    refused = sessionfsm_cli("redrive", "a", *where)
+    assert refused.exit_code == 2
+    assert "not dead-lettered (it is synced)" in refused.output
+    result = sessionfsm_cli("redrive", "--all", *where, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["requested"] == ["big"]
+    reader = PostgresStore(pg_dsn, schema=pg_schema, readonly=True, partition=None)
+    _until(
+        lambda: (worker.step(), reader.session("big").state)[1] is SessionState.SYNCED,
+        "the owner to redrive and sync big",
+    )
     assert "redriven" in [c.event for c in reader.history("big")]
-    assert worker.stats["redrive_ignored"] == 1
+    history = _sql(pg_dsn, f'SELECT DISTINCT epoch FROM "{pg_schema}".history')
+    assert history == [(1,)]  # every write under the worker's own lease
     reader.close()
     worker.stop()
+
+
+def test_operating_commands_refuse_mixed_or_missing_sources(
+    pg_dsn: str, pg_schema: str, sessionfsm_cli: Callable[..., Any]
+) -> None:
+    """``--db`` with ``--dsn``, ``--policy`` or ``--schema`` in the wrong place are
+    usage errors; a schema that holds no sessionfsm tables is a clear error."""
+    both = sessionfsm_cli("status", "--db", "x.db", "--dsn", pg_dsn)
+    assert both.exit_code == 2
+    assert "--db or --dsn, not both" in both.output
+    schema_alone = sessionfsm_cli("dead-letters", "--schema", pg_schema)
+    assert schema_alone.exit_code == 2
+    policy = sessionfsm_cli("redrive", "--all", "--dsn", pg_dsn, "--policy", "p.toml")
+    assert policy.exit_code == 2
+    assert "--policy goes with --db" in policy.output
+    missing = sessionfsm_cli("status", "--dsn", pg_dsn, "--schema", "nothing_here")
+    assert missing.exit_code == 1
+    assert "does not exist" in missing.output

@@ -21,12 +21,12 @@ from sessionfsm import (
     MemoryStore,
     Policy,
     Report,
-    SessionFSMError,
     SessionState,
     UsageError,
     acks,
 )
 from sessionfsm.metrics import Tally
+from tests.conftest import apply_operation
 from tests.strategies import operations, policies
 from tests.test_stateful import EngineMachine
 
@@ -62,29 +62,6 @@ def _public_state(engine: Engine) -> Any:
             "next_wakeup": engine.next_wakeup(),
         }
     )
-
-
-def _apply(engine: Engine, op: tuple[Any, ...], now: float) -> Any:
-    """One operation of ``tests.strategies.operations``; what it returned or raised."""
-    kind = op[0]
-    try:
-        if kind == "enqueue":
-            return engine.enqueue(op[1], lane=op[2])
-        if kind in ("tick", "clock_back"):
-            return engine.tick(now if kind == "tick" else now - op[1])
-        if kind in ("ack", "ack_each"):
-            batches = engine.in_flight()
-            batch_id = batches[op[1] % len(batches)].id if batches else 999
-            return engine.on_ack(batch_id, op[2], now=now)
-        if kind == "redrive":
-            return engine.redrive(op[1], now=now)
-        if kind == "relay_ready":
-            return engine.relay_ready(now=now)
-        if kind == "relay_unavailable":
-            return engine.relay_unavailable(now=now)
-    except SessionFSMError as exc:
-        return (type(exc).__name__, str(exc))
-    raise AssertionError(f"unknown operation {op!r}")
 
 
 # ------------------------------------------------------------------ the journal
@@ -279,7 +256,7 @@ def test_listeners_never_change_what_the_engine_does(
             heard.subscribe(_slow)
         if op[0] == "tick":
             now += op[1]
-        got, want = _apply(heard, op, now), _apply(bare, op, now)
+        got, want = apply_operation(heard, op, now), apply_operation(bare, op, now)
         assert msgspec.to_builtins(got) == msgspec.to_builtins(want), (step, op)
         assert _public_state(heard) == _public_state(bare), (step, op)
     heard.check()

@@ -50,6 +50,7 @@ from sessionfsm import sqlite_store as sqlite_store_module
 from sessionfsm.machine import LinkRecord, SessionRecord
 from sessionfsm.store import Change, Delta
 from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
+from tests.conftest import FAST as SHARED_FAST
 from tests.conftest import SMALL_POLICY
 from tests.strategies import operations_with_restarts, policies, store_kinds
 
@@ -59,17 +60,10 @@ BACKOFF = SessionState.BACKOFF
 SYNCED = SessionState.SYNCED
 DEAD = SessionState.DEAD_LETTERED
 
-#: Batches of up to 3, no throttle, two batches in flight at once, acks awaited 2 min.
-FAST = Policy(
-    batch_size=3,
-    incremental_interval_s=0.0,
-    max_in_flight=2,
-    tick_interval_s=5.0,
-    ack_timeout_s=120.0,
-    # These tests pin down what a store keeps of a charge: every refusal is
-    # charged, evidence or not (the blame rules are tested in test_blame.py).
-    max_relay_refusal_s=0.0,
-)
+
+#: The shared FAST policy, charging every refusal: these tests pin down what a
+#: store keeps of a charge, evidence or not (the blame rules: test_blame.py).
+FAST = msgspec.structs.replace(SHARED_FAST, max_relay_refusal_s=0.0)
 
 OpenStore = Callable[..., Store]
 

@@ -34,6 +34,9 @@ POLICY = Policy(
         threshold=5, backoff=Fixed(delay_s=0.2), honour_retry_after=True, retry_after_cap_s=1.0
     ),
     relay_pause=Exponential(base_s=0.1, factor=2.0, cap_s=0.5, jitter=False),
+    # The relay-wide throttle's own wait too (the default starts at 10 s and
+    # doubles): a probe answered with a whole-request 413 extends the throttle.
+    relay_throttle=Exponential(base_s=0.2, factor=2.0, cap_s=1.0, jitter=False),
 )
 
 

@@ -173,14 +173,22 @@ def main(log_level: str, log_json: bool | None) -> None:
 @main.command()
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed for backoff jitter.")
 @click.option("--live", is_flag=True, help="Run for real against the reference relay on loopback.")
-@click.option("--seconds", type=float, default=6.0, show_default=True, help="With --live.")
+@click.option(
+    "--seconds",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="With --live: at most this long; it stops once every session is at rest.",
+)
 def demo(seed: int, live: bool, seconds: float) -> None:
     """Sync a dozen sessions against a scripted relay and show what happened.
 
     The relay refuses one oversized session with RateLimited every time, goes
     unavailable for a while, loses one ack, and one session changes while in
-    flight. Watch the oversized session dead-letter after 5 RateLimited acks
-    while the flap costs nobody anything. With --live: see docs/transports.md.
+    flight; another (s01, the user's open session) keeps changing every 20 s.
+    Watch the oversized session dead-letter after 5 RateLimited acks, each
+    charged because the relay accepted s01 meanwhile, while the flap costs
+    nobody anything. With --live: see docs/transports.md.
     """
     if live:
         from sessionfsm.tools.live import live_demo
@@ -196,21 +204,26 @@ def demo(seed: int, live: bool, seconds: float) -> None:
     relay.script("s05", None)  # its ack is lost: the engine times it out
     harness.step()  # t=0: the first incremental batch
     engine.enqueue("s02", now=harness.clock.now)  # changed after it was synced
-    while harness.clock.now < 35.0:
-        harness.step()
+    changes = 0
+
+    def step_until(end: float) -> None:
+        # s01 is open on the user's machine: it changes every 20 s. That the
+        # relay accepts it is the evidence that charges s03 (docs/blame.md);
+        # alone, s03 would be charged only past Policy.max_relay_refusal_s.
+        nonlocal changes
+        while harness.clock.now < end:
+            if harness.clock.now >= 20.0 * (changes + 1):
+                changes += 1
+                engine.enqueue("s01", now=harness.clock.now)
+            harness.step()
+
+    step_until(35.0)
     relay.down()  # the relay flaps for 20 s: nobody may be charged for it
-    while harness.clock.now < 55.0:
-        harness.step()
+    step_until(55.0)
     relay.up()
     engine.relay_ready(harness.clock.now)
-    # A live app keeps changing its sessions: the relay accepting s01 again and
-    # again is the evidence that s03's refusals are its own (docs/blame.md).
-    changed_at = harness.clock.now
-    while engine.state("s03") not in (SessionState.SYNCED, SessionState.DEAD_LETTERED):
-        harness.step()
-        if harness.clock.now - changed_at >= 30.0:
-            changed_at = harness.clock.now
-            engine.enqueue("s01", now=changed_at)
+    while engine.state("s03") is not SessionState.DEAD_LETTERED and harness.clock.now < 3600.0:
+        step_until(harness.clock.now + 20.0)
     done_at = harness.run_until_idle()
 
     rows = []
@@ -240,7 +253,12 @@ def demo(seed: int, live: bool, seconds: float) -> None:
 # Simulate, and operate a real store: status, dead-letters, history, redrive.
 # ------------------------------------------------------------------------
 
-_DB_HELP = "SQLite database of the engine (written by a service or `simulate`)."
+_DB_HELP = (
+    "SQLite database of the engine (written by a service or `simulate`) [default: sessionfsm.db]."
+)
+_DSN_HELP = (
+    "PostgreSQL database of a fleet (libpq URL) instead of --db; needs the 'postgres' extra."
+)
 
 
 class _Reason(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
@@ -272,16 +290,75 @@ def _db_option(func: Any) -> Any:
     )(func)
 
 
+class _Source(msgspec.Struct, frozen=True):
+    """Where an operating command reads: a SQLite file or a PostgreSQL schema."""
+
+    db: Path | None
+    dsn: str | None
+    schema: str
+
+    @property
+    def label(self) -> str:
+        """How output names the database: the file, or the schema (never the
+        DSN, which may hold a password)."""
+        return f"postgresql schema {self.schema!r}" if self.dsn is not None else str(self.db)
+
+    def as_json(self) -> dict[str, str]:
+        if self.dsn is not None:
+            return {"schema": self.schema}
+        return {"db": str(self.db)}
+
+
+def _source_options(func: Any) -> Any:
+    """``--db FILE`` or ``--dsn URL [--schema NAME]``, given to the command as ``source``."""
+
+    func = click.option(
+        "--schema",
+        default="sessionfsm",
+        show_default=True,
+        help="With --dsn: the schema sessionfsm keeps its tables in.",
+    )(func)
+    func = click.option("--dsn", help=_DSN_HELP)(func)
+    func = click.option(
+        "--db", type=click.Path(dir_okay=False, path_type=Path), default=None, help=_DB_HELP
+    )(func)
+    return func
+
+
+def _source(db: Path | None, dsn: str | None, schema: str) -> _Source:
+    if db is not None and dsn is not None:
+        raise click.UsageError("pass --db or --dsn, not both")
+    if dsn is not None:
+        return _Source(None, dsn, schema)
+    if schema != "sessionfsm":
+        raise click.UsageError("--schema goes with --dsn")
+    return _Source(db if db is not None else Path("sessionfsm.db"), None, schema)
+
+
 def _json_option(func: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
         func
     )
 
 
-def open_reader(db: Path) -> StoreReader:
+def open_reader(
+    db: Path | None = None, *, dsn: str | None = None, schema: str = "sessionfsm"
+) -> StoreReader:
     """The store the operating commands read (``status``, ``dead-letters``,
-    ``history``). They use only the :class:`~sessionfsm.store.StoreReader`
-    protocol, so another store plugs in here."""
+    ``history``, and ``redrive``'s choice of sessions): the SQLite file ``db``,
+    or with ``dsn`` a fleet's PostgreSQL ``schema``, read-only in both cases.
+    They use only the :class:`~sessionfsm.store.StoreReader` protocol, so
+    another store plugs in here."""
+    if dsn is not None:
+        try:
+            from sessionfsm.postgres_store import PostgresStore
+        except ImportError as exc:
+            raise UsageError(
+                f"--dsn needs the 'postgres' extra: pip install 'sessionfsm[postgres]' ({exc})"
+            ) from None
+        # partition=None: the whole database, every partition, beside running workers.
+        return PostgresStore(dsn, schema=schema, readonly=True, partition=None)
+    db = db if db is not None else Path("sessionfsm.db")
     if not db.exists():
         raise UsageError(f"cannot read {str(db)!r}: the file does not exist (see --db)")
     # Read-only: works while a service holds the file for writing, and never
@@ -290,8 +367,11 @@ def open_reader(db: Path) -> StoreReader:
 
 
 @contextlib.contextmanager
-def _read_store(db: Path) -> Iterator[StoreReader]:
-    store = open_reader(db)
+def _read_store(source: _Source) -> Iterator[StoreReader]:
+    if source.dsn is not None:
+        store = open_reader(dsn=source.dsn, schema=source.schema)
+    else:
+        store = open_reader(source.db)
     try:
         yield store
     finally:
@@ -345,17 +425,22 @@ def _show_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
 
 @main.command()
-@_db_option
+@_source_options
 @_json_option
-def status(db: Path, as_json: bool) -> None:
-    """Sessions by state, and the relay link, as last saved in the database."""
-    with _read_store(db) as store:
+def status(db: Path | None, dsn: str | None, schema: str, as_json: bool) -> None:
+    """Sessions by state, and the relay link, as last saved in the database.
+
+    With --dsn, a fleet's sessions over every partition; the link is the one
+    last saved by any worker (`sessionfsm fleet status` shows each lease).
+    """
+    source = _source(db, dsn, schema)
+    with _read_store(source) as store:
         counts = {state.value: n for state, n in store.sessions_by_state().items()}
         link, now = store.link(), store.now()
     if as_json:
         _echo_json(
             {
-                "db": str(db),
+                **source.as_json(),
                 "sessions": sum(counts.values()),
                 "counts": counts,
                 "link": {
@@ -372,28 +457,31 @@ def status(db: Path, as_json: bool) -> None:
     _show_table("sessions by state", ("state", "sessions"), rows)
     resume = f", resumes at {_when(link.resume_at)}" if link.resume_at is not None else ""
     click.echo(
-        f"{db}: link {link.state.value} ({link.failures} consecutive failures{resume}), "
+        f"{source.label}: link {link.state.value} ({link.failures} consecutive failures{resume}), "
         f"last saved at {_when(now) or 'never'}"
     )
 
 
 @main.command("dead-letters")
-@_db_option
+@_source_options
 @click.option(
     "--reason",
     type=_REASON,
     help="Only the dead letters of this reason (any case).",
 )
 @_json_option
-def dead_letters(db: Path, reason: str | None, as_json: bool) -> None:
+def dead_letters(
+    db: Path | None, dsn: str | None, schema: str, reason: str | None, as_json: bool
+) -> None:
     """List dead-lettered sessions, oldest first: reason, attempts and when."""
-    with _read_store(db) as store:
+    source = _source(db, dsn, schema)
+    with _read_store(source) as store:
         dead = store.dead_letters(reason)
     by_reason = dict(sorted(Counter(v.dead_letter_reason or "?" for v in dead).items()))
     if as_json:
         _echo_json(
             {
-                "db": str(db),
+                **source.as_json(),
                 "total": len(dead),
                 "by_reason": by_reason,
                 "sessions": [
@@ -422,18 +510,26 @@ def dead_letters(db: Path, reason: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("session_id")
-@_db_option
+@_source_options
 @click.option("--limit", type=click.IntRange(min=1), help="Only the last N transitions.")
 @_json_option
-def history(session_id: str, db: Path, limit: int | None, as_json: bool) -> None:
+def history(
+    session_id: str,
+    db: Path | None,
+    dsn: str | None,
+    schema: str,
+    limit: int | None,
+    as_json: bool,
+) -> None:
     """The transition history of one session, oldest first."""
-    with _read_store(db) as store:
+    source = _source(db, dsn, schema)
+    with _read_store(source) as store:
         view = store.session(session_id)
         rows = store.history(session_id, limit=limit)
     if as_json:
         _echo_json(
             {
-                "db": str(db),
+                **source.as_json(),
                 "session": msgspec.to_builtins(view),
                 "history": msgspec.to_builtins(rows),
             }
@@ -452,7 +548,7 @@ def history(session_id: str, db: Path, limit: int | None, as_json: bool) -> None
 
 @main.command()
 @click.argument("session_id", required=False)
-@_db_option
+@_source_options
 @click.option("--all", "redrive_all", is_flag=True, help="Redrive every dead letter.")
 @click.option(
     "--reason",
@@ -468,12 +564,14 @@ def history(session_id: str, db: Path, limit: int | None, as_json: bool) -> None
     "--policy",
     "policy_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Policy TOML of the service (default: the built-in policy).",
+    help="Policy TOML of the service (default: the built-in policy; not with --dsn).",
 )
 @_json_option
 def redrive(
     session_id: str | None,
-    db: Path,
+    db: Path | None,
+    dsn: str | None,
+    schema: str,
     redrive_all: bool,
     reason: str | None,
     limit: int | None,
@@ -483,17 +581,29 @@ def redrive(
     """Give dead letters a fresh start: back to queued, counters cleared.
 
     Pass one SESSION_ID, --all, or --reason R; --limit N paces a recovered
-    relay by redriving at most N per run. The database must not be held by a
-    running service (stop it first; it picks the sessions up when it starts).
-    Times are written in wall-clock seconds, or, on a database that
+    relay by redriving at most N per run. A SQLite database must not be held
+    by a running service (stop it first; it picks the sessions up when it
+    starts). Times are written in wall-clock seconds, or, on a database that
     ``sessionfsm simulate`` wrote, on its simulated clock (so the redrive
     lands after the simulated history instead of aging all of it out).
+
+    With --dsn, workers may run: the request goes through the fleet's inbox
+    and each session's owner applies it with its own policy on its next tick
+    (or when a worker next takes the partition).
     """
     chosen = [x for x in (session_id is not None, redrive_all, reason is not None) if x]
     if len(chosen) != 1:
         raise click.UsageError("pass exactly one of SESSION_ID, --all or --reason")
     if session_id is not None and limit is not None:
         raise click.UsageError("--limit goes with --all or --reason, not a SESSION_ID")
+    source = _source(db, dsn, schema)
+    if source.dsn is not None:
+        if policy_path is not None:
+            raise click.UsageError("--policy goes with --db: with --dsn each owner uses its own")
+        _redrive_fleet(source, session_id, reason, limit, as_json)
+        return
+    db = source.db
+    assert db is not None
     policy = load_policy(policy_path) if policy_path is not None else Policy()
     if not db.exists():
         # A writable store would create an empty database: nothing to redrive there.
@@ -523,10 +633,46 @@ def redrive(
             ids = engine.redrive_all(now, reason=reason, limit=limit)
         left = len(engine.dead_letters())
     if as_json:
-        _echo_json({"db": str(db), "redriven": ids, "dead_letters_left": left})
+        _echo_json({**source.as_json(), "redriven": ids, "dead_letters_left": left})
         return
     plural = "s" if len(ids) != 1 else ""
     click.echo(f"redrove {len(ids)} session{plural}; {left} dead letters left")
+    for sid in ids:
+        click.echo(sid)
+
+
+def _redrive_fleet(
+    source: _Source, session_id: str | None, reason: str | None, limit: int | None, as_json: bool
+) -> None:
+    """Redrive on a fleet's database: choose the dead letters from a read-only
+    view, then ask their owners through the inbox (``Producer.redrive``), so a
+    running worker applies it and nothing writes behind its lease."""
+    with _read_store(source) as store:
+        if session_id is not None:
+            state = store.session(session_id).state.value
+            if state != "dead_lettered":
+                raise UsageError(
+                    f"session {session_id!r} is not dead-lettered (it is {state}); "
+                    "only dead letters can be redriven"
+                )
+            ids = [session_id]
+        else:
+            ids = [v.id for v in store.dead_letters(reason)][:limit]
+        dead = len(store.dead_letters())
+    from sessionfsm.fleet import Producer
+
+    assert source.dsn is not None
+    with Producer(source.dsn, schema=source.schema) as producer:
+        producer.redrive(ids)
+    left = dead - len(ids)
+    if as_json:
+        _echo_json({**source.as_json(), "requested": ids, "dead_letters_left": left})
+        return
+    plural = "s" if len(ids) != 1 else ""
+    click.echo(
+        f"asked the owners to redrive {len(ids)} session{plural}; {left} dead letters left "
+        "once they have (`sessionfsm dead-letters --dsn ...` shows it)"
+    )
     for sid in ids:
         click.echo(sid)
 

@@ -74,7 +74,7 @@ class LiveDemo:
     oversized session and goes down for a moment.
     """
 
-    def __init__(self, *, sessions: int = 200, seconds: float = 6.0, seed: int = 7) -> None:
+    def __init__(self, *, sessions: int = 200, seconds: float = 15.0, seed: int = 7) -> None:
         from ..engine import Engine
         from ..policy import Exponential, Fixed, Policy, ReasonPolicy
         from ..reference_relay import ReferenceRelay, RelayConfig
@@ -95,6 +95,9 @@ class LiveDemo:
                 threshold=5, backoff=Fixed(delay_s=0.3), honour_retry_after=True
             ),
             relay_pause=Exponential(base_s=0.2, factor=2.0, cap_s=1.0, jitter=False),
+            # Scaled down like every other wait: the default (10 s, doubling)
+            # outlasts the whole demo, and a failed probe extends a throttle.
+            relay_throttle=Exponential(base_s=0.3, factor=2.0, cap_s=1.0, jitter=False),
         )
         self.engine = Engine(self.policy, rng=random.Random(seed), log=False)
         self.versions = {f"s{i:03d}": 1 for i in range(sessions)}
@@ -204,7 +207,7 @@ class LiveDemo:
         }
 
 
-def live_demo(*, seconds: float = 6.0, sessions: int = 200, seed: int = 7) -> dict[str, Any]:
+def live_demo(*, seconds: float = 15.0, sessions: int = 200, seed: int = 7) -> dict[str, Any]:
     """Run :class:`LiveDemo` with a live rich view, then print a summary."""
     _need_extras()
     from rich.console import Console

@@ -196,44 +196,38 @@ def _print_summary(result: SimResult, db: Path | None, persisted: dict[str, int]
 
 
 def _print_sweep(scenario: Scenario, policy: Policy, rows: list[SweepRow]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    # The operating commands' table: whole values on a terminal (folded, never
+    # cut at 80 columns) and plain columns when piped.
+    from sessionfsm.tools.cli import _show_table
 
     current = (policy.rate_limited.threshold, backoff_label(policy.rate_limited.backoff))
-    table = Table(
-        title=f"sweep {scenario.name}: RateLimited threshold x backoff (in memory)",
-        title_justify="left",
-        caption="* the policy given (or the default); everything else as in it",
-        caption_justify="left",
+    _show_table(
+        f"sweep {scenario.name}: RateLimited threshold x backoff (in memory)",
+        (
+            "threshold",
+            "backoff",
+            "wrongly dead-lettered",
+            "wasted sends",
+            "batches",
+            "split parts",
+            "during throttle",
+            "drain",
+        ),
+        [
+            (
+                f"{row.threshold}{' *' if (row.threshold, row.backoff) == current else ''}",
+                row.backoff,
+                str(row.wrongly_dead_lettered),
+                str(row.wasted_sends),
+                str(row.batches),
+                str(row.isolation_batches),
+                str(row.throttled_batches),
+                _seconds(row.drain_time_s),
+            )
+            for row in rows
+        ],
     )
-    columns = (
-        "threshold",
-        "backoff",
-        "wrongly dead-lettered",
-        "wasted sends",
-        "batches",
-        "split parts",
-        "during throttle",
-        "drain",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "backoff" else "right", no_wrap=True)
-    for row in rows:
-        mark = " *" if (row.threshold, row.backoff) == current else ""
-        table.add_row(
-            f"{row.threshold}{mark}",
-            row.backoff,
-            str(row.wrongly_dead_lettered),
-            str(row.wasted_sends),
-            str(row.batches),
-            str(row.isolation_batches),
-            str(row.throttled_batches),
-            _seconds(row.drain_time_s),
-        )
-    # Never cut a column's name or a figure: a narrow terminal or a pipe
-    # (80 columns) gets a wider table rather than "wrongly dead-le…".
-    console = Console()
-    Console(width=max(console.width, 132)).print(table)
+    click.echo("* the policy given (or the default); everything else as in it")
 
 
 def _prometheus_exporter() -> Any:
