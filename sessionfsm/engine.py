@@ -58,12 +58,19 @@ from typing import Any, Final
 import msgspec
 
 from . import acks
-from ._errors import InvalidAck, TransitionNotAllowed, UnknownSession, UsageError
+from ._errors import (
+    InvalidAck,
+    InvariantViolation,
+    TransitionNotAllowed,
+    UnknownSession,
+    UsageError,
+)
 from ._log import get_logger
 from .listeners import BatchEvent, Listener, Report
 from .machine import (
     ACK_EVENTS,
     CHARGED_REASONS,
+    INVARIANTS,
     RESTING_STATES,
     ZERO_COUNTS,
     Lane,
@@ -819,45 +826,52 @@ class Engine:
         return resting and not self._redrive
 
     def check(self) -> None:
-        """Assert the structural invariants (1, 3, 10, 13) over every session.
+        """Check the structural invariants (1, 3, 7, 10, 13) over every session.
 
         O(n); for tests and debugging, never on a hot path. Raises
-        ``AssertionError`` naming the first broken invariant.
+        :class:`~sessionfsm.InvariantViolation` naming the first broken
+        invariant (its number and name, from ``sessionfsm.machine.INVARIANTS``).
         """
+
+        def expect(ok: bool, number: int, detail: str) -> None:
+            if not ok:
+                raise InvariantViolation(number, INVARIANTS[number].name, detail)
+
         ready: dict[str, Lane] = {}
         for lane, queue in self._ready.items():
             for sid in queue:
                 rec = self._sessions[sid]
                 if rec.state is _QUEUED and rec.lane is lane:
-                    assert sid not in ready, f"inv1: {sid!r} queued twice"
+                    expect(sid not in ready, 1, f"{sid!r} queued twice")
                     ready[sid] = lane
         heap_ids = [sid for _, sid in self._retry]
-        assert len(heap_ids) == len(set(heap_ids)), "inv1: a session is in the retry heap twice"
+        expect(len(heap_ids) == len(set(heap_ids)), 1, "a session is in the retry heap twice")
         heap = set(heap_ids)
         flying: dict[str, int] = {}
         for bid, ob in self._batches.items():
             for sid in ob.pending:
-                assert sid not in flying, f"inv1: {sid!r} in batches {flying[sid]} and {bid}"
+                if sid in flying:
+                    expect(False, 1, f"{sid!r} in batches {flying[sid]} and {bid}")
                 flying[sid] = bid
         counted: Counter[SessionState] = Counter()
         for sid, rec in self._sessions.items():
             counted[rec.state] += 1
             state = rec.state
-            assert (sid in ready) == (state is _QUEUED), f"inv1: {sid!r} {state} vs ready queue"
-            assert (sid in heap) == (state is _BACKOFF), f"inv1: {sid!r} {state} vs retry heap"
-            assert (sid in flying) == (state is _IN_FLIGHT), f"inv1: {sid!r} {state} vs batches"
-            assert (rec.retry_at is not None) == (state is _BACKOFF), f"inv10: {sid!r} retry_at"
-            assert (sid in self._dead) == (state is _DEAD), f"inv1: {sid!r} dead-letter index"
+            expect((sid in ready) == (state is _QUEUED), 1, f"{sid!r} {state} vs ready queue")
+            expect((sid in heap) == (state is _BACKOFF), 1, f"{sid!r} {state} vs retry heap")
+            expect((sid in flying) == (state is _IN_FLIGHT), 1, f"{sid!r} {state} vs batches")
+            expect((rec.retry_at is not None) == (state is _BACKOFF), 10, f"{sid!r} retry_at")
+            expect((sid in self._dead) == (state is _DEAD), 1, f"{sid!r} dead-letter index")
             if state is _DEAD:
-                assert not any(rec.counts), f"inv3: {sid!r} dead with counts {rec.counts}"
-                assert rec.dead_letter_reason in CHARGED_REASONS, f"inv7: {sid!r} reason"
-        assert +counted == +self._by_state, "inv1: state counters drifted"
+                expect(not any(rec.counts), 3, f"{sid!r} dead with counts {rec.counts}")
+                expect(rec.dead_letter_reason in CHARGED_REASONS, 7, f"{sid!r} reason")
+        expect(+counted == +self._by_state, 1, "state counters drifted")
         link = self._link
         if link.state is LinkState.THROTTLED:
-            assert link.resume_at is not None, "inv13: a throttled link with no end to its wait"
+            expect(link.resume_at is not None, 13, "a throttled link with no end to its wait")
         probes = [ob for ob in self._batches.values() if ob.batch.probe]
-        assert len(probes) <= 1, f"inv13: {len(probes)} probes out at once"
-        assert self._probe is None or self._probe in self._batches, "inv13: stale probe"
+        expect(len(probes) <= 1, 13, f"{len(probes)} probes out at once")
+        expect(self._probe is None or self._probe in self._batches, 13, "stale probe")
 
     # --------------------------------------------------------------- internals
 
