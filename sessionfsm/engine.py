@@ -45,6 +45,7 @@ the lane are exactly the parts (``docs/blame.md``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
 import math
 import random
@@ -66,6 +67,7 @@ from ._errors import (
     UsageError,
 )
 from ._log import get_logger
+from .inspection import BlameState, EngineState, OpenBatchState, RedriveState
 from .listeners import BatchEvent, Listener, Report
 from .machine import (
     ACK_EVENTS,
@@ -1458,6 +1460,79 @@ class Engine:
 
     def _iter_records(self) -> Iterable[SessionRecord]:
         return self._sessions.values()
+
+    def inspect(self) -> EngineState:
+        """A frozen, typed copy of the engine's inner state, for white-box tools
+        (the model checker, tests, debugging). O(n); never on a hot path."""
+        sessions = self._sessions
+        return EngineState(
+            now=self._now,
+            sessions={sid: msgspec.structs.replace(rec) for sid, rec in sessions.items()},
+            ready={
+                lane: tuple(
+                    sid
+                    for sid in queue
+                    if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
+                )
+                for lane, queue in self._ready.items()
+            },
+            retry=tuple(sorted(self._retry)),
+            batches=tuple(
+                OpenBatchState(
+                    id=bid,
+                    lane=ob.batch.lane,
+                    session_ids=ob.batch.session_ids,
+                    pending=tuple(ob.pending),
+                    deadline=ob.batch.deadline,
+                    probe=ob.batch.probe,
+                    losses=ob.losses,
+                    accepted=ob.accepted,
+                )
+                for bid, ob in self._batches.items()
+            ),
+            closed=dict(self._closed),
+            next_batch_id=self._next_batch_id,
+            stamps=dict(self._stamps),
+            link=msgspec.structs.replace(self._link),
+            link_losses=self._link_losses,
+            redrive=RedriveState(
+                scheduled=tuple(self._redrive),
+                per_tick=self._redrive_per_tick,
+                last=self._redrive_last,
+            ),
+            blame=BlameState(
+                accepted=self._accepted,
+                marks=dict(self._marks),
+                refusing_since=self._refusing_since,
+                cuts={lane: tuple(cuts) for lane, cuts in self._cuts.items()},
+                probe=self._probe,
+            ),
+            anomalies=dict(self._anomalies),
+        )
+
+    def clone(self) -> Engine:
+        """A deep, independent copy of this engine, between calls.
+
+        It shares only what never changes (the policy, and a compiled runtime
+        with its table); everything else, the random generator included, is
+        copied, so the copy and the original diverge only by the calls each
+        gets. The copy has no store and no listeners: it persists nothing and
+        reports to nobody. For tools that explore alternatives (the model
+        checker); never on a hot path.
+        """
+        if self._pending or self._placed or self._link_changed:
+            raise UsageError("Engine.clone() is for an engine between calls")
+        memo: dict[int, Any] = {id(self.policy): self.policy, id(self._log): self._log}
+        for runtime in (self._runtime, self._link_runtime):
+            if isinstance(runtime, CompiledRuntime):
+                memo[id(runtime)] = runtime
+        memo[id(self._store)] = None
+        memo[id(self._listening)] = None
+        twin = copy.deepcopy(self, memo)
+        twin._store = None
+        twin._store_closed = False
+        twin._listening = None
+        return twin
 
     def debug_state(self) -> dict[str, Any]:
         """Everything two engines are compared on in tests, as plain data (a copy).
