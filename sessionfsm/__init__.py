@@ -12,6 +12,7 @@ from . import acks
 from ._errors import (
     InvalidAck,
     InvalidPolicy,
+    InvariantViolation,
     NotAStore,
     RemoteError,
     SessionFSMError,
@@ -52,6 +53,7 @@ __all__ = [
     "HistoryRetention",
     "InvalidAck",
     "InvalidPolicy",
+    "InvariantViolation",
     "Lane",
     "LinkEvent",
     "LinkReporter",

@@ -52,6 +52,30 @@ class InvalidPolicy(UsageError, ValueError):
     """A policy value is out of range or the policy file cannot be read."""
 
 
+class InvariantViolation(SessionFSMError, AssertionError):
+    """A live engine broke one of the numbered invariants of
+    :mod:`sessionfsm.machine` (a bug in sessionfsm, or in a table or runtime
+    passed in for testing). Raised by ``Engine.check()``.
+
+    It is an ``AssertionError`` too, so code that caught the engine's
+    assertions before keeps working.
+    """
+
+    def __init__(self, number: int, name: str, detail: str) -> None:
+        super().__init__(f"inv{number} ({name}): {detail}")
+        #: The invariant's number in the docstring of :mod:`sessionfsm.machine`.
+        self.number = number
+        #: Its short name, e.g. ``one_place``.
+        self.name = name
+        #: What was found, naming the session or the state.
+        self.detail = detail
+
+    @property
+    def key(self) -> str:
+        """``inv<number>_<name>``, the name reports use."""
+        return f"inv{self.number}_{self.name}"
+
+
 class StoreError(SessionFSMError):
     """The store cannot be opened or written without risking data loss."""
 

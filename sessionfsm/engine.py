@@ -45,6 +45,7 @@ the lane are exactly the parts (``docs/blame.md``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
 import math
 import random
@@ -58,12 +59,20 @@ from typing import Any, Final
 import msgspec
 
 from . import acks
-from ._errors import InvalidAck, TransitionNotAllowed, UnknownSession, UsageError
+from ._errors import (
+    InvalidAck,
+    InvariantViolation,
+    TransitionNotAllowed,
+    UnknownSession,
+    UsageError,
+)
 from ._log import get_logger
+from .inspection import BlameState, EngineState, OpenBatchState, RedriveState
 from .listeners import BatchEvent, Listener, Report
 from .machine import (
     ACK_EVENTS,
     CHARGED_REASONS,
+    INVARIANTS,
     RESTING_STATES,
     ZERO_COUNTS,
     Lane,
@@ -823,45 +832,52 @@ class Engine:
         return resting and not self._redrive
 
     def check(self) -> None:
-        """Assert the structural invariants (1, 3, 10, 13) over every session.
+        """Check the structural invariants (1, 3, 7, 10, 13) over every session.
 
         O(n); for tests and debugging, never on a hot path. Raises
-        ``AssertionError`` naming the first broken invariant.
+        :class:`~sessionfsm.InvariantViolation` naming the first broken
+        invariant (its number and name, from ``sessionfsm.machine.INVARIANTS``).
         """
+
+        def expect(ok: bool, number: int, detail: str) -> None:
+            if not ok:
+                raise InvariantViolation(number, INVARIANTS[number].name, detail)
+
         ready: dict[str, Lane] = {}
         for lane, queue in self._ready.items():
             for sid in queue:
                 rec = self._sessions[sid]
                 if rec.state is _QUEUED and rec.lane is lane:
-                    assert sid not in ready, f"inv1: {sid!r} queued twice"
+                    expect(sid not in ready, 1, f"{sid!r} queued twice")
                     ready[sid] = lane
         heap_ids = [sid for _, sid in self._retry]
-        assert len(heap_ids) == len(set(heap_ids)), "inv1: a session is in the retry heap twice"
+        expect(len(heap_ids) == len(set(heap_ids)), 1, "a session is in the retry heap twice")
         heap = set(heap_ids)
         flying: dict[str, int] = {}
         for bid, ob in self._batches.items():
             for sid in ob.pending:
-                assert sid not in flying, f"inv1: {sid!r} in batches {flying[sid]} and {bid}"
+                if sid in flying:
+                    expect(False, 1, f"{sid!r} in batches {flying[sid]} and {bid}")
                 flying[sid] = bid
         counted: Counter[SessionState] = Counter()
         for sid, rec in self._sessions.items():
             counted[rec.state] += 1
             state = rec.state
-            assert (sid in ready) == (state is _QUEUED), f"inv1: {sid!r} {state} vs ready queue"
-            assert (sid in heap) == (state is _BACKOFF), f"inv1: {sid!r} {state} vs retry heap"
-            assert (sid in flying) == (state is _IN_FLIGHT), f"inv1: {sid!r} {state} vs batches"
-            assert (rec.retry_at is not None) == (state is _BACKOFF), f"inv10: {sid!r} retry_at"
-            assert (sid in self._dead) == (state is _DEAD), f"inv1: {sid!r} dead-letter index"
+            expect((sid in ready) == (state is _QUEUED), 1, f"{sid!r} {state} vs ready queue")
+            expect((sid in heap) == (state is _BACKOFF), 1, f"{sid!r} {state} vs retry heap")
+            expect((sid in flying) == (state is _IN_FLIGHT), 1, f"{sid!r} {state} vs batches")
+            expect((rec.retry_at is not None) == (state is _BACKOFF), 10, f"{sid!r} retry_at")
+            expect((sid in self._dead) == (state is _DEAD), 1, f"{sid!r} dead-letter index")
             if state is _DEAD:
-                assert not any(rec.counts), f"inv3: {sid!r} dead with counts {rec.counts}"
-                assert rec.dead_letter_reason in CHARGED_REASONS, f"inv7: {sid!r} reason"
-        assert +counted == +self._by_state, "inv1: state counters drifted"
+                expect(not any(rec.counts), 3, f"{sid!r} dead with counts {rec.counts}")
+                expect(rec.dead_letter_reason in CHARGED_REASONS, 7, f"{sid!r} reason")
+        expect(+counted == +self._by_state, 1, "state counters drifted")
         link = self._link
         if link.state is LinkState.THROTTLED:
-            assert link.resume_at is not None, "inv13: a throttled link with no end to its wait"
+            expect(link.resume_at is not None, 13, "a throttled link with no end to its wait")
         probes = [ob for ob in self._batches.values() if ob.batch.probe]
-        assert len(probes) <= 1, f"inv13: {len(probes)} probes out at once"
-        assert self._probe is None or self._probe in self._batches, "inv13: stale probe"
+        expect(len(probes) <= 1, 13, f"{len(probes)} probes out at once")
+        expect(self._probe is None or self._probe in self._batches, 13, "stale probe")
 
     # --------------------------------------------------------------- internals
 
@@ -1448,6 +1464,79 @@ class Engine:
 
     def _iter_records(self) -> Iterable[SessionRecord]:
         return self._sessions.values()
+
+    def inspect(self) -> EngineState:
+        """A frozen, typed copy of the engine's inner state, for white-box tools
+        (the model checker, tests, debugging). O(n); never on a hot path."""
+        sessions = self._sessions
+        return EngineState(
+            now=self._now,
+            sessions={sid: msgspec.structs.replace(rec) for sid, rec in sessions.items()},
+            ready={
+                lane: tuple(
+                    sid
+                    for sid in queue
+                    if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
+                )
+                for lane, queue in self._ready.items()
+            },
+            retry=tuple(sorted(self._retry)),
+            batches=tuple(
+                OpenBatchState(
+                    id=bid,
+                    lane=ob.batch.lane,
+                    session_ids=ob.batch.session_ids,
+                    pending=tuple(ob.pending),
+                    deadline=ob.batch.deadline,
+                    probe=ob.batch.probe,
+                    losses=ob.losses,
+                    accepted=ob.accepted,
+                )
+                for bid, ob in self._batches.items()
+            ),
+            closed=dict(self._closed),
+            next_batch_id=self._next_batch_id,
+            stamps=dict(self._stamps),
+            link=msgspec.structs.replace(self._link),
+            link_losses=self._link_losses,
+            redrive=RedriveState(
+                scheduled=tuple(self._redrive),
+                per_tick=self._redrive_per_tick,
+                last=self._redrive_last,
+            ),
+            blame=BlameState(
+                accepted=self._accepted,
+                marks=dict(self._marks),
+                refusing_since=self._refusing_since,
+                cuts={lane: tuple(cuts) for lane, cuts in self._cuts.items()},
+                probe=self._probe,
+            ),
+            anomalies=dict(self._anomalies),
+        )
+
+    def clone(self) -> Engine:
+        """A deep, independent copy of this engine, between calls.
+
+        It shares only what never changes (the policy, and a compiled runtime
+        with its table); everything else, the random generator included, is
+        copied, so the copy and the original diverge only by the calls each
+        gets. The copy has no store and no listeners: it persists nothing and
+        reports to nobody. For tools that explore alternatives (the model
+        checker); never on a hot path.
+        """
+        if self._pending or self._placed or self._link_changed:
+            raise UsageError("Engine.clone() is for an engine between calls")
+        memo: dict[int, Any] = {id(self.policy): self.policy, id(self._log): self._log}
+        for runtime in (self._runtime, self._link_runtime):
+            if isinstance(runtime, CompiledRuntime):
+                memo[id(runtime)] = runtime
+        memo[id(self._store)] = None
+        memo[id(self._listening)] = None
+        twin = copy.deepcopy(self, memo)
+        twin._store = None
+        twin._store_closed = False
+        twin._listening = None
+        return twin
 
     def debug_state(self) -> dict[str, Any]:
         """Everything two engines are compared on in tests, as plain data (a copy).

@@ -148,7 +148,9 @@ from .policy import Policy, ReasonPolicy
 __all__ = [
     "ACK_EVENTS",
     "CHARGED_REASONS",
+    "INVARIANTS",
     "TRANSPORT_REASONS",
+    "Invariant",
     "Lane",
     "LinkMachine",
     "LinkRecord",
@@ -158,6 +160,75 @@ __all__ = [
     "SessionState",
     "Step",
 ]
+
+
+class Invariant(msgspec.Struct, frozen=True):
+    """One numbered invariant of the docstring above: what tests and tools name."""
+
+    #: The number the docstring gives it (tests are named ``test_invN_...``).
+    number: int
+    #: A short snake_case name, e.g. ``one_place``.
+    name: str
+    #: The invariant in one sentence.
+    sentence: str
+
+    @property
+    def key(self) -> str:
+        """``inv<number>_<name>``, the name reports use (e.g. ``inv1_one_place``)."""
+        return f"inv{self.number}_{self.name}"
+
+
+#: The invariants of the docstring above, by number. Keep the two in step.
+INVARIANTS: Final[dict[int, Invariant]] = {
+    inv.number: inv
+    for inv in (
+        Invariant(1, "one_place", "every session is in exactly one state and one matching place"),
+        Invariant(2, "reset_on_success", "Ok clears every counter and the retry time"),
+        Invariant(3, "dead_letter_clean", "a dead letter holds no counter or retry time"),
+        Invariant(
+            4, "transport_not_charged", "RelayUnavailable never changes counters or dead-letters"
+        ),
+        Invariant(
+            5, "no_send_before_retry", "no session is sent before its retry time, or unless ready"
+        ),
+        Invariant(
+            6,
+            "no_starvation",
+            "a tick leaves no lane with a ready session unsent while it may send",
+        ),
+        Invariant(
+            7, "dead_letter_at_threshold", "dead-letter exactly at the threshold or non-retryable"
+        ),
+        Invariant(
+            8, "no_lost_update", "a session changed in flight is never marked synced by that ack"
+        ),
+        Invariant(
+            9,
+            "stamp_only_with_batch",
+            "a lane's throttle stamp moves only when it forms a batch",
+        ),
+        Invariant(
+            10, "retry_at_and_counts", "retry_at iff backoff; a count grows by one per ack of it"
+        ),
+        Invariant(
+            11,
+            "shared_failure_not_charged",
+            "a failure answered for several sessions at once changes none of their counters",
+        ),
+        Invariant(
+            12,
+            "charged_only_on_evidence",
+            "a count grows only on a failure attributable to the session (the relay "
+            "accepted another since its previous attempt, or the bound)",
+        ),
+        Invariant(
+            13,
+            "one_probe_per_wait",
+            "a throttled link sends nothing before its wait is over, then one probe "
+            "until it is answered",
+        ),
+    )
+}
 
 
 class SessionState(StrEnum):

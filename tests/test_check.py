@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,16 @@ import click.testing
 import msgspec
 import pytest
 
-from sessionfsm import Engine, Lane, Policy, SessionState, acks
+from sessionfsm import (
+    Engine,
+    InvariantViolation,
+    Lane,
+    Policy,
+    SessionFSMError,
+    SessionState,
+    acks,
+    machine,
+)
 from sessionfsm.machine import CHARGED_REASONS, LinkRecord, SessionRecord, Step, bury, settle
 from sessionfsm.runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, Table
 from sessionfsm.tools import check as checker
@@ -577,3 +587,47 @@ def test_check_catches_a_whole_batch_failure_charged_to_everyone() -> None:
     assert len(violation.trace) <= 8
     replayed = replay(violation.trace, engine_factory=ChargeEveryone, relay=True)
     assert violation.invariant in replayed.broken
+
+
+# --------------------------------------------------------------------------
+# The invariant registry and Engine.check()'s exception
+# --------------------------------------------------------------------------
+
+
+def test_invariant_registry_numbers_match_the_machine_docstring() -> None:
+    """``machine.INVARIANTS`` lists exactly the invariants the docstring numbers, in order."""
+    doc = (machine.__doc__ or "").split("Invariants\n----------", 1)[1]
+    numbers = [int(n) for n in re.findall(r"^(\d+)\. ", doc, re.M)]
+    assert numbers == list(range(1, 14))
+    assert list(machine.INVARIANTS) == numbers
+    for number, invariant in machine.INVARIANTS.items():
+        assert invariant.number == number
+        assert invariant.key == f"inv{number}_{invariant.name}"
+        assert INVARIANTS[invariant.key] == invariant.sentence
+
+
+def test_inv3_engine_check_raises_invariant_violation_naming_it() -> None:
+    """A dead letter left with another reason's count makes ``Engine.check()`` raise
+    ``InvariantViolation`` carrying invariant 3's number and name (still an AssertionError)."""
+    engine = stale_counter_after_dead_letter(Policy())
+    for sid in ("a", "b"):
+        engine.enqueue(sid, now=0.0)
+    (batch,) = engine.tick(0.0)
+    engine.on_ack(batch.id, {"a": acks.Ok(), "b": acks.AckTimeout()}, now=0.0)
+    assert engine.session("b").charges == {"AckTimeout": 1}
+    engine.enqueue("c", now=0.0)
+    now = 0.0
+    while engine.session("b").state is not SessionState.IN_FLIGHT:
+        now += 1.0
+        engine.tick(now)
+    (batch,) = [b for b in engine.in_flight() if "b" in b.session_ids]
+    answer = {sid: acks.Ok() for sid in batch.session_ids}
+    answer["b"] = acks.PayloadTooLarge()
+    engine.on_ack(batch.id, answer, now=now)
+    assert engine.session("b").state is SessionState.DEAD_LETTERED
+    with pytest.raises(InvariantViolation) as caught:
+        engine.check()
+    assert (caught.value.number, caught.value.name) == (3, "dead_letter_clean")
+    assert caught.value.key == "inv3_dead_letter_clean"
+    assert isinstance(caught.value, SessionFSMError)
+    assert isinstance(caught.value, AssertionError)

@@ -776,3 +776,61 @@ def test_enqueue_many_treats_known_sessions_as_enqueue_does(engine: Engine, cycl
     engine.enqueue_many(["a", "b"], now=1.0)
     assert engine.state("a") is SessionState.QUEUED
     assert engine.state("b") is SessionState.QUEUED
+
+
+# ------------------------------------------------------------- inspect, clone
+
+
+def _busy_engine(store: MemoryStore | None = None) -> Engine:
+    """An engine with a partly answered batch, a backed-off session and a lost link."""
+    engine = Engine(Policy(batch_size=2), log=False, store=store)
+    for sid, lane in (("a", "incremental"), ("b", "incremental"), ("c", "backfill")):
+        engine.enqueue(sid, lane, now=0.0)
+    (batch, *_) = engine.tick(0.0)
+    engine.on_ack(batch.id, {batch.session_ids[0]: acks.RateLimited()}, now=0.0)
+    engine.relay_unavailable(0.5)
+    return engine
+
+
+def test_inspect_is_a_frozen_copy_of_the_inner_state() -> None:
+    """``inspect()`` shows the open batches, ready order and blame, and later calls
+    never change a view already taken."""
+    engine = _busy_engine()
+    view = engine.inspect()
+    (first, *_) = view.batches
+    assert first.session_ids == ("a", "b")
+    assert first.pending == ("b",)
+    assert first.deadline == 0.0 + engine.policy.ack_timeout_s
+    assert first.probe is False
+    assert view.blame.marks == {"a": 0}
+    assert view.ready[Lane.BACKFILL] == ("c",)
+    assert view.sessions["a"].state is SessionState.QUEUED
+    with pytest.raises(AttributeError):
+        view.now = 5.0  # type: ignore[misc]
+    engine.enqueue("d", now=1.0)
+    engine.tick(100.0)
+    assert "d" not in view.sessions
+    assert engine.inspect() != view
+
+
+def test_clone_is_independent_and_has_no_store_or_listeners() -> None:
+    """A clone starts equal, diverges only by its own calls, persists nothing and
+    reports to nobody; the original is untouched."""
+    heard: list[Any] = []
+    store = MemoryStore()
+    engine = _busy_engine(store)
+    engine.subscribe(heard.append)
+    before = engine.inspect()
+    twin = engine.clone()
+    assert twin.store is None
+    assert twin.listeners == ()
+    assert twin.inspect() == before
+    heard.clear()
+    twin.enqueue("a", "incremental", now=1.0)
+    twin.tick(3.0)
+    for open_batch in twin.in_flight():
+        twin.on_ack(open_batch.id, acks.Ok(), now=3.0)
+    twin.check()
+    assert heard == []
+    assert engine.inspect() == before
+    assert twin.inspect() != before

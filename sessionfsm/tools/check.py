@@ -64,6 +64,7 @@ import click
 import msgspec
 
 from sessionfsm import acks
+from sessionfsm._errors import InvariantViolation
 from sessionfsm.engine import Batch, Engine, _OpenBatch
 from sessionfsm.machine import (
     CHARGED_REASONS,
@@ -73,6 +74,7 @@ from sessionfsm.machine import (
     SessionRecord,
     SessionState,
 )
+from sessionfsm.machine import INVARIANTS as MACHINE_INVARIANTS
 from sessionfsm.policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
 from sessionfsm.runtime import CompiledRuntime
 
@@ -144,22 +146,8 @@ RELAY_STYLES: Final = ("per-session", "per-request", "per-request-hint")
 
 #: Every property checked, by the name used in reports.
 INVARIANTS: Final[dict[str, str]] = {
-    "inv1_one_place": "every session is in exactly one state and one matching place",
-    "inv2_reset_on_success": "Ok clears every counter and the retry time",
-    "inv3_dead_letter_clean": "a dead letter holds no counter or retry time",
-    "inv4_transport_not_charged": "RelayUnavailable never changes counters or dead-letters",
-    "inv5_no_send_before_retry": "no session is sent before its retry time, or unless ready",
-    "inv6_no_starvation": "a tick leaves no lane with a ready session unsent while it may send",
-    "inv7_dead_letter_at_threshold": "dead-letter exactly at the threshold or non-retryable",
-    "inv8_no_lost_update": "a session changed in flight is never marked synced by that ack",
-    "inv9_stamp_only_with_batch": "a lane's throttle stamp moves only when it forms a batch",
-    "inv10_retry_at_and_counts": "retry_at iff backoff; a count grows by one per ack of it",
-    "inv11_shared_failure_not_charged": "a failure answered for several sessions at once "
-    "changes none of their counters",
-    "inv12_charged_only_on_evidence": "a count grows only on a failure attributable to "
-    "the session (the relay accepted another since its previous attempt, or the bound)",
-    "inv13_one_probe_per_wait": "a throttled link sends nothing before its wait is "
-    "over, then one probe until it is answered",
+    # The numbered ones, as sessionfsm.machine declares them.
+    **{inv.key: inv.sentence for inv in MACHINE_INVARIANTS.values()},
     "blame_good_never_dead": "(relay model) a good session is dead-lettered only if the "
     "relay accepted nothing for max_relay_refusal_s since its last Ok",
     "live_bad_dies": "(relay model) every bad session can still be dead-lettered by time "
@@ -173,7 +161,6 @@ INVARIANTS: Final[dict[str, str]] = {
     "live_lane_served": "a lane with a queued session gets a batch by time passing alone",
 }
 
-_BY_NUMBER: Final = {name.split("_", 1)[0]: name for name in INVARIANTS}
 _NOT_FAILURES: Final = frozenset({"Ok", "RelayUnavailable"})
 # The relay model's actions that neither add a session nor start a throttle.
 _RELAY_ONLY: Final = frozenset({"blame_good_never_dead", "live_bad_dies", "live_good_syncs"})
@@ -928,10 +915,8 @@ class _Model:
         found: list[tuple[str, str]] = []
         try:
             engine.check()
-        except AssertionError as exc:
-            text = str(exc)
-            name = _BY_NUMBER.get(text.split(":", 1)[0], "inv1_one_place")
-            found.append((name, f"Engine.check(): {text}"))
+        except InvariantViolation as exc:
+            found.append((exc.key, f"Engine.check(): {exc}"))
         policy = self.policy
         for sid, rec in engine._sessions.items():
             state = rec.state
