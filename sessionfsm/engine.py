@@ -1099,7 +1099,14 @@ class Engine:
         elif (
             throttle
             or held
-            or (shared and (link is LinkState.THROTTLED or link is LinkState.PROBING))
+            or (
+                shared
+                and (link is LinkState.THROTTLED or link is LinkState.PROBING)
+                # A whole-request PayloadTooLarge is the relay answering (the
+                # request is too big), not refusing everyone: it reopens the
+                # link below, and the batch is split as anywhere else.
+                and not isinstance(failure, acks.PayloadTooLarge)
+            )
         ):
             # A relay-wide refusal, or a refusal nobody can be blamed for; a
             # failed probe extends the throttle.

@@ -195,3 +195,22 @@ def test_inv12_the_incident_culprit_is_charged_when_others_get_through() -> None
     view = engine.session("big")
     assert view.dead_letter_reason == "RateLimited"
     assert view.attempts == 5
+
+
+def test_inv13_a_whole_request_413_on_a_probe_reopens_the_link() -> None:
+    """A probe answered with one 413 shows the relay is answering: the link
+    reopens and the batch is split, instead of the throttle growing longer."""
+    engine = Engine(Policy(batch_size=4, incremental_interval_s=0.0), log=False)
+    for sid in ("a", "b", "c", "d"):
+        engine.enqueue(sid, now=0.0)
+    (first,) = engine.tick(0.0)
+    engine.on_ack(first.id, acks.RateLimited(retry_after_s=1.0), now=0.0)
+    assert engine.link.state.value == "throttled"
+    (probe,) = engine.tick(1.0)
+    assert probe.probe
+    engine.on_ack(probe.id, acks.PayloadTooLarge(), now=1.0)
+    assert engine.link.state.value == "up"
+    assert all(engine.session(s).charges == {} for s in "abcd")  # shared: nobody charged
+    parts = engine.tick(1.0)
+    assert parts and all(b.part for b in parts)
+    assert parts[0].session_ids == ("a", "b")
