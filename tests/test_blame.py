@@ -212,5 +212,6 @@ def test_inv13_a_whole_request_413_on_a_probe_reopens_the_link() -> None:
     assert engine.link.state.value == "up"
     assert all(engine.session(s).charges == {} for s in "abcd")  # shared: nobody charged
     parts = engine.tick(1.0)
-    assert parts and all(b.part for b in parts)
+    assert parts
+    assert all(b.part for b in parts)
     assert parts[0].session_ids == ("a", "b")
