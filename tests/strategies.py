@@ -288,3 +288,24 @@ socketio_replies = st.recursive(
     ),
     max_leaves=8,
 )
+
+
+#: Operations that exercise blame: whole-batch failures, splits, throttles and
+#: probes, on four sessions in one lane (tests/test_differential.py).
+blame_operations: st.SearchStrategy[tuple[Any, ...]] = st.one_of(
+    st.tuples(st.just("enqueue"), st.sampled_from(["a", "b", "c", "d"]), st.just("incremental")),
+    st.tuples(st.just("tick"), st.sampled_from([1.0, 12.0, 40.0])),
+    st.tuples(
+        st.just("ack"),
+        st.integers(0, 3),
+        st.sampled_from(
+            [
+                acks.AckTimeout(),
+                acks.RateLimited(),
+                acks.RateLimited(retry_after_s=3.0),
+                acks.PayloadTooLarge(),
+                acks.Ok(),
+            ]
+        ),
+    ),
+)

@@ -16,21 +16,14 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessionfsm import Engine, Policy, acks
+from sessionfsm import Engine, Policy
 from sessionfsm.runtime import SESSION_TABLE, ReferenceRuntime
 from tests.conftest import apply_operation
-from tests.strategies import operations, policies
+from tests.strategies import blame_operations, operations, policies
 
 
-@given(
-    policy=policies,
-    seed=st.integers(0, 2**16),
-    ops=st.lists(operations, min_size=1, max_size=80),
-)
-def test_compiled_and_reference_runtimes_agree(
-    policy: Policy, seed: int, ops: list[tuple[Any, ...]]
-) -> None:
-    """Random operations leave both runtimes in identical states with identical results."""
+def _both_runtimes_agree(policy: Policy, seed: int, ops: list[tuple[Any, ...]]) -> None:
+    """Apply ``ops`` to a compiled and a reference engine; they agree after each."""
     compiled = Engine(policy, rng=random.Random(seed), log=False, runtime="compiled")
     reference = Engine(policy, rng=random.Random(seed), log=False, runtime="reference")
     now = 0.0
@@ -43,6 +36,18 @@ def test_compiled_and_reference_runtimes_agree(
         assert compiled.debug_state() == reference.debug_state(), (step, op)
     compiled.check()
     reference.check()
+
+
+@given(
+    policy=policies,
+    seed=st.integers(0, 2**16),
+    ops=st.lists(operations, min_size=1, max_size=80),
+)
+def test_compiled_and_reference_runtimes_agree(
+    policy: Policy, seed: int, ops: list[tuple[Any, ...]]
+) -> None:
+    """Random operations leave both runtimes in identical states with identical results."""
+    _both_runtimes_agree(policy, seed, ops)
 
 
 def test_reference_runtime_really_runs_python_statemachine() -> None:
@@ -62,43 +67,10 @@ def test_reference_runtime_really_runs_python_statemachine() -> None:
 @given(
     policy=policies,
     seed=st.integers(0, 2**16),
-    ops=st.lists(
-        st.one_of(
-            st.tuples(
-                st.just("enqueue"), st.sampled_from(["a", "b", "c", "d"]), st.just("incremental")
-            ),
-            st.tuples(st.just("tick"), st.sampled_from([1.0, 12.0, 40.0])),
-            st.tuples(
-                st.just("ack"),
-                st.integers(0, 3),
-                st.sampled_from(
-                    [
-                        acks.AckTimeout(),
-                        acks.RateLimited(),
-                        acks.RateLimited(retry_after_s=3.0),
-                        acks.PayloadTooLarge(),
-                        acks.Ok(),
-                    ]
-                ),
-            ),
-        ),
-        min_size=1,
-        max_size=60,
-    ),
+    ops=st.lists(blame_operations, min_size=1, max_size=60),
 )
 def test_inv11_inv12_inv13_blame_agrees_between_runtimes(
     policy: Policy, seed: int, ops: list[tuple[Any, ...]]
 ) -> None:
     """Whole-batch failures, splits, throttles and probes: both runtimes agree."""
-    compiled = Engine(policy, rng=random.Random(seed), log=False, runtime="compiled")
-    reference = Engine(policy, rng=random.Random(seed), log=False, runtime="reference")
-    now = 0.0
-    for step, op in enumerate(ops):
-        if op[0] == "tick":
-            now += op[1]
-        got = apply_operation(compiled, op, now)
-        want = apply_operation(reference, op, now)
-        assert msgspec.to_builtins(got) == msgspec.to_builtins(want), (step, op)
-        assert compiled.debug_state() == reference.debug_state(), (step, op)
-    compiled.check()
-    reference.check()
+    _both_runtimes_agree(policy, seed, ops)
