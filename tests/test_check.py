@@ -201,7 +201,6 @@ def test_check_two_sessions_whole_space_holds(checked_two_sessions: CheckResult)
     assert result.states > 10_000
     assert result.transitions > 10 * result.states
     assert set(result.invariants) == set(INVARIANTS) - checker._RELAY_ONLY
-    assert result.seconds > 0  # the result reports how long the search took
 
 
 def test_check_counts_every_property_once_per_transition(
