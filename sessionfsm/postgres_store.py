@@ -841,17 +841,12 @@ class PostgresStore:
         return deleted
 
     def _connect(self) -> psycopg.Connection[Any]:
-        try:
-            conn = psycopg.connect(
-                self._dsn,
-                autocommit=True,
-                connect_timeout=max(1, round(self._connect_timeout)),
-                application_name="sessionfsm",
-            )
-        except psycopg.Error as exc:
-            raise StoreConnectionLost(
-                f"cannot open store {self._where}: cannot connect to the server ({exc})"
-            ) from exc
+        conn = connect(
+            self._dsn,
+            self._connect_timeout,
+            "sessionfsm",
+            f"cannot open store {self._where}: cannot connect to the server",
+        )
         try:
             conn.execute("SET lock_timeout = '10s'")
             if not self._synchronous_commit:
@@ -1082,3 +1077,18 @@ class PostgresStore:
 
 class _Fenced(Exception):
     """The fenced update matched nothing (internal)."""
+
+
+def connect(
+    dsn: str, timeout_s: float, application_name: str, failure: str
+) -> psycopg.Connection[Any]:
+    """An autocommit connection, or ``StoreConnectionLost`` starting with ``failure``."""
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=True,
+            connect_timeout=max(1, round(timeout_s)),
+            application_name=application_name,
+        )
+    except psycopg.Error as exc:
+        raise StoreConnectionLost(f"{failure} ({exc})") from exc

@@ -18,7 +18,7 @@ import psycopg
 
 from .._errors import StoreConnectionLost, StoreError, UsageError
 from ..machine import Lane
-from ..postgres_store import PostgresStore, partition_of
+from ..postgres_store import PostgresStore, connect, partition_of
 
 __all__ = ["Coordinator", "InboxRow", "Producer", "assign"]
 
@@ -195,17 +195,12 @@ class Coordinator:
     def _live(self) -> psycopg.Connection[Any]:
         conn = self._conn
         if conn is None or conn.closed:
-            try:
-                conn = psycopg.connect(
-                    self._dsn,
-                    autocommit=True,
-                    connect_timeout=max(1, round(self._connect_timeout)),
-                    application_name="sessionfsm-coordinator",
-                )
-            except psycopg.Error as exc:
-                raise StoreConnectionLost(
-                    f"cannot reach postgresql schema {self.schema!r}: {exc}"
-                ) from exc
+            conn = connect(
+                self._dsn,
+                self._connect_timeout,
+                "sessionfsm-coordinator",
+                f"cannot reach postgresql schema {self.schema!r}",
+            )
             conn.execute("SET lock_timeout = '10s'")
             self._conn = conn
         return conn
