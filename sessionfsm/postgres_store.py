@@ -18,9 +18,10 @@ Whoever writes a partition holds its *lease*: a row with an ``owner``, an
 ``epoch`` that grows by one at every change of owner, and an expiry in the
 server's clock. Every save starts with one ``UPDATE`` of that row guarded by
 ``owner = me AND epoch = mine AND expires_at > clock_timestamp()``; if it
-matches nothing, the whole transaction is rolled back and the save raises
-:class:`~sessionfsm._errors.StoreFenced`. The guard takes the row lock a
-takeover also needs, so a save and a takeover are serialised by the server:
+matches nothing, the save writes no row of the engine's, records the refusal
+(``part.fenced`` and a ``fence_log`` row naming the writer and its epoch) and
+raises :class:`~sessionfsm._errors.StoreFenced`. The guard takes the row lock
+a takeover also needs, so a save and a takeover are serialised by the server:
 after a takeover commits, no write of an older epoch can commit. This is the
 range-id fencing of Temporal's history shards, checked by the database in the
 same transaction as the write.
@@ -33,12 +34,17 @@ acquires and heartbeats leases itself and passes them in.
 
 How it writes
 -------------
-One ``Delta`` is one transaction, sent in one pipeline: the fenced engine row,
-the changed sessions in one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT``,
-the history rows in another, the changed lane stamps, and any inbox rows the
-call consumed. A failed save rolls back whole and raises ``StoreError``; the
-engine's memory is then ahead of the database, so rebuild the engine from the
-store (recovery re-queues what was in flight) before going on.
+One ``Delta`` is one statement, ``SELECT save(...)``, a PL/pgSQL function
+of the schema: one round trip, one transaction, prepared once per
+connection. It runs the fence, then upserts the changed sessions, appends the
+history rows, writes the changed lane stamps and deletes the inbox rows the
+call consumed. The sessions and history rows travel as two JSON arrays that
+msgspec encodes straight from the engine's records and the server decodes
+with ``json_to_recordset``; one array parameter per column cost more in
+Python than the whole server side. A failed save rolls back whole and raises
+``StoreError``; the engine's memory is then ahead of the database, so rebuild
+the engine from the store (recovery re-queues what was in flight) before
+going on. ``hold()`` writes several engine calls as one such statement.
 
 Bad input
 ---------
@@ -219,6 +225,144 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         )""",
         "CREATE INDEX inbox_partition ON {s}.inbox (partition, seq)",
     ),
+    3: (
+        # Every save refused by the fence, recorded by the server in the
+        # transaction that refused it: which writer, in which epoch, when.
+        """CREATE TABLE {s}.fence_log (
+            seq bigserial PRIMARY KEY,
+            partition integer NOT NULL,
+            epoch bigint NOT NULL,
+            owner text NOT NULL,
+            current_epoch bigint NOT NULL,
+            changes integer NOT NULL,
+            refused_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        )""",
+        # History retention for one partition; returns how many rows went.
+        """CREATE FUNCTION {s}.prune(p_partition integer, p_keep_rows bigint,
+                p_keep_after double precision) RETURNS bigint LANGUAGE plpgsql AS $$
+        DECLARE
+            deleted bigint := 0;
+            n bigint;
+        BEGIN
+            IF p_keep_rows IS NOT NULL THEN
+                DELETE FROM {s}.history WHERE partition = p_partition AND seq <= (
+                    SELECT seq FROM {s}.history WHERE partition = p_partition
+                    ORDER BY seq DESC OFFSET p_keep_rows LIMIT 1);
+                GET DIAGNOSTICS n = ROW_COUNT;
+                deleted := deleted + n;
+            END IF;
+            IF p_keep_after IS NOT NULL THEN
+                DELETE FROM {s}.history WHERE partition = p_partition AND at < p_keep_after;
+                GET DIAGNOSTICS n = ROW_COUNT;
+                deleted := deleted + n;
+            END IF;
+            RETURN deleted;
+        END $$""",
+        # One engine call's delta in one statement, so one round trip and one
+        # transaction. Its first statement is the fence: the guarded update of
+        # the partition's row, which takes the row lock a takeover also needs,
+        # so the server serialises a save against a takeover. If the guard
+        # matches nothing, the save writes nothing but its own refusal and
+        # returns false. The rows come as JSON arrays of the engine's records
+        # (decoded by the server in C, instead of one Python array per column).
+        # p_now NULL leaves the engine row as it is (an inbox-only save).
+        """CREATE FUNCTION {s}.save(
+                p_partition integer, p_owner text, p_epoch bigint, p_renew_s double precision,
+                p_now double precision, p_next_batch_id bigint, p_link_state text,
+                p_link_failures integer, p_link_resume_at double precision,
+                p_head bigint, p_tail bigint,
+                p_sessions json, p_positions json, p_changes json, p_stamps json,
+                p_inbox bigint[], p_prune boolean, p_keep_rows bigint,
+                p_keep_after double precision) RETURNS boolean LANGUAGE plpgsql AS $$
+        DECLARE
+            held_by bigint;
+            -- jsonb: one parse, then each lookup is a binary search.
+            positions jsonb := p_positions::jsonb;
+        BEGIN
+            UPDATE {s}.part SET
+                now = coalesce(p_now, now),
+                next_batch_id = coalesce(p_next_batch_id, next_batch_id),
+                link_state = coalesce(p_link_state, link_state),
+                link_failures = coalesce(p_link_failures, link_failures),
+                link_resume_at = CASE WHEN p_now IS NULL THEN link_resume_at
+                                      ELSE p_link_resume_at END,
+                queue_head = coalesce(p_head, queue_head),
+                queue_tail = coalesce(p_tail, queue_tail),
+                writes = writes + 1,
+                expires_at = CASE WHEN p_renew_s IS NULL THEN expires_at
+                    ELSE clock_timestamp() + p_renew_s * interval '1 second' END,
+                renewed_at = CASE WHEN p_renew_s IS NULL THEN renewed_at
+                    ELSE clock_timestamp() END
+            WHERE partition = p_partition AND owner = p_owner AND epoch = p_epoch
+                AND expires_at > clock_timestamp();
+            IF NOT FOUND THEN
+                UPDATE {s}.part SET fenced = fenced + 1 WHERE partition = p_partition
+                    RETURNING epoch INTO held_by;
+                INSERT INTO {s}.fence_log (partition, epoch, owner, current_epoch, changes)
+                    VALUES (p_partition, p_epoch, p_owner, coalesce(held_by, -1),
+                            coalesce(json_array_length(p_changes), 0));
+                RETURN false;
+            END IF;
+            IF p_sessions IS NOT NULL THEN
+                INSERT INTO {s}.session AS t (partition, id, state, lane, ack_timeouts,
+                    rate_limits, too_large, retry_at, dirty, attempts, dead_letter_reason,
+                    dead_lettered_at, position, epoch)
+                SELECT p_partition, r.id, r.state, r.lane, r.counts[1], r.counts[2],
+                    r.counts[3], r.retry_at, r.dirty, r.attempts, r.dead_letter_reason,
+                    r.dead_lettered_at, (positions ->> r.id)::bigint, p_epoch
+                FROM json_to_recordset(p_sessions) AS r(id text, state text, lane text,
+                    counts integer[], retry_at double precision, dirty boolean,
+                    attempts integer, dead_letter_reason text,
+                    dead_lettered_at double precision)
+                ON CONFLICT (partition, id) DO UPDATE SET state = excluded.state,
+                    lane = excluded.lane, ack_timeouts = excluded.ack_timeouts,
+                    rate_limits = excluded.rate_limits, too_large = excluded.too_large,
+                    retry_at = excluded.retry_at, dirty = excluded.dirty,
+                    attempts = excluded.attempts,
+                    dead_letter_reason = excluded.dead_letter_reason,
+                    dead_lettered_at = excluded.dead_lettered_at,
+                    position = coalesce(excluded.position, t.position),
+                    epoch = excluded.epoch;
+            END IF;
+            IF p_changes IS NOT NULL THEN
+                INSERT INTO {s}.history (partition, epoch, session_id, source, target,
+                    event, reason, at, attempt)
+                SELECT p_partition, p_epoch, c.session_id, c.source, c.target, c.event,
+                    c.reason, c.at, c.attempt
+                FROM ROWS FROM (json_to_recordset(p_changes) AS (session_id text,
+                    source text, target text, event text, reason text,
+                    at double precision, attempt integer)) WITH ORDINALITY
+                    AS c(session_id, source, target, event, reason, at, attempt, n)
+                ORDER BY c.n;
+            END IF;
+            IF p_stamps IS NOT NULL THEN
+                INSERT INTO {s}.lane AS t (partition, name, stamped_at)
+                SELECT p_partition, l.key, (l.value)::double precision
+                FROM json_each_text(p_stamps) AS l
+                ON CONFLICT (partition, name) DO UPDATE SET stamped_at = excluded.stamped_at;
+            END IF;
+            IF p_inbox IS NOT NULL THEN
+                DELETE FROM {s}.inbox WHERE seq = ANY(p_inbox) AND partition = p_partition;
+            END IF;
+            IF p_prune THEN
+                PERFORM {s}.prune(p_partition, p_keep_rows, p_keep_after);
+            END IF;
+            RETURN true;
+        END $$""",
+        "DROP FUNCTION {s}.fence(bigint)",
+        # Every transition rewrites its session's row and appends a history
+        # row, so each index there is paid on every save. A session row's
+        # update stays on its page (HOT, no index entry) only if it touches
+        # no indexed column: the partial index of dead letters named `state`,
+        # so it goes (listing dead letters scans the partition instead), and
+        # pages keep room for the new versions. History keeps one index per
+        # reader: (partition, seq) for loading and pruning, (session_id, seq)
+        # for a session's history.
+        "DROP INDEX {s}.session_dead",
+        "ALTER TABLE {s}.session SET (fillfactor = 80)",
+        "ALTER TABLE {s}.history DROP CONSTRAINT history_pkey, ADD PRIMARY KEY (partition, seq)",
+        "DROP INDEX {s}.history_partition",
+    ),
 }
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = max(_MIGRATIONS)
@@ -230,6 +374,8 @@ _COLUMNS: Final = (
     "id, state, lane, ack_timeouts, rate_limits, too_large, retry_at, dirty, attempts, "
     "dead_letter_reason, dead_lettered_at"
 )
+#: Encodes the engine's records (msgspec Structs) as the JSON ``save`` takes.
+_JSON: Final = msgspec.json.Encoder()
 _STATES: Final = {s.value: s for s in SessionState}
 _LANES: Final = {lane.value: lane for lane in Lane}
 _LINK_STATES: Final = {s.value: s for s in LinkState}
@@ -355,6 +501,11 @@ class PostgresStore:
         self._since_prune = 0
         self._held: list[Delta] | None = None
         self._inbox_done: list[int] = []
+        self._save_sql = (
+            f"SELECT {self._s}.save(%s::int, %s::text, %s::int8, %s::float8, %s::float8, "
+            "%s::int8, %s::text, %s::int, %s::float8, %s::int8, %s::int8, %s::json, %s::json, "
+            "%s::json, %s::json, %s::int8[], %s::bool, %s::int8, %s::float8)"
+        )
         self.partitions = 0
         self._conn: psycopg.Connection[Any] | None = None
         self._conn = self._connect()
@@ -500,17 +651,17 @@ class PostgresStore:
         p = self._bound("prune")
         if self.readonly:
             raise StoreError(f"cannot prune store {self._where}: it was opened read-only")
+        keep = self.history_retention
         try:
-            conn = self._live()
-            with conn.transaction():
-                row = conn.execute(
-                    f"SELECT now FROM {self._s}.part WHERE partition = %s", (p,)
-                ).fetchone()
-                deleted = self._prune(conn, p, row[0] if row else None)
+            row = self._live().execute(
+                f"SELECT {self._s}.prune(%s::int, %s::int8, now - %s::float8) "
+                f"FROM {self._s}.part WHERE partition = %s",
+                (p, keep.max_rows, keep.max_age_s, p),
+            ).fetchone()
         except psycopg.Error as exc:
             raise self._error("prune", exc) from exc
         self._since_prune = 0
-        return deleted
+        return int(row[0]) if row else 0
 
     # -------------------------------------------------------- read helpers
 
@@ -622,9 +773,13 @@ class PostgresStore:
         self,
         sessions: Sequence[SessionRecord],
         changes: list[Change],
-        last: Delta,
+        last: Delta | None,
         placed: Sequence[Delta],
     ) -> None:
+        """One call of the server's ``save``: the fence and every row in one transaction.
+
+        ``last`` is None for a save that only deletes consumed inbox rows.
+        """
         p = self.partition
         lease = self._lease
         assert p is not None
@@ -645,200 +800,69 @@ class PostgresStore:
         for d in placed:
             more, head, tail = number_places(d, head, tail)
             positions.update(more)
-        where = positions.get
-        cols: tuple[list[Any], ...] = tuple([] for _ in range(12))
-        (ids, st, ln, c0, c1, c2, retry, dirty, att, reason, dead_at, pos) = cols
-        for rec in sessions:
-            counts = rec.counts
-            ids.append(rec.id)
-            st.append(rec.state.value)
-            ln.append(rec.lane.value)
-            c0.append(counts[0])
-            c1.append(counts[1])
-            c2.append(counts[2])
-            retry.append(rec.retry_at)
-            dirty.append(rec.dirty)
-            att.append(rec.attempts)
-            reason.append(rec.dead_letter_reason)
-            dead_at.append(rec.dead_lettered_at)
-            pos.append(where(rec.id))
         saved = self._stamps
-        stamps = [
-            (lane, at) for lane, at in last.stamps.items() if lane not in saved or saved[lane] != at
-        ]
-        prune = self._since_prune + len(changes) >= self.history_retention.prune_every
-        link = last.link
-        s = self._s
-        inbox = list(self._inbox_done)
-        renew = self.lease_s if self._own_lease else None
+        stamps: dict[str, float | None] = {}
+        engine_row: tuple[Any, ...] = (None,) * 7
+        keep = self.history_retention
+        prune = False
+        keep_after: float | None = None
+        if last is not None:
+            stamps = {
+                lane: at
+                for lane, at in last.stamps.items()
+                if lane not in saved or saved[lane] != at
+            }
+            link = last.link
+            engine_row = (
+                last.now,
+                last.next_batch_id,
+                link.state.value,
+                link.failures,
+                link.resume_at,
+                head,
+                tail,
+            )
+            prune = self._since_prune + len(changes) >= keep.prune_every
+            if prune and keep.max_age_s is not None:
+                keep_after = last.now - keep.max_age_s
+        encode = _JSON.encode
+        inbox = self._inbox_done
+        params = (
+            p,
+            lease.owner,
+            lease.epoch,
+            self.lease_s if self._own_lease else None,
+            *engine_row,
+            encode(sessions).decode() if sessions else None,
+            encode(positions).decode() if positions else None,
+            encode(changes).decode() if changes else None,
+            encode(stamps).decode() if stamps else None,
+            list(inbox) if inbox else None,
+            prune,
+            keep.max_rows if prune else None,
+            keep_after,
+        )
+        inbox.clear()  # consumed by this save, whatever becomes of it
         try:
-            conn = self._live()
-            with conn.pipeline():
-                conn.execute("BEGIN")
-                # First, so the lease row's lock is taken before anything else.
-                conn.execute(
-                    f"WITH f AS (UPDATE {s}.part SET now = %s, next_batch_id = %s, "
-                    "link_state = %s, link_failures = %s, link_resume_at = %s, "
-                    "queue_head = %s, queue_tail = %s, "
-                    "writes = writes + 1, expires_at = CASE WHEN %s::float8 IS NULL "
-                    "THEN expires_at ELSE clock_timestamp() + %s::float8 * interval '1 second' "
-                    "END, renewed_at = CASE WHEN %s::float8 IS NULL THEN renewed_at "
-                    "ELSE clock_timestamp() END "
-                    "WHERE partition = %s AND owner = %s AND epoch = %s "
-                    f"AND expires_at > clock_timestamp() RETURNING 1) SELECT {s}.fence(count(*)) "
-                    "FROM f",
-                    (
-                        last.now,
-                        last.next_batch_id,
-                        link.state.value,
-                        link.failures,
-                        link.resume_at,
-                        head,
-                        tail,
-                        renew,
-                        renew,
-                        renew,
-                        p,
-                        lease.owner,
-                        lease.epoch,
-                    ),
-                )
-                if ids:
-                    conn.execute(
-                        f"INSERT INTO {s}.session (partition, {_COLUMNS}, position, epoch) "
-                        "SELECT %s, u.*, %s FROM unnest(%s::text[], %s::text[], %s::text[], "
-                        "%s::int[], %s::int[], %s::int[], %s::float8[], %s::bool[], %s::int[], "
-                        "%s::text[], %s::float8[], %s::int8[]) AS u "
-                        "ON CONFLICT (partition, id) DO UPDATE SET state = excluded.state, "
-                        "lane = excluded.lane, ack_timeouts = excluded.ack_timeouts, "
-                        "rate_limits = excluded.rate_limits, too_large = excluded.too_large, "
-                        "retry_at = excluded.retry_at, dirty = excluded.dirty, "
-                        "attempts = excluded.attempts, "
-                        "dead_letter_reason = excluded.dead_letter_reason, "
-                        "dead_lettered_at = excluded.dead_lettered_at, "
-                        "position = coalesce(excluded.position, session.position), "
-                        "epoch = excluded.epoch",
-                        (p, lease.epoch, *cols),
-                    )
-                if changes:
-                    conn.execute(
-                        f"INSERT INTO {s}.history (partition, epoch, session_id, source, target, "
-                        "event, reason, at, attempt) SELECT %s, %s, u.* FROM unnest(%s::text[], "
-                        "%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
-                        "%s::int[]) AS u",
-                        (
-                            p,
-                            lease.epoch,
-                            [c.session_id for c in changes],
-                            [c.source for c in changes],
-                            [c.target for c in changes],
-                            [c.event for c in changes],
-                            [c.reason for c in changes],
-                            [c.at for c in changes],
-                            [c.attempt for c in changes],
-                        ),
-                    )
-                for lane, at in stamps:
-                    conn.execute(
-                        f"INSERT INTO {s}.lane (partition, name, stamped_at) VALUES (%s, %s, %s) "
-                        "ON CONFLICT (partition, name) DO UPDATE SET stamped_at = "
-                        "excluded.stamped_at",
-                        (p, lane, at),
-                    )
-                if inbox:
-                    conn.execute(
-                        f"DELETE FROM {s}.inbox WHERE seq = ANY(%s::int8[]) AND partition = %s",
-                        (inbox, p),
-                    )
-                if prune:
-                    self._prune(conn, p, last.now)
-                conn.execute("COMMIT")
+            row = self._live().execute(self._save_sql, params, prepare=True).fetchone()
         except psycopg.Error as exc:
-            self._inbox_done.clear()
-            self._abort(self._conn)
-            if getattr(exc, "sqlstate", None) != "SF001":
-                raise self._error("save to", exc) from exc
-            self._note_fenced()
+            raise self._error("save to", exc) from exc
+        if row is None or row[0] is not True:
             raise StoreFenced(
                 f"cannot save to store {self._where}: partition {p} is no longer held by "
                 f"{lease.owner!r} in epoch {lease.epoch} (its lease ran out or another "
                 "worker took it over); nothing was written",
                 partition=p,
                 epoch=lease.epoch,
-            ) from None
-        self._inbox_done.clear()
+            )
         self._head, self._tail = head, tail
         saved.update(stamps)
-        self._since_prune = 0 if prune else self._since_prune + len(changes)
-
-    def _abort(self, conn: psycopg.Connection[Any] | None) -> None:
-        """Roll back a transaction a failed pipeline left open (the server undoes it anyway)."""
-        if conn is None or conn.closed or conn.broken:
-            return
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
+        if last is not None:
+            self._since_prune = 0 if prune else self._since_prune + len(changes)
 
     def _drop_inbox(self) -> None:
         """Delete consumed inbox rows that changed nothing, under the same fence."""
-        lease, p, s = self._lease, self.partition, self._s
-        assert lease is not None
-        seqs, self._inbox_done = list(self._inbox_done), []
-        try:
-            conn = self._live()
-            with conn.transaction():
-                fence = conn.execute(
-                    f"UPDATE {s}.part SET writes = writes + 1 WHERE partition = %s AND "
-                    "owner = %s AND epoch = %s AND expires_at > clock_timestamp()",
-                    (p, lease.owner, lease.epoch),
-                )
-                if fence.rowcount != 1:
-                    raise _Fenced
-                conn.execute(
-                    f"DELETE FROM {s}.inbox WHERE seq = ANY(%s::int8[]) AND partition = %s",
-                    (seqs, p),
-                )
-        except _Fenced:
-            self._note_fenced()
-            raise StoreFenced(
-                f"cannot save to store {self._where}: partition {p} is no longer held by "
-                f"{lease.owner!r} in epoch {lease.epoch}; nothing was written",
-                partition=p if p is not None else -1,
-                epoch=lease.epoch,
-            ) from None
-        except psycopg.Error as exc:
-            raise self._error("save to", exc) from exc
-
-    def _note_fenced(self) -> None:
-        """Count a refused save on the partition's row, for operators (best effort)."""
-        conn = self._conn
-        if conn is None or conn.broken:
-            return
-        with contextlib.suppress(psycopg.Error):
-            conn.execute(
-                f"UPDATE {self._s}.part SET fenced = fenced + 1 WHERE partition = %s",
-                (self.partition,),
-            )
-
-    def _prune(self, conn: psycopg.Connection[Any], p: int, now: float | None) -> int:
-        keep = self.history_retention
-        s = self._s
-        deleted = 0
-        if keep.max_rows is not None:
-            cur = conn.execute(
-                f"DELETE FROM {s}.history WHERE partition = %s AND seq <= ("
-                f"SELECT seq FROM {s}.history WHERE partition = %s "
-                "ORDER BY seq DESC OFFSET %s LIMIT 1)",
-                (p, p, keep.max_rows),
-            )
-            deleted += max(cur.rowcount, 0)
-        if keep.max_age_s is not None and now is not None:
-            cur = conn.execute(
-                f"DELETE FROM {s}.history WHERE partition = %s AND at < %s",
-                (p, now - keep.max_age_s),
-            )
-            deleted += max(cur.rowcount, 0)
-        return deleted
+        self._write([], [], None, [])
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = connect(

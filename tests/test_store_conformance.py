@@ -205,20 +205,36 @@ def test_a_newer_schema_version_is_refused(pg_dsn: str, pg_schema: str) -> None:
 def test_an_older_schema_is_migrated_in_place(
     pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A version-1 schema gets the fleet tables of version 2 and keeps its sessions."""
-    v1 = {1: pg_module._MIGRATIONS[1]}
+    """A version-1 schema with a session in it gets the fleet tables of version 2
+    and the one-statement save of version 3, keeps its rows, and takes saves."""
     with monkeypatch.context() as m:
-        m.setattr(pg_module, "_MIGRATIONS", v1)
+        m.setattr(pg_module, "_MIGRATIONS", {1: pg_module._MIGRATIONS[1]})
         m.setattr(pg_module, "SCHEMA_VERSION", 1)
-        with PostgresStore(pg_dsn, schema=pg_schema) as store:
-            _engine(store).enqueue("s1", now=0.0)
+        PostgresStore(pg_dsn, schema=pg_schema).close()
+    # The rows a version-1 writer left: one queued session and its history.
+    _sql(
+        pg_dsn,
+        f'INSERT INTO "{pg_schema}".session VALUES '
+        "(0, 's1', 'queued', 'incremental', 0, 0, 0, NULL, false, 0, NULL, NULL, 1, 1)",
+    )
+    _sql(
+        pg_dsn,
+        f'INSERT INTO "{pg_schema}".history (partition, epoch, session_id, target, event, at, '
+        "attempt) VALUES (0, 1, 's1', 'queued', 'enqueued', 0.0, 0)",
+    )
+    _sql(pg_dsn, f'UPDATE "{pg_schema}".part SET now = 0.0, queue_tail = 1')
     assert "inbox" not in _tables(pg_dsn, pg_schema)
     with pytest.raises(StoreError, match="needs a migration"):
         PostgresStore(pg_dsn, schema=pg_schema, readonly=True)
-    with PostgresStore(pg_dsn, schema=pg_schema) as store:
+    with PostgresStore(pg_dsn, schema=pg_schema, history_retention=None) as store:
         assert store.session("s1").state is QUEUED
-    assert _sql(pg_dsn, f'SELECT schema_version FROM "{pg_schema}".meta') == [(2,)]
-    assert _tables(pg_dsn, pg_schema)["inbox"] == 0
+        engine = _engine(store)
+        (batch,) = engine.tick(1.0)
+        assert batch.session_ids == ("s1",)
+        assert [c.event for c in store.history("s1")] == ["enqueued", "sent"]
+    assert _sql(pg_dsn, f'SELECT schema_version FROM "{pg_schema}".meta') == [(3,)]
+    tables = _tables(pg_dsn, pg_schema)
+    assert tables["inbox"] == tables["fence_log"] == 0
 
 
 def test_an_unreachable_server_is_a_clear_store_error() -> None:
@@ -261,7 +277,7 @@ def test_a_second_writer_on_a_partition_is_refused(pg_dsn: str, pg_schema: str) 
 
 def test_a_write_after_a_takeover_is_fenced_and_leaves_nothing(pg_dsn: str, pg_schema: str) -> None:
     """Once another owner takes the partition (a higher epoch), every save of the old
-    one raises StoreFenced, writes no row, and is counted on the partition."""
+    one raises StoreFenced, writes no row, and the server records the refusal."""
     old = PostgresStore(pg_dsn, schema=pg_schema, lease_s=0.2, history_retention=None)
     engine = _engine(old)
     engine.enqueue("s1", now=0.0)
@@ -275,8 +291,12 @@ def test_a_write_after_a_takeover_is_fenced_and_leaves_nothing(pg_dsn: str, pg_s
         engine.tick(1.0)
     assert (caught.value.partition, caught.value.epoch) == (0, old.lease.epoch)
     after = _tables(pg_dsn, pg_schema)
-    assert after == before
+    assert after == {**before, "fence_log": before["fence_log"] + 1}
     assert _sql(pg_dsn, f'SELECT fenced FROM "{pg_schema}".part') == [(1,)]
+    refused = _sql(
+        pg_dsn, f'SELECT partition, epoch, owner, current_epoch, changes FROM "{pg_schema}".fence_log'
+    )
+    assert refused == [(0, old.lease.epoch, old.lease.owner, new.lease.epoch, 1)]  # s1 sent
     # Every committed history row carries the epoch that wrote it.
     epochs = _sql(pg_dsn, f'SELECT DISTINCT epoch FROM "{pg_schema}".history')
     assert epochs == [(old.lease.epoch,)]
