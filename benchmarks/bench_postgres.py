@@ -10,8 +10,12 @@
 4. Enqueue-to-pickup latency: from a producer's commit to the owning
    worker applying it (server clock), with NOTIFY.
 
-PostgreSQL is ``--dsn`` or a throwaway pgserver. Figures depend on the
-machine: the output names its cores, and the whole run shares them.
+PostgreSQL is ``--dsn``, else ``sessionfsm.testing.postgres_server()``
+(``$SESSIONFSM_TEST_DSN`` or a throwaway pgserver). Figures depend on the
+machine: the output names its cores, and the whole run shares them; the
+latency of one bare commit (the server's WAL flush) is measured before and
+after the one-engine runs, because on a shared disk it moves the PostgreSQL
+figures more than anything in sessionfsm does.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import http.server
 import json
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
@@ -30,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import psycopg
 from sessionfsm import Engine, Policy, SqliteStore, Store, acks
 from sessionfsm.fleet import Coordinator, Producer, Worker
 from sessionfsm.postgres_store import PostgresStore
+from sessionfsm.testing import DSN_VARIABLE, postgres_server
 
 _schemas = iter(range(1, 1_000_000))
 
@@ -47,22 +50,36 @@ def _schema() -> str:
     return f"bench_{os.getpid()}_{next(_schemas)}"
 
 
-@contextlib.contextmanager
-def postgres(dsn: str | None) -> Iterator[str]:
-    """``dsn`` itself, or a throwaway pgserver for the duration."""
-    if dsn:
-        yield dsn
-        return
-    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="sessionfsm-run-"))
-    import pgserver
+def _server(dsn: str | None) -> contextlib.AbstractContextManager[str]:
+    """``dsn`` itself, or ``sessionfsm.testing.postgres_server()`` for the duration."""
+    return contextlib.nullcontext(dsn) if dsn else postgres_server()
 
-    data = tempfile.mkdtemp(prefix="sessionfsm-pg-")
-    server = pgserver.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(data, ignore_errors=True)
+
+def commit_latency(dsn: str, *, commits: int = 200) -> dict[str, float]:
+    """Milliseconds of one single-row ``UPDATE`` committed alone (median, p95).
+
+    The floor of a durable save: one round trip plus the server's WAL flush
+    (fsync). On a shared virtual disk this varies a hundredfold with what the
+    neighbours write, so it is measured beside the figures it explains.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A temporary table's changes skip the WAL; a real one is needed for the flush.
+        table = f'"{_schema()}_commit"'
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, n int)")
+        try:
+            conn.execute(f"INSERT INTO {table} VALUES (1, 0)")
+            times = []
+            for _ in range(commits):
+                start = time.perf_counter()
+                conn.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 1", prepare=True)
+                times.append(time.perf_counter() - start)
+        finally:
+            conn.execute(f"DROP TABLE {table}")
+    times.sort()
+    return {
+        "median_ms": round(1000 * statistics.median(times), 3),
+        "p95_ms": round(1000 * times[int(0.95 * (len(times) - 1))], 3),
+    }
 
 
 # ----------------------------------------------------------- one engine
@@ -72,8 +89,7 @@ def _cycle(store: Store, sessions: int, batch: int) -> tuple[float, int]:
     """Enqueue ``sessions``, then send and ack them all; (seconds, transitions) of the sends."""
     policy = Policy(batch_size=batch, incremental_interval_s=0.0, max_in_flight=4)
     engine = Engine(policy, store=store, rng=random.Random(0), log=False)
-    for i in range(sessions):
-        engine.enqueue(f"s{i:07d}", now=1.0)
+    engine.enqueue_many([f"s{i:07d}" for i in range(sessions)], now=1.0)
     now = 2.0
     start = time.perf_counter()
     transitions = 0
@@ -279,13 +295,15 @@ def run(
         result[key] = value
         print(json.dumps({key: value}), file=sys.stderr, flush=True)  # progress
 
-    with postgres(dsn) as url:
+    with _server(dsn) as url:
         note("postgresql", _scalar(url, "SHOW server_version"))
+        note("commit_latency_before", commit_latency(url))
         note(
             "one_engine_default_batch",
             one_engine(url, sessions=sessions, batch=Policy().batch_size, repeat=repeat),
         )
         note("one_engine_batch_100", one_engine(url, sessions=sessions, batch=100, repeat=repeat))
+        note("commit_latency_after", commit_latency(url))
         note("takeover_after_sigkill", takeover(url, partitions=partitions, lease_s=lease_s))
         note("enqueue_to_pickup", pickup(url, enqueues=100))
         note(
@@ -307,7 +325,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dsn", default=os.environ.get("SESSIONFSM_TEST_DSN"))
+    parser.add_argument(
+        "--dsn", default=None, help=f"a server to use (default: ${DSN_VARIABLE}, else pgserver)"
+    )
     parser.add_argument("--sessions", type=int, default=20_000)
     parser.add_argument("--fleet-sessions", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)

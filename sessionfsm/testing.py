@@ -7,16 +7,23 @@
   runs the tick loop synchronously, with no real sleeping. It is a thin
   wrapper over :class:`~sessionfsm.SyncRunner`, the one loop in simulated
   time, so it ticks on the same rule as every other loop.
+* :func:`postgres_server`: a PostgreSQL server for the duration of a block,
+  for testing a :class:`~sessionfsm.postgres_store.PostgresStore` or a fleet.
 
-Nothing here does I/O; it is safe to use from any test framework. The core
-never imports this module.
+Nothing here does I/O except :func:`postgres_server`, which starts a server
+only when called; it is safe to use from any test framework. The core never
+imports this module, and importing it loads neither psycopg nor pgserver.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from . import acks
@@ -24,7 +31,11 @@ from .engine import Batch, Engine
 from .records import Change
 from .runner import FakeClock, Reply, SyncRelay, SyncRunner
 
-__all__ = ["EngineHarness", "FakeClock", "ScriptedRelay", "Sent"]
+__all__ = ["DSN_VARIABLE", "EngineHarness", "FakeClock", "ScriptedRelay", "Sent", "postgres_server"]
+
+#: The environment variable naming an existing PostgreSQL server (a libpq DSN)
+#: that :func:`postgres_server` uses instead of starting one.
+DSN_VARIABLE = "SESSIONFSM_TEST_DSN"
 
 
 @dataclass
@@ -178,3 +189,49 @@ class EngineHarness:
                 stacklevel=2,
             )
         return self.runner.run_until_idle(max_seconds)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server for the block; yields its libpq DSN.
+
+    If ``SESSIONFSM_TEST_DSN`` (:data:`DSN_VARIABLE`) is set, you get that
+    server, left as it is. Otherwise a throwaway server is started with
+    pgserver (``pip install pgserver``: PostgreSQL from PyPI, no system
+    install) in a new data directory, then stopped and deleted when the block
+    ends. Without either it raises ``ImportError``. Give each test its own
+    ``schema=`` on the one server rather than a server per test: starting
+    one takes a few seconds.
+    """
+    dsn = os.environ.get(DSN_VARIABLE)
+    if dsn:
+        yield dsn
+        return
+    try:
+        import pgserver  # imported here: a test run without PostgreSQL never needs it
+    except ImportError as exc:
+        raise ImportError(
+            f"postgres_server() needs pgserver (pip install pgserver) or {DSN_VARIABLE} "
+            "naming a server"
+        ) from exc
+    runtime = None
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # pgserver asks platformdirs for a runtime directory, which warns without one.
+        runtime = tempfile.mkdtemp(prefix="sessionfsm-run-")
+        os.environ["XDG_RUNTIME_DIR"] = runtime
+    # Directly under the system's temporary directory, never inside another
+    # private (0700) one: run as root, pgserver starts the server as another
+    # user, who must be able to reach the data directory.
+    data = tempfile.mkdtemp(prefix="sessionfsm-pg-")
+    try:
+        # pgserver re-exports get_server without listing it in __all__.
+        server = pgserver.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+        if runtime is not None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+            shutil.rmtree(runtime, ignore_errors=True)

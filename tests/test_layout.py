@@ -84,6 +84,14 @@ def test_import_sessionfsm_loads_no_tool_and_no_cli_dependency() -> None:
     assert _hits(_loaded_after("import sessionfsm"), NOT_IN_CORE) == []
 
 
+def test_import_sessionfsm_testing_starts_no_server_and_loads_no_driver() -> None:
+    """``import sessionfsm.testing`` stays light: pgserver and psycopg load only
+    when ``postgres_server()`` is called."""
+    loaded = _loaded_after("import sessionfsm.testing")
+    assert "sessionfsm.testing" in loaded
+    assert _hits(loaded, ("pgserver", "psycopg", *NOT_IN_CORE)) == []
+
+
 def test_cli_loads_heavy_subcommands_only_when_run() -> None:
     """Importing the command line loads no checker, simulator, benchmark or profiler."""
     assert _hits(_loaded_after("import sessionfsm.tools.cli"), NOT_IN_CLI) == []
