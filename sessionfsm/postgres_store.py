@@ -653,11 +653,15 @@ class PostgresStore:
             raise StoreError(f"cannot prune store {self._where}: it was opened read-only")
         keep = self.history_retention
         try:
-            row = self._live().execute(
-                f"SELECT {self._s}.prune(%s::int, %s::int8, now - %s::float8) "
-                f"FROM {self._s}.part WHERE partition = %s",
-                (p, keep.max_rows, keep.max_age_s, p),
-            ).fetchone()
+            row = (
+                self._live()
+                .execute(
+                    f"SELECT {self._s}.prune(%s::int, %s::int8, now - %s::float8) "
+                    f"FROM {self._s}.part WHERE partition = %s",
+                    (p, keep.max_rows, keep.max_age_s, p),
+                )
+                .fetchone()
+            )
         except psycopg.Error as exc:
             raise self._error("prune", exc) from exc
         self._since_prune = 0
@@ -865,10 +869,16 @@ class PostgresStore:
         self._write([], [], None, [])
 
     def _connect(self) -> psycopg.Connection[Any]:
+        # Named in pg_stat_activity for operators: which partition, which owner.
+        if self.readonly:
+            name = "sessionfsm:readonly"
+        else:
+            owner = self._lease.owner if self._lease is not None else ""
+            name = f"sessionfsm:p{self.partition}:{owner}"[:63]
         conn = connect(
             self._dsn,
             self._connect_timeout,
-            "sessionfsm",
+            name,
             f"cannot open store {self._where}: cannot connect to the server",
         )
         try:

@@ -6,11 +6,10 @@ examples; chosen when ``CI`` is set, or with ``HYPOTHESIS_PROFILE=ci``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from sessionfsm import (
     Store,
     StoreError,
 )
-from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay
+from sessionfsm.testing import EngineHarness, FakeClock, ScriptedRelay, postgres_server
 
 settings.register_profile(
     "ci",
@@ -681,31 +680,19 @@ def mock_http() -> Callable[..., Any]:
 
 
 @pytest.fixture(scope="session")
-def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL server for the whole run: ``SESSIONFSM_TEST_DSN`` if set,
-    else a throwaway one started with pgserver. With ``CI=true`` a missing
-    server fails the tests that need it; elsewhere they are skipped."""
-    dsn = os.environ.get("SESSIONFSM_TEST_DSN")
-    if dsn:
+def pg_dsn() -> Iterator[str]:
+    """A real PostgreSQL server for the whole run (``sessionfsm.testing.postgres_server``:
+    ``SESSIONFSM_TEST_DSN`` if set, else a throwaway one started with pgserver).
+    With ``CI=true`` a missing server fails the tests that need it; elsewhere
+    they are skipped."""
+    with contextlib.ExitStack() as stack:
+        try:
+            dsn = stack.enter_context(postgres_server())
+        except ImportError as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"CI: PostgreSQL tests need a server: {exc}")
+            pytest.skip(f"no PostgreSQL: {exc}")
         yield dsn
-        return
-    # pgserver asks platformdirs for a runtime directory, which warns without one.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))
-    try:
-        import pgserver
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("CI: PostgreSQL tests need pgserver or SESSIONFSM_TEST_DSN")
-        pytest.skip("no PostgreSQL: install pgserver or set SESSIONFSM_TEST_DSN")
-    # Not under pytest's base directory: as root, pgserver runs the server as
-    # another user, who cannot enter pytest's private (0700) directories.
-    data = tempfile.mkdtemp(prefix="sessionfsm-pg-")
-    server = pgserver.get_server(data, cleanup_mode="stop")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 _schemas = iter(range(1, 1_000_000))
@@ -765,6 +752,10 @@ class RecordingRelay:
     application's table at that moment (the payload the worker sends) and
     answers Ok. ``accepted[sid]`` is the highest version it took;
     ``stale`` counts refused batches.
+
+    A batch of a (partition, epoch) in ``hold`` is left unanswered (its
+    sender waits in the send) until ``release()``; ``holding`` is set when
+    one arrives.
     """
 
     def __init__(self, dsn: str, schema: str, app_schema: str) -> None:
@@ -779,6 +770,9 @@ class RecordingRelay:
         self.accepted: dict[str, int] = {}
         self.batches = 0
         self.stale = 0
+        self.hold: set[tuple[int, int]] = set()
+        self.holding = threading.Event()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         conn = psycopg.connect(dsn, autocommit=True)
         relay = self
@@ -786,6 +780,9 @@ class RecordingRelay:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if (body["partition"], body["epoch"]) in relay.hold:
+                    relay.holding.set()
+                    relay._released.wait(timeout=60)
                 with relay._lock:
                     (epoch,) = conn.execute(
                         f'SELECT epoch FROM "{schema}".part WHERE partition = %s',
@@ -820,7 +817,13 @@ class RecordingRelay:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
+    def release(self) -> None:
+        """Answer the held batches now (by the rules above), and hold no more."""
+        self.hold = set()
+        self._released.set()
+
     def close(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
         self._conn.close()

@@ -1,14 +1,16 @@
 """Many workers on one PostgreSQL database: leases, fencing, takeover, the inbox.
 
 The first tests drive ``Worker`` objects in this process (a worker that is not
-stepped is exactly a stalled one). The last one runs real worker processes
-against a real relay on 127.0.0.1 and kills, stops, adds and disconnects
-them; everything it asserts is read from the server's rows and the relay's
-record, and it prints the run's figures.
+stepped is exactly a stalled one). The process test runs real worker
+processes against a real relay on 127.0.0.1 and kills, stops, adds and
+disconnects them; what it asserts is read from the server's rows (the
+fence's own log of refused saves among them), the relay's record and the
+workers' final figures, and it prints the run's figures.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -234,15 +236,17 @@ def _spawn(dsn: str, schema: str, relay: RecordingRelay, name: str) -> subproces
 def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
     pg_dsn: str, pg_schema: str, recording_relay: RecordingRelay
 ) -> None:
-    """Three workers; one SIGKILLed, one SIGSTOPped past its lease then resumed, a
-    fourth added, a connection terminated by the server: at the end every session
-    is synced at its latest version, none is lost, and no superseded epoch wrote."""
+    """Three workers; one SIGKILLed, one SIGSTOPped past its lease with a save
+    pending (the server refuses it), a fourth added, a store connection terminated
+    by the server: every session ends synced at its latest version, none is lost,
+    and no superseded epoch wrote."""
     app = f"{pg_schema}_app"
     rng = random.Random(16)
     Coordinator(pg_dsn, schema=pg_schema, partitions=8).close()  # the database, 8 partitions
     procs = {name: _spawn(pg_dsn, pg_schema, recording_relay, name) for name in "abc"}
     producer = Producer(pg_dsn, schema=pg_schema)
     ids = [f"doc{i}" for i in range(400)]
+    routed = itertools.count()
     figures: dict[str, Any] = {"cores": os.cpu_count(), "sessions": len(ids)}
 
     def produce(n_new: int, n_changed: int) -> None:
@@ -255,6 +259,35 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
             for sid in changed:
                 conn.execute(f'UPDATE "{app}".doc SET version = version + 1 WHERE id = %s', (sid,))
         producer.enqueue(new + changed)
+
+    def produce_to(partitions: set[int], n: int) -> None:
+        """``n`` new sessions that belong to these partitions."""
+        new: list[str] = []
+        while len(new) < n:
+            sid = f"to{next(routed)}"
+            if partition_of(sid, producer.partitions) in partitions:
+                new.append(sid)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for sid in new:
+                conn.execute(f'INSERT INTO "{app}".doc VALUES (%s, 1)', (sid,))
+        producer.enqueue(new)
+
+    def history_rows(leases: dict[int, int]) -> dict[tuple[int, int], int]:
+        """History rows written under each of these (partition, epoch) leases."""
+        rows = _sql(
+            pg_dsn,
+            f'SELECT partition, epoch, count(*) FROM "{pg_schema}".history GROUP BY 1, 2',
+        )
+        return {(p, e): n for p, e, n in rows if leases.get(p) == e}
+
+    def refused(owner: str) -> list[tuple[int, int, int]]:
+        """The saves of ``owner`` the server refused: (partition, epoch, epoch then)."""
+        return _sql(
+            pg_dsn,
+            f'SELECT partition, epoch, current_epoch FROM "{pg_schema}".fence_log '
+            "WHERE owner = %s ORDER BY seq",
+            owner,
+        )
 
     def owners() -> dict[int, tuple[str, int]]:
         rows = _sql(
@@ -281,30 +314,53 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
     )
     figures["takeover_after_sigkill_s"] = round(time.monotonic() - t0, 2)
 
-    # SIGSTOP b past its lease, keep producing, then SIGCONT it.
+    # SIGSTOP b while it waits on the relay for an answer, so the save of that
+    # answer is pending; its partitions are taken over; on SIGCONT the save
+    # reaches the server under b's old epoch and must be refused there.
     stopped = {p: e for p, (o, e) in owners().items() if o == "b"}
+    assert stopped
+    recording_relay.hold = set(stopped.items())
+    produce_to(set(stopped), 10)
+    assert recording_relay.holding.wait(timeout=60), "b sent no batch to hold"
     procs["b"].send_signal(signal.SIGSTOP)
+    written_by_b = history_rows(stopped)
     produce(40, 30)
     _until(
-        lambda: all(owners().get(p, ("b", 0))[0] not in ("b",) for p in stopped),
+        lambda: all(owners().get(p, ("b", 0))[0] != "b" for p in stopped),
         "the stopped worker's partitions taken over",
     )
     produce(40, 30)
     procs["b"].send_signal(signal.SIGCONT)
-    time.sleep(LEASE_S)
+    recording_relay.release()
+    _until(lambda: bool(refused("b")), "the server to refuse b's pending save")
 
-    # A fourth worker joins; then the server cuts one store connection.
+    # A fourth worker joins; once the fleet is b, c and d, the server cuts the
+    # store connection of one of c's partitions, and that partition gets work.
     procs["d"] = _spawn(pg_dsn, pg_schema, recording_relay, "d")
     produce(40, 30)
-    time.sleep(LEASE_S)
+    _until(
+        lambda: (
+            len(owners()) == producer.partitions
+            and {o for o, _ in owners().values()} == {"b", "c", "d"}
+        ),
+        "the partitions shared by b, c and d",
+    )
+    cut, (_, cut_epoch) = min((p, oe) for p, oe in owners().items() if oe[0] == "c")
     victims = _sql(
         pg_dsn,
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'sessionfsm' "
-        "AND datname = current_database() ORDER BY backend_start DESC LIMIT 1",
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+        "AND datname = current_database()",
+        f"sessionfsm:p{cut}:c",
     )
-    assert victims
+    assert len(victims) == 1
     _sql(pg_dsn, "SELECT pg_terminate_backend(%s)", victims[0][0])
     figures["terminated_backends"] = len(victims)
+    produce_to({cut}, 10)
+    _until(
+        lambda: owners().get(cut, ("", 0))[1] > cut_epoch,
+        "the cut partition to be taken again under a new epoch",
+    )
+    assert owners()[cut][0] == "c"  # its own again: c dropped it, then took it back
     while ids:
         produce(40, 30)
         time.sleep(0.05)
@@ -336,9 +392,17 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
     assert set(sessions.values()) == {"synced"}
     assert all(recording_relay.accepted[sid] == v for sid, v in docs.items())
     assert _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".inbox') == [(0,)]
-    history_rows = _assert_epochs_only_grow(pg_dsn, pg_schema)
-    # b noticed it had lost its partitions and dropped them.
-    assert any(k.startswith(("dropped_lease", "dropped_fenced")) for k in stats["b"]), stats["b"]
+    written = _assert_epochs_only_grow(pg_dsn, pg_schema)
+    # The fence fired on the server for b's pending save, in b's old epoch,
+    # after the takeover; and nothing b wrote in those epochs landed after
+    # it was stopped.
+    fenced = refused("b")
+    assert fenced
+    assert all(stopped.get(p) == e and now > e for p, e, now in fenced), fenced
+    assert history_rows(stopped) == written_by_b
+    assert stats["b"].get("dropped_fenced", 0) >= 1, stats["b"]
+    # c's save on the cut connection failed clearly; c took the partition again.
+    assert stats["c"].get("dropped_store_error", 0) >= 1, stats["c"]
     # d got a share.
     assert stats["d"].get("acquired", 0) > 0
     recovered = _sql(
@@ -346,12 +410,13 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
     )[0][0]
     figures.update(
         {
-            "history_rows": history_rows,
+            "history_rows": written,
             "relay_batches": recording_relay.batches,
             "stale_batches_refused_by_relay": recording_relay.stale,
             "recovered_in_flight": recovered,
             "leases_granted": _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".lease_log')[0][0],
             "fenced_saves": _sql(pg_dsn, f'SELECT sum(fenced)::int FROM "{pg_schema}".part')[0][0],
+            "fence_log": _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".fence_log')[0][0],
             "worker_stats": stats,
         }
     )

@@ -294,7 +294,8 @@ def test_a_write_after_a_takeover_is_fenced_and_leaves_nothing(pg_dsn: str, pg_s
     assert after == {**before, "fence_log": before["fence_log"] + 1}
     assert _sql(pg_dsn, f'SELECT fenced FROM "{pg_schema}".part') == [(1,)]
     refused = _sql(
-        pg_dsn, f'SELECT partition, epoch, owner, current_epoch, changes FROM "{pg_schema}".fence_log'
+        pg_dsn,
+        f'SELECT partition, epoch, owner, current_epoch, changes FROM "{pg_schema}".fence_log',
     )
     assert refused == [(0, old.lease.epoch, old.lease.owner, new.lease.epoch, 1)]  # s1 sent
     # Every committed history row carries the epoch that wrote it.
