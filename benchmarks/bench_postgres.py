@@ -85,8 +85,14 @@ def commit_latency(dsn: str, *, commits: int = 200) -> dict[str, float]:
 # ----------------------------------------------------------- one engine
 
 
-def _cycle(store: Store, sessions: int, batch: int) -> tuple[float, int]:
-    """Enqueue ``sessions``, then send and ack them all; (seconds, transitions) of the sends."""
+def _cycle(
+    store: Store, sessions: int, batch: int, *, hold_acks: bool = False
+) -> tuple[float, int]:
+    """Enqueue ``sessions``, then send and ack them all; (seconds, transitions) of the sends.
+
+    Every engine call is one save (one transaction); with ``hold_acks`` (a
+    ``PostgresStore`` only) the acks of one tick's batches are one.
+    """
     policy = Policy(batch_size=batch, incremental_interval_s=0.0, max_in_flight=4)
     engine = Engine(policy, store=store, rng=random.Random(0), log=False)
     engine.enqueue_many([f"s{i:07d}" for i in range(sessions)], now=1.0)
@@ -94,24 +100,32 @@ def _cycle(store: Store, sessions: int, batch: int) -> tuple[float, int]:
     start = time.perf_counter()
     transitions = 0
     while not engine.idle():
-        for b in engine.tick(now):
-            engine.on_ack(b.id, acks.Ok(), now)
-            transitions += 2 * len(b.session_ids)  # sent, then acked
+        batches = engine.tick(now)
+        held = store.hold() if hold_acks and isinstance(store, PostgresStore) else None
+        with held or contextlib.nullcontext():
+            for b in batches:
+                engine.on_ack(b.id, acks.Ok(), now)
+                transitions += 2 * len(b.session_ids)  # sent, then acked
         now += 0.001
     return time.perf_counter() - start, transitions
 
 
 def one_engine(dsn: str, *, sessions: int, batch: int, repeat: int) -> dict[str, Any]:
     """Persisted transitions/s, PostgreSQL and SQLite, medians of ``repeat`` runs."""
-    rates: dict[str, list[float]] = {"sqlite": [], "postgres": [], "postgres_async_commit": []}
+    variants = {  # name: (synchronous_commit, hold_acks)
+        "postgres": (True, False),
+        "postgres_async_commit": (False, False),
+        "postgres_acks_held": (True, True),
+    }
+    rates: dict[str, list[float]] = {"sqlite": [], **{name: [] for name in variants}}
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as tmp:
             with SqliteStore(Path(tmp) / "bench.db") as sqlite_store:
                 secs, n = _cycle(sqlite_store, sessions, batch)
             rates["sqlite"].append(n / secs)
-        for key, sync in (("postgres", True), ("postgres_async_commit", False)):
+        for key, (sync, held) in variants.items():
             with PostgresStore(dsn, schema=_schema(), synchronous_commit=sync) as pg_store:
-                secs, n = _cycle(pg_store, sessions, batch)
+                secs, n = _cycle(pg_store, sessions, batch, hold_acks=held)
             rates[key].append(n / secs)
     out: dict[str, Any] = {k: round(statistics.median(v)) for k, v in rates.items()}
     out["postgres_vs_sqlite"] = round(out["postgres"] / out["sqlite"], 3)
