@@ -207,6 +207,13 @@ def postgres_server() -> Iterator[str]:
     if dsn:
         yield dsn
         return
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # pgserver asks platformdirs for a runtime directory (on import too),
+        # which warns without one. One per user, kept: pgserver's exit hooks
+        # write a lock file there after the block ends.
+        runtime = os.path.join(tempfile.gettempdir(), f"sessionfsm-run-{os.getuid()}")
+        os.makedirs(runtime, mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = runtime
     try:
         import pgserver  # imported here: a test run without PostgreSQL never needs it
     except ImportError as exc:
@@ -214,11 +221,6 @@ def postgres_server() -> Iterator[str]:
             f"postgres_server() needs pgserver (pip install pgserver) or {DSN_VARIABLE} "
             "naming a server"
         ) from exc
-    runtime = None
-    if not os.environ.get("XDG_RUNTIME_DIR"):
-        # pgserver asks platformdirs for a runtime directory, which warns without one.
-        runtime = tempfile.mkdtemp(prefix="sessionfsm-run-")
-        os.environ["XDG_RUNTIME_DIR"] = runtime
     # Directly under the system's temporary directory, never inside another
     # private (0700) one: run as root, pgserver starts the server as another
     # user, who must be able to reach the data directory.
@@ -232,6 +234,3 @@ def postgres_server() -> Iterator[str]:
             server.cleanup()
     finally:
         shutil.rmtree(data, ignore_errors=True)
-        if runtime is not None:
-            os.environ.pop("XDG_RUNTIME_DIR", None)
-            shutil.rmtree(runtime, ignore_errors=True)
