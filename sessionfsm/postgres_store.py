@@ -375,6 +375,8 @@ _COLUMNS: Final = (
     "dead_letter_reason, dead_lettered_at"
 )
 #: Encodes the engine's records (msgspec Structs) as the JSON ``save`` takes.
+#: JSON has no infinity, but every time in a record is finite: the engine
+#: refuses any other clock, and a store's records are validated on load.
 _JSON: Final = msgspec.json.Encoder()
 _STATES: Final = {s.value: s for s in SessionState}
 _LANES: Final = {lane.value: lane for lane in Lane}
