@@ -233,8 +233,17 @@ def _spawn(dsn: str, schema: str, relay: RecordingRelay, name: str) -> subproces
     return proc
 
 
+def _reap(procs: dict[str, subprocess.Popen[str]]) -> None:
+    """Kill the worker processes a failed test left running (stopped ones too)."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
 def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
-    pg_dsn: str, pg_schema: str, recording_relay: RecordingRelay
+    pg_dsn: str, pg_schema: str, recording_relay: RecordingRelay, request: pytest.FixtureRequest
 ) -> None:
     """Three workers; one SIGKILLed, one SIGSTOPped past its lease with a save
     pending (the server refuses it), a fourth added, a store connection terminated
@@ -244,6 +253,7 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
     rng = random.Random(16)
     Coordinator(pg_dsn, schema=pg_schema, partitions=8).close()  # the database, 8 partitions
     procs = {name: _spawn(pg_dsn, pg_schema, recording_relay, name) for name in "abc"}
+    request.addfinalizer(lambda: _reap(procs))
     producer = Producer(pg_dsn, schema=pg_schema)
     ids = [f"doc{i}" for i in range(400)]
     routed = itertools.count()
