@@ -86,13 +86,13 @@ def commit_latency(dsn: str, *, commits: int = 200) -> dict[str, float]:
 # ----------------------------------------------------------- one engine
 
 
-def _cycle(
-    store: Store, sessions: int, batch: int, *, hold_acks: bool = False
-) -> tuple[float, int]:
+def _cycle(store: Store, sessions: int, batch: int, *, hold: str = "call") -> tuple[float, int]:
     """Enqueue ``sessions``, then send and ack them all; (seconds, transitions) of the sends.
 
-    Every engine call is one save (one transaction); with ``hold_acks`` (a
-    ``PostgresStore`` only) the acks of one tick's batches are one.
+    ``hold`` says what one transaction holds: ``"call"``, every engine call
+    (each tick and each ack is one save); ``"acks"``, the acks of one tick's
+    batches; ``"tick"``, a tick with its sends and their acks, as a fleet
+    worker writes them. The last two need a ``PostgresStore``.
     """
     policy = Policy(batch_size=batch, incremental_interval_s=0.0, max_in_flight=4)
     engine = Engine(policy, store=store, rng=random.Random(0), log=False)
@@ -100,23 +100,32 @@ def _cycle(
     now = 2.0
     start = time.perf_counter()
     transitions = 0
+    pg = isinstance(store, PostgresStore)
     while not engine.idle():
-        batches = engine.tick(now)
-        held = store.hold() if hold_acks and isinstance(store, PostgresStore) else None
-        with held or contextlib.nullcontext():
-            for b in batches:
-                engine.on_ack(b.id, acks.Ok(), now)
-                transitions += 2 * len(b.session_ids)  # sent, then acked
+        tick_held = store.hold() if hold == "tick" and pg else contextlib.nullcontext()
+        with tick_held:
+            batches = engine.tick(now)
+            acks_held = store.hold() if hold == "acks" and pg else contextlib.nullcontext()
+            with acks_held:
+                for b in batches:
+                    engine.on_ack(b.id, acks.Ok(), now)
+                    transitions += 2 * len(b.session_ids)  # sent, then acked
         now += 0.001
     return time.perf_counter() - start, transitions
 
 
 def one_engine(dsn: str, *, sessions: int, batch: int, repeat: int) -> dict[str, Any]:
-    """Persisted transitions/s, PostgreSQL and SQLite, medians of ``repeat`` runs."""
-    variants = {  # name: (synchronous_commit, hold_acks)
-        "postgres": (True, False),
-        "postgres_async_commit": (False, False),
-        "postgres_acks_held": (True, True),
+    """Persisted transitions/s, PostgreSQL and SQLite, medians of ``repeat`` runs.
+
+    ``postgres_tick_held`` is what one fleet worker does (a tick and its
+    answers are one transaction); ``postgres`` saves every engine call on its
+    own, as a single engine on a ``PostgresStore`` does.
+    """
+    variants = {  # name: (synchronous_commit, hold)
+        "postgres": (True, "call"),
+        "postgres_async_commit": (False, "call"),
+        "postgres_acks_held": (True, "acks"),
+        "postgres_tick_held": (True, "tick"),
     }
     rates: dict[str, list[float]] = {"sqlite": [], **{name: [] for name in variants}}
     for _ in range(repeat):
@@ -124,9 +133,9 @@ def one_engine(dsn: str, *, sessions: int, batch: int, repeat: int) -> dict[str,
             with SqliteStore(Path(tmp) / "bench.db") as sqlite_store:
                 secs, n = _cycle(sqlite_store, sessions, batch)
             rates["sqlite"].append(n / secs)
-        for key, (sync, held) in variants.items():
+        for key, (sync, hold) in variants.items():
             with PostgresStore(dsn, schema=_schema(), synchronous_commit=sync) as pg_store:
-                secs, n = _cycle(pg_store, sessions, batch, hold_acks=held)
+                secs, n = _cycle(pg_store, sessions, batch, hold=hold)
             rates[key].append(n / secs)
     out: dict[str, Any] = {k: round(statistics.median(v)) for k, v in rates.items()}
     out["postgres_vs_sqlite"] = round(out["postgres"] / out["sqlite"], 3)

@@ -11,7 +11,8 @@ The loop, every ``tick_s`` (sooner when a producer's NOTIFY arrives):
    back to the head of their queue, counters intact);
 3. apply the inbox of each owned partition that has rows, in one fenced
    transaction per partition;
-4. tick each engine and send its batches, passing the answers back.
+4. tick each engine and send its batches, passing the answers back; the
+   tick and its answers are one fenced transaction.
 
 Before every send the worker checks its lease is still valid by its own
 monotonic clock (renewed at ``t`` on the server means valid until at least
@@ -296,16 +297,23 @@ class Worker:
         owned = self.owned[p]
         engine = owned.engine
         try:
-            batches = engine.tick(self._clock())
-            for batch in batches:
-                if not self._valid(p):
-                    return  # lost while sending: send nothing more for it
-                try:
-                    answer: AckResult = self.send(p, owned.epoch, batch)
-                except ConnectionError:
-                    answer = acks.RelayUnavailable()
-                self._count("sent")
-                engine.on_ack(batch.id, answer, self._clock())
+            # One transaction per tick: the tick's sends and their answers are
+            # written together when the block ends (a group commit, as queues
+            # that batch their completions do). A crash before it commits
+            # leaves the sessions queued in the store, so the next owner sends
+            # them again (at least once; the relay deduplicates on the
+            # idempotency key); a fenced commit drops the whole partition.
+            with owned.store.hold():
+                batches = engine.tick(self._clock())
+                for batch in batches:
+                    if not self._valid(p):
+                        return  # lost while sending: send nothing more for it
+                    try:
+                        answer: AckResult = self.send(p, owned.epoch, batch)
+                    except ConnectionError:
+                        answer = acks.RelayUnavailable()
+                    self._count("sent")
+                    engine.on_ack(batch.id, answer, self._clock())
         except StoreError as exc:
             self._lost(p, exc)
 
