@@ -106,6 +106,8 @@ class View(NamedTuple):
 
 
 class State(NamedTuple):
+    """One state of the model, as a trace shows it (real worker names and epochs)."""
+
     status: tuple[str, ...]  # per worker: absent, run, stall, dead
     lease: tuple[tuple[int, int, bool], ...]  # per partition: owner (-1 none), epoch, live
     views: tuple[tuple[View | None, ...], ...]  # per worker, per partition
@@ -585,21 +587,24 @@ def format_trace(trace: list[tuple[str, State]]) -> str:
 
 def main() -> None:  # pragma: no cover - exercised through the test of explore
     import sys
+    import time
 
-    # Three workers: explore(3, max_version=1), the opt-in slow test (minutes).
-    for workers, versions in ((2, MAX_VERSION),):
+    # Every space explored in full, liveness included, the broken variant too.
+    for workers, versions in ((2, 1), (2, MAX_VERSION), (3, 1)):
         for fenced in (True, False):
+            started = time.perf_counter()
             r = explore(workers, fenced=fenced, max_version=versions)
+            seconds = time.perf_counter() - started
             verdict = "all properties hold" if r.ok else ", ".join(sorted(r.violations))
             print(
                 f"{workers} workers, {versions} change(s), "
                 f"{'fenced' if fenced else 'NO FENCING'}: "
-                f"{r.states} states, {r.transitions} transitions: {verdict}"
+                f"{r.states} states, {r.transitions} transitions, {seconds:.1f} s: {verdict}"
             )
             for name, trace in sorted(r.violations.items()):
                 print(f"  {name}, shortest trace:")
                 print("    " + format_trace(trace).replace("\n", "\n    "))
-    sys.stdout.flush()
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover
