@@ -137,6 +137,20 @@ def test_a_redeclared_machine_changes_only_its_own_diagrams(tmp_path: Path) -> N
     assert pause_elapsed.__name__ not in changed["link-table.md"]
 
 
+def test_states_at_the_same_distance_share_a_row_top_to_bottom() -> None:
+    """The link's paused and throttled (both one step from up) sit in one row of a
+    top-to-bottom drawing, so the edges between them and their labels do not cross the
+    rest; the session machine, one state per distance, stays left to right."""
+    files = generate()
+    link, session = files["link.dot"], files["session.dot"]
+    assert "rankdir=TB" in link
+    assert "{ rank=same; paused; throttled; }" in link
+    # Edges within the row are written as they go, not reversed with dir=back.
+    assert 'paused -> throttled [label="refused / throttle\\l"];' in link
+    assert "rankdir=LR" in session
+    assert "rank=same" not in session
+
+
 def test_generating_twice_gives_identical_files() -> None:
     """Two generations in one process are byte for byte equal."""
     assert generate() == generate()

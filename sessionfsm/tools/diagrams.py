@@ -359,7 +359,7 @@ def _depths(table: Table, edges: Sequence[_Edge]) -> dict[Hashable, int]:
 
 
 def _dot(table: Table, policy: Policy, policy_name: str) -> str:
-    """Graphviz source laid out left to right, in the order a session moves.
+    """Graphviz source laid out in the order a session moves.
 
     Left to right: the initial state, then each state by its distance from
     it, and the resting states last, in a column of their own (so the session
@@ -367,6 +367,14 @@ def _dot(table: Table, policy: Policy, policy_name: str) -> str:
     An edge back towards the initial state is written forwards with
     ``dir=back``: drawn the same, but dot then routes it around the outside
     instead of through the labels of the forward edges.
+
+    A machine with two moving states at the same distance (the link's
+    ``paused`` and ``throttled``, each reachable from the other) is laid out
+    top to bottom instead, those states side by side in one row. Spread over
+    two columns, the edges between them crossed the long edges back to the
+    initial state, with labels left between edges they did not belong to;
+    and dot places the labels of edges within one rank correctly only top to
+    bottom (left to right, they are drawn on top of each other).
     """
     ids, names = table.state_ids, _state_names(table)
     edges = _edges(table, policy)
@@ -375,11 +383,17 @@ def _dot(table: Table, policy: Policy, policy_name: str) -> str:
     moving = [depth[s] for s in depth if s not in final]
     final_rank = max(moving, default=0) + 1
     rank = {s: final_rank if s in final else depth.get(s, final_rank) for s in table.states}
+    rows: dict[int, list[Hashable]] = {}
+    for state in table.states:
+        if state not in final:
+            rows.setdefault(rank[state], []).append(state)
+    shared = [row for row in rows.values() if len(row) > 1]
+    rankdir, nodesep, ranksep = ("TB", 0.8, 0.8) if shared else ("LR", 0.4, 0.7)
     title = f"{table.name} ({policy_name})"
     out = [
         f"digraph {table.name} {{",
-        f"    graph [rankdir=LR, label={_dot_str(title)}, labelloc=t, fontname=Helvetica,"
-        " fontsize=14, nodesep=0.4, ranksep=0.7];",
+        f"    graph [rankdir={rankdir}, label={_dot_str(title)}, labelloc=t, fontname=Helvetica,"
+        f" fontsize=14, nodesep={nodesep}, ranksep={ranksep}];",
         "    node [shape=box, style=rounded, fontname=Helvetica, fontsize=12, margin=0.15];",
         "    edge [fontname=Helvetica, fontsize=10, arrowsize=0.7];",
         '    __initial [shape=point, width=0.15, label=""];',
@@ -390,6 +404,7 @@ def _dot(table: Table, policy: Policy, policy_name: str) -> str:
         out.append(
             f"    {ids[state]} [label={_dot_node_label(names[state], internal.get(state))}{extra}];"
         )
+    out.extend(f"    {{ rank=same; {'; '.join(ids[st] for st in row)}; }}" for row in shared)
     out.append(f"    __initial -> {ids[table.initial]};")
     for edge in edges:
         if edge.internal:
@@ -398,7 +413,7 @@ def _dot(table: Table, policy: Policy, policy_name: str) -> str:
         label = "".join(_dot_escape(text) + "\\l" for text in _label(edge.lines))
         attrs = [f'label="{label}"']
         head, tail = ids[edge.target], ids[edge.source]
-        if edge.source != edge.target and rank[edge.target] <= rank[edge.source]:
+        if edge.source != edge.target and rank[edge.target] < rank[edge.source]:
             head, tail = tail, head
             attrs.append("dir=back")
         elif rank[edge.target] - rank[edge.source] > 1:
