@@ -100,12 +100,12 @@ def _cycle(store: Store, sessions: int, batch: int, *, hold: str = "call") -> tu
     now = 2.0
     start = time.perf_counter()
     transitions = 0
-    pg = isinstance(store, PostgresStore)
+    pg = store if isinstance(store, PostgresStore) else None
     while not engine.idle():
-        tick_held = store.hold() if hold == "tick" and pg else contextlib.nullcontext()
+        tick_held = pg.hold() if hold == "tick" and pg else contextlib.nullcontext()
         with tick_held:
             batches = engine.tick(now)
-            acks_held = store.hold() if hold == "acks" and pg else contextlib.nullcontext()
+            acks_held = pg.hold() if hold == "acks" and pg else contextlib.nullcontext()
             with acks_held:
                 for b in batches:
                     engine.on_ack(b.id, acks.Ok(), now)
