@@ -136,8 +136,8 @@ class Batch(msgspec.Struct, frozen=True):
     probe: bool = False
 
 
-#: Every field of an engine, in the order ``__init__`` sets them; ``clone``
-#: copies each by hand and deep-copies any other (a subclass's own).
+#: Every field ``Engine.__init__`` sets; ``clone`` copies each by hand and
+#: deep-copies any other (a subclass's own).
 _FIELDS: Final = frozenset(
     {
         "policy",
@@ -164,7 +164,7 @@ _FIELDS: Final = frozenset(
 )
 
 
-def _draws(policy: Policy) -> bool:
+def _draws_from_rng(policy: Policy) -> bool:
     """True if a backoff of ``policy`` draws from the engine's rng (full jitter)."""
     backoffs = [policy.reason(name).backoff for name in CHARGED_REASONS]
     backoffs += [policy.relay_pause, policy.relay_throttle]
@@ -254,7 +254,7 @@ class Engine:
         self._step = Step(self.policy, self._rng)
         # Whether the policy ever draws from the rng (jitter): a clone shares
         # an rng nobody draws from instead of copying it.
-        self._draws = _draws(self.policy)
+        self._draws = _draws_from_rng(self.policy)
         self._sessions: dict[str, SessionRecord] = {}
         self._lanes = rooms.lanes(self._sessions, self.policy)
         self._batches = rooms.batches()
@@ -1290,9 +1290,10 @@ class Engine:
         """A deep, independent copy of this engine, between calls.
 
         It shares only what never changes (the policy, and a compiled runtime
-        with its table, and the random generator when the policy never draws
-        from it); everything else is copied, room by room, so the copy and
-        the original diverge only by the calls each gets. The copy has no
+        with its table) and, when the policy never draws from it (no jitter),
+        the random generator and the per-event scratch that holds it;
+        everything else is copied, room by room, so the copy and the original
+        diverge only by the calls each gets. The copy has no
         store and no listeners: it persists nothing and reports to nobody.
         For tools that explore alternatives (the model checker); never on a
         hot path.
@@ -1312,17 +1313,20 @@ class Engine:
             return twin
         # Field by field, in __init__'s order, never through __dict__: an
         # instance whose __dict__ was ever built reads its attributes slower.
-        twin = object.__new__(type(self))
-        twin.policy = self.policy
-        rng = self._rng
+        rng, step = self._rng, self._step
         if self._draws:
             rng = random.Random.__new__(type(rng))
             rng.setstate(self._rng.getstate())
+            step = _copy_step(step, rng)
+        # else nothing draws from the rng, and the Step is refilled before
+        # every event (and a call never runs inside another engine's call).
+        twin = object.__new__(type(self))
+        twin.policy = self.policy
         twin._rng = rng
         twin._log = self._log
         twin._runtime = runtime
         twin._link_runtime = link_runtime
-        twin._step = _copy_step(self._step, rng)
+        twin._step = step
         twin._draws = self._draws
         # A Struct's __copy__ (shallow: a record holds only immutable values)
         # is missing from msgspec's stubs.
