@@ -8,52 +8,51 @@ snapshot -> change -> react):
 1. read the record's old state;
 2. fire the declared transition through the runtime (:mod:`sessionfsm.machine`
    says what it does);
-3. queue the difference; at the end of the call ``_commit`` hands all of it to
-   the logger, the store and the listeners (:mod:`sessionfsm.listeners`) in
-   one place.
+3. queue the difference in the journal; at the end of the call ``_commit``
+   hands all of it to the logger, the store and the listeners
+   (:mod:`sessionfsm.listeners`) in one place.
 
-Who is ready, cheaply
----------------------
-A tick must not scan the queue: a service may hold a million sessions, most
-of them backed off. So readiness is kept in structures keyed on it:
+Rooms
+-----
+The engine keeps only the hot path inline: firing a transition (``_fire``)
+and placing the session where its new state says. Each other concern lives
+in a room of :mod:`sessionfsm.rooms`, which holds no reference back:
 
-* ``_ready[lane]``: a deque of the ``queued`` sessions of each lane, in
-  order. Sending pops from the left; a bounced batch goes back on the left.
-* ``_retry``: a heap of ``(retry_at, session_id)`` for sessions in
-  ``backoff``. A tick pops only the due ones and fires ``elapsed``, which
-  moves them to their lane's deque.
-* ``_deadlines``: a heap of ``(deadline, batch_id)`` for open batches.
-
-A tick therefore costs O(batch + due · log n), independent of how many
-sessions wait. A session promoted from backfill to incremental leaves a stale
-entry in the backfill deque, skipped when reached (at most one per session,
-since lanes are only ever promoted).
+* ``_lanes`` (:class:`~sessionfsm.rooms.Lanes`): the ready queue of each lane,
+  the retry heap, the throttle stamps and the parts of split batches; which
+  lane sends next. A tick pops only what is due, so it costs
+  O(batch + due · log n), however many sessions wait.
+* ``_batches`` (:class:`~sessionfsm.rooms.OpenBatches`): the open batches,
+  their deadlines, the probe, and which batch ids closed.
+* ``_blame`` (:class:`~sessionfsm.rooms.Blame`): the evidence weighed before
+  a failure is charged, and the rule for a shared failure.
+* ``_paced`` (:class:`~sessionfsm.rooms.PacedRedrive`): the paced redrive.
+* ``_journal`` (:class:`~sessionfsm.rooms.Journal`): the call's changes, the
+  store and the listeners.
 
 Blame
 -----
 Before firing a failure, ``on_ack`` and the deadline decide whether it was
-*shared* by several sessions, and what the blame guards of
+*shared* by several sessions (``Blame.verdict``), and what the blame guards of
 :mod:`sessionfsm.machine` need to know: how many sessions the relay has
-accepted, ever (``_accepted``), each failed session's mark (``_marks``: that
-count when its previous attempt ended) and since when the relay has accepted
-nothing (``_refusing_since``). A shared failure that is not a throttle is
-split: its sessions go back to the head of their lane in halves, and
-``_cuts[lane]`` holds the sizes of those parts, so that the next batches of
-the lane are exactly the parts (``docs/blame.md``).
+accepted, ever, each failed session's mark (that count when its previous
+attempt ended) and since when the relay has accepted nothing. A shared
+failure that is not a throttle is split: its sessions go back to the head of
+their lane in halves, and the lane's cuts hold the sizes of those parts, so
+that the next batches of the lane are exactly the parts (``docs/blame.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import heapq
-import math
 import random
 import reprlib
 import sys
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from heapq import heapify, heappush
 from typing import Any, Final
 
 import msgspec
@@ -68,7 +67,7 @@ from ._errors import (
 )
 from ._log import get_logger
 from .inspection import BlameState, EngineState, OpenBatchState, RedriveState
-from .listeners import BatchEvent, Listener, Report
+from .listeners import BatchEvent, Listener
 from .machine import (
     ACK_EVENTS,
     CHARGED_REASONS,
@@ -82,8 +81,9 @@ from .machine import (
     SessionState,
     Step,
 )
-from .policy import Policy
-from .records import Change, Delta, Snapshot
+from .policy import Exponential, Fixed, Policy
+from .records import Change, Snapshot
+from .rooms import OpenBatch, Rooms
 from .runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, ReferenceRuntime, Runtime
 from .store import Store
 from .validation import check_session_id
@@ -105,8 +105,7 @@ _LANES: Final[dict[str, Lane]] = {lane.value: lane for lane in Lane}
 # Larger than any time a caller means (about 3e300 years), and small enough
 # that adding a policy's delays to it stays finite.
 _MAX_TIME: Final = 1e300
-# How many closed batch ids to remember, to tell a late ack from a bogus one.
-_CLOSED_MEMORY: Final = 4096
+_ROOMS: Final = Rooms()
 
 
 class Batch(msgspec.Struct, frozen=True):
@@ -137,47 +136,58 @@ class Batch(msgspec.Struct, frozen=True):
     probe: bool = False
 
 
-class _OpenBatch:
-    __slots__ = ("accepted", "batch", "losses", "pending")
-
-    def __init__(self, batch: Batch, losses: int, accepted: int = 0) -> None:
-        self.batch = batch
-        # Sessions still awaiting their ack; a dict keeps the batch's order.
-        self.pending: dict[str, None] = dict.fromkeys(batch.session_ids)
-        # How many times the link had been lost when this batch was sent.
-        self.losses = losses
-        # How many sessions the relay had accepted when this batch was sent:
-        # the mark of a session on its first attempt.
-        self.accepted = accepted
-
-
-def _queue_order(placed: list[tuple[str, bool]]) -> dict[str, list[str]]:
-    """A call's placements as ``Delta`` fields: where each session was put last."""
-    last: dict[str, bool] = {}
-    for sid, head in placed:
-        last.pop(sid, None)
-        last[sid] = head
-    return {
-        "queue_front": [sid for sid, head in last.items() if head],
-        "queue_back": [sid for sid, head in last.items() if not head],
+#: Every field ``Engine.__init__`` sets; ``clone`` copies each by hand and
+#: deep-copies any other (a subclass's own).
+_FIELDS: Final = frozenset(
+    {
+        "policy",
+        "_rng",
+        "_log",
+        "_runtime",
+        "_link_runtime",
+        "_step",
+        "_draws",
+        "_sessions",
+        "_lanes",
+        "_batches",
+        "_blame",
+        "_paced",
+        "_journal",
+        "_now",
+        "_link",
+        "_link_losses",
+        "_by_state",
+        "_dead",
+        "_anomalies",
+        "_store_closed",
     }
+)
 
 
-class _Listening:
-    """The subscribed listeners, and what only they need from the current call.
+def _draws_from_rng(policy: Policy) -> bool:
+    """True if a backoff of ``policy`` draws from the engine's rng (full jitter)."""
+    backoffs = [policy.reason(name).backoff for name in CHARGED_REASONS]
+    backoffs += [policy.relay_pause, policy.relay_throttle]
+    return not all(
+        isinstance(b, Fixed) or (isinstance(b, Exponential) and not b.jitter) for b in backoffs
+    )
 
-    One engine attribute holds all of it, set only while somebody listens:
-    CPython 3.11 reads an instance's attributes faster while it has at most
-    29, and the engine has 29 without it (measured: with three more fields
-    the bare engine was about 6 % slower per ack).
-    """
 
-    __slots__ = ("batch_events", "link_before", "listeners")
+def _copy_step(step: Step, rng: random.Random) -> Step:
+    # Step holds nothing between calls but its policy lookups; slot by slot
+    # is a few times faster than copy.copy.
+    twin = object.__new__(Step)
+    for name in Step.__slots__:
+        setattr(twin, name, getattr(step, name))
+    twin.rng = rng
+    return twin
 
-    def __init__(self, listeners: tuple[Listener, ...]) -> None:
-        self.listeners = listeners
-        self.batch_events: list[BatchEvent] = []
-        self.link_before: LinkView | None = None
+
+def _copy_counter(counter: Counter[Any]) -> Counter[Any]:
+    # Counter(counter) runs Counter.update in Python; a dict copy is enough.
+    twin: Counter[Any] = dict.__new__(Counter)
+    dict.update(twin, counter)
+    return twin
 
 
 class Engine:
@@ -193,12 +203,10 @@ class Engine:
     also pass a :class:`~sessionfsm.runtime.Runtime` object as ``runtime``
     (and ``link_runtime``), e.g. one running a deliberately broken table.
     ``listeners`` are subscribed once the engine has recovered (see
-    :meth:`subscribe`).
+    :meth:`subscribe`). ``rooms`` (a :class:`~sessionfsm.rooms.Rooms`) names
+    the class of each of the engine's rooms; like a ``Runtime`` object, it is
+    for tests that plant a flaw by subclassing a room.
     """
-
-    # The listeners (see ``_Listening``): a class-level None until the first
-    # subscribe, so that an engine nobody listens to carries no extra field.
-    _listening: _Listening | None = None
 
     def __init__(
         self,
@@ -210,13 +218,20 @@ class Engine:
         runtime: str | Runtime = "compiled",
         link_runtime: Runtime | None = None,
         listeners: Iterable[Listener] = (),
+        rooms: Rooms | None = None,
     ) -> None:
+        # Fields are few on purpose: CPython 3.11 reads an instance's
+        # attributes fastest while it has at most 30 (tests/test_layout.py
+        # counts them). A new concern goes into a room of its own.
         self.policy = policy if policy is not None else Policy()
         if not isinstance(self.policy, Policy):
             raise UsageError(f"policy must be a sessionfsm.Policy, got {self.policy!r}")
+        if rooms is None:
+            rooms = _ROOMS
+        elif not isinstance(rooms, Rooms):
+            raise UsageError(f"rooms must be a sessionfsm.rooms.Rooms, got {rooms!r}")
         self._rng = rng if rng is not None else random.Random()
         self._log = get_logger(log)
-        self._logging = log
         self._runtime: Runtime
         self._link_runtime: Runtime
         if runtime == "compiled":
@@ -237,22 +252,15 @@ class Engine:
                 raise UsageError(f"link_runtime must be a Runtime, got {link_runtime!r}")
             self._link_runtime = link_runtime
         self._step = Step(self.policy, self._rng)
+        # Whether the policy ever draws from the rng (jitter): a clone shares
+        # an rng nobody draws from instead of copying it.
+        self._draws = _draws_from_rng(self.policy)
         self._sessions: dict[str, SessionRecord] = {}
-        self._ready: dict[Lane, deque[str]] = {_INCREMENTAL: deque(), _BACKFILL: deque()}
-        self._retry: list[tuple[float, str]] = []
-        self._batches: dict[int, _OpenBatch] = {}
-        self._deadlines: list[tuple[float, int]] = []
-        self._closed: dict[int, str] = {}
-        self._next_batch_id = 1
-        self._stamps: dict[Lane, float | None] = {_INCREMENTAL: None, _BACKFILL: None}
-        self._lane_size = {
-            _INCREMENTAL: self.policy.batch_size,
-            _BACKFILL: self.policy.backfill_batch_size,
-        }
-        self._lane_interval = {
-            _INCREMENTAL: self.policy.incremental_interval_s,
-            _BACKFILL: self.policy.backfill_interval_s,
-        }
+        self._lanes = rooms.lanes(self._sessions, self.policy)
+        self._batches = rooms.batches()
+        self._blame = rooms.blame()
+        self._paced = rooms.redrive()
+        self._journal = rooms.journal(store, self._log, log)
         self._now = 0.0
         self._link = LinkRecord()
         # Times the link was lost, ever; tells a batch whose ack the outage ate.
@@ -261,36 +269,6 @@ class Engine:
         self._dead: dict[str, None] = {}
         #: Inputs that were ignored or clamped, by kind; see ``anomalies``.
         self._anomalies: Counter[str] = Counter()
-        # (record, source, target, event, reason, attempts) per applied
-        # transition in this call, taken when it fired: a record may move
-        # again before the call ends (redriven, then sent in the same tick).
-        self._pending: list[
-            tuple[SessionRecord, SessionState | None, SessionState, str, str | None, int]
-        ] = []
-        self._link_changed = False
-        # Where this call put sessions in line, in order: (id, True) for the
-        # head of its queue, (id, False) for the tail or the dead letters.
-        # Handed to the store in the Delta, so it writes the order down as
-        # decided. A list, appended on the hot path; resolved only for a store.
-        self._placed: list[tuple[str, bool]] = []
-        # Paced redrive (``schedule_redrive``): the scheduled dead letters, in
-        # order, drained by ``tick``. Always a subset of ``_dead``: a session
-        # that leaves the dead letters any way leaves the schedule too.
-        self._redrive: dict[str, None] = {}
-        self._redrive_per_tick = 0
-        self._redrive_last: float | None = None
-        # Records changed outside any transition (batches withdrawn after a
-        # failed save) that the next save must still write.
-        self._unsaved: dict[str, SessionRecord] = {}
-        # Blame (see the module docstring). Kept in memory only: after a
-        # restart, evidence starts afresh, which can only spare a session.
-        self._accepted = 0
-        self._marks: dict[str, int] = {}
-        self._refusing_since: float | None = None
-        self._cuts: dict[Lane, deque[int]] = {_INCREMENTAL: deque(), _BACKFILL: deque()}
-        # The probe batch a probing link has out, if any (invariant 13).
-        self._probe: int | None = None
-        self._store = store
         self._store_closed = False
         if store is not None:
             snapshot = store.load()
@@ -304,12 +282,12 @@ class Engine:
     @property
     def store(self) -> Store | None:
         """The store this engine persists to (the one you passed), or None."""
-        return self._store
+        return self._journal.store
 
     @property
     def logs(self) -> bool:
         """False if you built the engine with ``log=False``; a runner follows it."""
-        return self._logging
+        return self._journal.logging
 
     def close(self) -> None:
         """Close the engine's store (if any) and release its file. Idempotent.
@@ -317,9 +295,10 @@ class Engine:
         ``with Engine(policy, store=store) as engine:`` does this on the way
         out. Calls that change state after this fail in the store.
         """
-        if self._store is not None and not self._store_closed:
+        store = self._journal.store
+        if store is not None and not self._store_closed:
             self._store_closed = True
-            self._store.close()
+            store.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -332,9 +311,10 @@ class Engine:
         # still open would hold the store's file (and its write lock) until
         # the process exits. A store that someone else still holds is theirs
         # to close (a simulation's caller reads it afterwards), so only the
-        # last holder warns; the count is CPython's: the attribute, the local
-        # and getrefcount's own argument.
-        store = getattr(self, "_store", None)
+        # last holder warns; the count is CPython's: the journal's attribute,
+        # the local and getrefcount's own argument.
+        journal = getattr(self, "_journal", None)
+        store = None if journal is None else journal.store
         if store is None or getattr(self, "_store_closed", True):
             return
         if getattr(store, "closed", False) or sys.getrefcount(store) > 3:
@@ -412,21 +392,22 @@ class Engine:
 
     def _enqueue_one(self, session_id: str, lane: Lane) -> None:
         rec = self._sessions.get(session_id)
+        journal = self._journal
         if rec is None:
             rec = SessionRecord(id=session_id, lane=lane)
             self._sessions[session_id] = rec
             self._by_state[_QUEUED] += 1
-            self._ready[lane].append(session_id)
-            self._placed.append((session_id, False))
-            self._pending.append((rec, None, _QUEUED, "enqueued", None, 0))
+            self._lanes.ready[lane].append(session_id)
+            journal.placed.append((session_id, False))
+            journal.pending.append((rec, None, _QUEUED, "enqueued", None, 0))
             return
         if lane is _INCREMENTAL and rec.lane is _BACKFILL:
             rec.lane = _INCREMENTAL
             if rec.state is _QUEUED:
                 # The backfill entry goes stale and is skipped when reached.
-                self._ready[_INCREMENTAL].append(session_id)
-                self._placed.append((session_id, False))
-            self._pending.append((rec, rec.state, rec.state, "promoted", None, rec.attempts))
+                self._lanes.ready[_INCREMENTAL].append(session_id)
+                journal.placed.append((session_id, False))
+            journal.pending.append((rec, rec.state, rec.state, "promoted", None, rec.attempts))
         if rec.state is _DEAD:
             self._anomalies["enqueue_dead_lettered"] += 1
             self._log.info(
@@ -446,31 +427,34 @@ class Engine:
         ready sessions and its interval allows, otherwise backfill.
         """
         now = self._clock(now)
-        stamps = self._stamps.copy()
+        lanes = self._lanes
+        stamps = lanes.stamps.copy()
         self._expire(now)
         link = self._link
         if link.state is LinkState.PAUSED or link.state is LinkState.THROTTLED:
             self._fire_link("resumed", self._step.load(now))
         self._release_due(now)
-        if self._redrive and link.state is LinkState.UP:
+        if self._paced.scheduled and link.state is LinkState.UP:
             self._drain_redrive(now)
         formed: list[Batch] = []
+        batches = self._batches
+        open_ = batches.open
         if link.state is LinkState.UP:
-            while len(self._batches) < self.policy.max_in_flight:
-                lane = self._pick_lane(now)
+            while len(open_) < self.policy.max_in_flight:
+                lane = lanes.pick(now)
                 if lane is None:
                     break
                 formed.append(self._form(lane, now))
         elif (
             link.state is LinkState.PROBING
-            and self._probe is None
-            and len(self._batches) < self.policy.max_in_flight
+            and batches.probe is None
+            and len(open_) < self.policy.max_in_flight
         ):
             # One probe per wait (invariant 13); its answer decides the rest.
-            lane = self._pick_lane(now)
+            lane = lanes.pick(now)
             if lane is not None:
                 probe = self._form(lane, now, probe=True)
-                self._probe = probe.id
+                batches.probe = probe.id
                 formed.append(probe)
         try:
             self._commit()
@@ -514,9 +498,9 @@ class Engine:
             entries = None
             acks.validate(ack)
         now = self._clock(now)
-        open_batch = self._batches.get(batch_id)
+        open_batch = self._batches.open.get(batch_id)
         if open_batch is None:
-            kind = self._closed.get(batch_id, "unknown_batch")
+            kind = self._batches.late(batch_id)
             self._anomalies[kind] += 1
             self._log.warning("sessionfsm.ack_ignored", batch_id=batch_id, why=kind)
             self._commit()
@@ -525,7 +509,8 @@ class Engine:
         whole = entries is None
         if entries is None:
             entries = [(sid, ack) for sid in pending]  # type: ignore[misc]
-        start = len(self._pending)
+        journal = self._journal
+        start = len(journal.pending)
         sessions = self._sessions
         # First pass: drop entries that do not belong, and sort the answer.
         answer: list[tuple[SessionRecord, acks.Ack]] = []
@@ -566,19 +551,21 @@ class Engine:
             step = self._step
             for rec, entry in answer:
                 self._fire(rec, ACK_EVENTS[type(entry)], step.load(now, entry), front=requeued)
-            self._to_front(requeued)
+            if requeued:
+                self._to_front(requeued)
             if oks:
-                self._accepted += oks
-                self._refusing_since = None
-                if self._marks:
-                    marks = self._marks
+                # Blame evidence, kept inline: this runs once per answered batch.
+                blame = self._blame
+                blame.accepted += oks
+                blame.refusing_since = None
+                marks = blame.marks
+                if marks:
                     for rec, _entry in answer:
                         marks.pop(rec.id, None)
                 self._fire_link("answered", step.load(now))
-        listening = self._listening
-        if listening is not None and answer:
+        if journal.listeners and answer:
             batch = open_batch.batch
-            listening.batch_events.append(
+            journal.batch_events.append(
                 BatchEvent(
                     event="answered" if (oks or failed) else "bounced",
                     batch_id=batch_id,
@@ -590,8 +577,8 @@ class Engine:
         if unavailable:
             self._fire_link("lost", self._step.load(now))
         if not pending:
-            self._close(batch_id, "duplicate_ack")
-        changes = self._changes(start)
+            self._batches.close(batch_id, "duplicate_ack")
+        changes = journal.changes(start, now)
         # The store gets the same rows when they are all of this call's.
         self._commit(changes if start == 0 else None)
         return changes
@@ -669,27 +656,22 @@ class Engine:
             raise UsageError(f"reason must be one of {', '.join(CHARGED_REASONS)}, got {reason!r}")
         if isinstance(per_tick, bool) or not isinstance(per_tick, int) or per_tick < 1:
             raise UsageError(f"per_tick must be an integer >= 1, got {per_tick!r}")
-        self._redrive_per_tick = per_tick
-        added = 0
-        schedule = self._redrive
-        for sid in self._dead:
-            if sid not in schedule and (
-                reason is None or self._sessions[sid].dead_letter_reason == reason
-            ):
-                schedule[sid] = None
-                added += 1
-        return added
+        sessions = self._sessions
+        chosen = (
+            self._dead
+            if reason is None
+            else [sid for sid in self._dead if sessions[sid].dead_letter_reason == reason]
+        )
+        return self._paced.schedule(chosen, per_tick)
 
     def cancel_redrive(self) -> int:
         """Drop the rest of a paced redrive; return how many were still scheduled."""
-        left = len(self._redrive)
-        self._redrive.clear()
-        return left
+        return self._paced.cancel()
 
     @property
     def redrive_backlog(self) -> int:
         """Dead letters a paced redrive has yet to reach."""
-        return len(self._redrive)
+        return len(self._paced.scheduled)
 
     def relay_ready(self, now: float) -> None:
         """The transport reports the relay ready: resume sending at once."""
@@ -710,28 +692,27 @@ class Engine:
         if not callable(listener):
             raise UsageError(f"a listener must be callable with a Report, got {listener!r}")
         # Equality, not identity: ``obj.method`` is a new object at each access.
-        if any(known == listener for known in self.listeners):
+        journal = self._journal
+        if any(known == listener for known in journal.listeners):
             raise UsageError(f"listener {listener!r} is already subscribed")
-        if self._listening is None:
-            self._listening = _Listening((listener,))
-        else:
-            self._listening.listeners = (*self._listening.listeners, listener)
+        journal.listeners = (*journal.listeners, listener)
 
     def unsubscribe(self, listener: Listener) -> None:
         """Stop calling ``listener``; a ``UsageError`` if it was not subscribed."""
-        listening = self._listening
-        kept = tuple(known for known in self.listeners if known != listener)
-        if listening is None or len(kept) == len(listening.listeners):
+        journal = self._journal
+        kept = tuple(known for known in journal.listeners if known != listener)
+        if len(kept) == len(journal.listeners):
             raise UsageError(f"listener {listener!r} is not subscribed")
-        if kept:
-            listening.listeners = kept
-        else:
-            del self._listening  # back to the class-level None
+        journal.listeners = kept
+        if not kept:
+            # Nobody left to hear of this call's batches or link.
+            journal.batch_events.clear()
+            journal.link_before = None
 
     @property
     def listeners(self) -> tuple[Listener, ...]:
         """The subscribed listeners, in the order they are called."""
-        return () if self._listening is None else self._listening.listeners
+        return self._journal.listeners
 
     # ----------------------------------------------------------------- output
 
@@ -767,7 +748,7 @@ class Engine:
 
     def in_flight(self) -> list[Batch]:
         """The open batches, oldest first."""
-        return [ob.batch for ob in self._batches.values()]
+        return [ob.batch for ob in self._batches.open.values()]
 
     @property
     def link(self) -> LinkView:
@@ -798,18 +779,14 @@ class Engine:
         A runner may sleep until then (or until an ack or enqueue arrives).
         """
         times: list[float] = []
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][1] not in self._batches:
-            heapq.heappop(deadlines)  # answered before its deadline
-        if deadlines:
-            times.append(deadlines[0][0])
-        if self._retry:
-            times.append(self._retry[0][0])
-        if self._redrive and self._link.state is LinkState.UP:
-            last = self._redrive_last
-            times.append(
-                self._now if last is None else max(self._now, last + self.policy.tick_interval_s)
-            )
+        batches, lanes = self._batches, self._lanes
+        deadline = batches.next_deadline()
+        if deadline is not None:
+            times.append(deadline)
+        if lanes.retry:
+            times.append(lanes.retry[0][0])
+        if self._paced.scheduled and self._link.state is LinkState.UP:
+            times.append(self._paced.next_time(self._now, self.policy.tick_interval_s))
         link = self._link.state
         if (
             link is LinkState.PAUSED or link is LinkState.THROTTLED
@@ -818,18 +795,18 @@ class Engine:
         # While paused or throttled, ready sessions wait for the link:
         # resume_at above. A probing link may send one batch.
         if (
-            (link is LinkState.UP or (link is LinkState.PROBING and self._probe is None))
-            and len(self._batches) < self.policy.max_in_flight
-            and any(self._has_ready(lane) for lane in Lane)
+            (link is LinkState.UP or (link is LinkState.PROBING and batches.probe is None))
+            and len(batches.open) < self.policy.max_in_flight
+            and any(lanes.has_ready(lane) for lane in Lane)
         ):
-            times.append(max(self._now, self._earliest_lane_time()))
+            times.append(max(self._now, lanes.earliest_time()))
         return min(times) if times else None
 
     def idle(self) -> bool:
         """True when every session is at rest (synced or dead-lettered) and no
         paced redrive is pending."""
         resting = sum(self._by_state[s] for s in RESTING_STATES) == len(self._sessions)
-        return resting and not self._redrive
+        return resting and not self._paced.scheduled
 
     def check(self) -> None:
         """Check the structural invariants (1, 3, 7, 10, 13) over every session.
@@ -843,18 +820,19 @@ class Engine:
             if not ok:
                 raise InvariantViolation(number, INVARIANTS[number].name, detail)
 
+        lanes, batches = self._lanes, self._batches
         ready: dict[str, Lane] = {}
-        for lane, queue in self._ready.items():
+        for lane, queue in lanes.ready.items():
             for sid in queue:
                 rec = self._sessions[sid]
                 if rec.state is _QUEUED and rec.lane is lane:
                     expect(sid not in ready, 1, f"{sid!r} queued twice")
                     ready[sid] = lane
-        heap_ids = [sid for _, sid in self._retry]
+        heap_ids = [sid for _, sid in lanes.retry]
         expect(len(heap_ids) == len(set(heap_ids)), 1, "a session is in the retry heap twice")
         heap = set(heap_ids)
         flying: dict[str, int] = {}
-        for bid, ob in self._batches.items():
+        for bid, ob in batches.open.items():
             for sid in ob.pending:
                 if sid in flying:
                     expect(False, 1, f"{sid!r} in batches {flying[sid]} and {bid}")
@@ -875,9 +853,9 @@ class Engine:
         link = self._link
         if link.state is LinkState.THROTTLED:
             expect(link.resume_at is not None, 13, "a throttled link with no end to its wait")
-        probes = [ob for ob in self._batches.values() if ob.batch.probe]
+        probes = [ob for ob in batches.open.values() if ob.batch.probe]
         expect(len(probes) <= 1, 13, f"{len(probes)} probes out at once")
-        expect(self._probe is None or self._probe in self._batches, 13, "stale probe")
+        expect(batches.probe is None or batches.probe in batches.open, 13, "stale probe")
 
     # --------------------------------------------------------------- internals
 
@@ -922,21 +900,21 @@ class Engine:
                 if front is not None:
                     front.append(rec.id)
                 else:
-                    self._ready[rec.lane].append(rec.id)
-                    self._placed.append((rec.id, False))
+                    self._lanes.ready[rec.lane].append(rec.id)
+                    self._journal.placed.append((rec.id, False))
             elif target is _BACKOFF:
                 assert rec.retry_at is not None  # charge always schedules (invariant 10)
-                heapq.heappush(self._retry, (rec.retry_at, rec.id))
+                heappush(self._lanes.retry, (rec.retry_at, rec.id))
             elif target is _DEAD:
                 self._dead[rec.id] = None
-                self._placed.append((rec.id, False))
+                self._journal.placed.append((rec.id, False))
             if source is _DEAD:
                 del self._dead[rec.id]
                 # However it left (paced, by hand, in bulk), a session no
                 # longer dead is off the paced schedule: a later dead letter
                 # of it is new and was never scheduled.
-                self._redrive.pop(rec.id, None)
-        self._pending.append((rec, source, target, event, step.reason_name, rec.attempts))
+                self._paced.drop(rec.id)
+        self._journal.pending.append((rec, source, target, event, step.reason_name, rec.attempts))
         return True
 
     def _fire_link(self, event: str, step: Step) -> None:
@@ -947,12 +925,10 @@ class Engine:
         after = (link.state, link.failures, link.resume_at)
         if after == before:
             return
-        self._link_changed = True
-        listening = self._listening
-        if listening is not None and listening.link_before is None:
-            listening.link_before = LinkView(
-                state=before[0], failures=before[1], resume_at=before[2]
-            )
+        journal = self._journal
+        journal.link_changed = True
+        if journal.listeners and journal.link_before is None:
+            journal.link_before = LinkView(state=before[0], failures=before[1], resume_at=before[2])
         if event == "lost":
             self._link_losses += 1
             self._log.info(
@@ -962,12 +938,9 @@ class Engine:
             self._log.info("sessionfsm.link_resumed", via=event)
 
     def _expire(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, batch_id = heapq.heappop(deadlines)
-            open_batch = self._batches.get(batch_id)
-            if open_batch is None:
-                continue  # already answered
+        batches = self._batches
+        while (overdue := batches.pop_overdue(now)) is not None:
+            batch_id, open_batch = overdue
             # If the link was lost after this batch left, the outage ate the
             # ack: that is the transport's fault and is charged to nobody
             # (invariant 4). Otherwise the relay really did not answer.
@@ -980,10 +953,10 @@ class Engine:
                 # one session alone may be charged; several are split.
                 lost=lost,
             )
-            listening = self._listening
-            if listening is not None:
+            journal = self._journal
+            if journal.listeners:
                 batch = open_batch.batch
-                listening.batch_events.append(
+                journal.batch_events.append(
                     BatchEvent(
                         event="timed_out",
                         batch_id=batch_id,
@@ -999,7 +972,8 @@ class Engine:
                 ack = acks.RelayUnavailable()
                 for sid in open_batch.pending:
                     self._fire(sessions[sid], "bounced", step.load(now, ack), front=requeued)
-                self._to_front(requeued)
+                if requeued:
+                    self._to_front(requeued)
             else:
                 # The relay said nothing for the whole batch: judged like one
                 # AckTimeout for all of it (split, unless it is one session).
@@ -1008,11 +982,11 @@ class Engine:
                 open_batch.pending.clear()
                 self._judge(open_batch, answer, now, True, 0, len(answer), timeout, True)
             open_batch.pending.clear()
-            self._close(batch_id, "late_ack")
+            batches.close(batch_id, "late_ack")
 
     def _judge(
         self,
-        open_batch: _OpenBatch,
+        open_batch: OpenBatch,
         answer: list[tuple[SessionRecord, acks.Ack]],
         now: float,
         whole: bool,
@@ -1028,34 +1002,18 @@ class Engine:
         all ``RateLimited``); ``alike``: every failure is of one kind.
         """
         assert failure is not None
-        policy = self.policy
-        since = self._refusing_since
+        blame = self._blame
+        since = blame.refusing_since
         # The relay has accepted nothing since ``refusing``: since its first
         # refusal after its last acceptance, this one if it is the first.
         refusing = now if since is None or oks else since
-        past_bound = now - refusing >= policy.max_relay_refusal_s
-        several = len(answer) >= 2
-        everyone = failed == len(answer)
-        throttle = False
-        if whole and several:
-            # One ack for several sessions: evidence against the batch or the
-            # relay, never against each of them (invariant 11).
-            shared = True
-            hint = isinstance(failure, acks.RateLimited) and failure.retry_after_s is not None
-            throttle = hint and not past_bound
-        elif several and everyone and alike and not past_bound:
-            # A per-session answer failing every session alike: the relay
-            # speaks for all of them. Throttled, unless the answer is that each
-            # payload is too large: then split, and let each stand alone.
-            shared = True
-            throttle = not isinstance(failure, acks.PayloadTooLarge)
-        else:
-            shared = False
+        past_bound = now - refusing >= self.policy.max_relay_refusal_s
+        shared, throttle = blame.verdict(len(answer), failed, whole, alike, failure, past_bound)
         if oks:
-            self._accepted += oks
-        accepted = self._accepted
+            blame.accepted += oks
+        accepted = blame.accepted
         step = self._step.blame(shared, accepted, 0, refusing)
-        marks = self._marks
+        marks = blame.marks
         first = open_batch.accepted
         lane = open_batch.batch.lane
         split = shared and not throttle
@@ -1086,13 +1044,14 @@ class Engine:
                 held = held or not shared
             else:
                 charged = True
-        self._to_front(requeued)
+        if requeued:
+            self._to_front(requeued)
         if parted:
             self._split(lane, parted, open_batch.batch.id)
         if oks:
-            self._refusing_since = None
+            blame.refusing_since = None
         elif since is None:
-            self._refusing_since = now
+            blame.refusing_since = now
         link = self._link.state
         if oks or (charged and not held):
             self._fire_link("answered", self._step.load(now))
@@ -1115,57 +1074,28 @@ class Engine:
             self._fire_link("answered", self._step.load(now))
 
     def _split(self, lane: Lane, ids: list[str], batch_id: int) -> None:
-        """Put a failed batch back at the head of ``lane`` as two parts.
-
-        The parts go after the parts already waiting there, so that a failing
-        part's siblings are tried first: by the time a failing session is
-        alone, the relay has had the chance to accept others, which is the
-        evidence that charges it.
-        """
-        queue, cuts, sessions = self._ready[lane], self._cuts[lane], self._sessions
-        skip = sum(cuts)
-        at = 0
-        while skip and at < len(queue):
-            rec = sessions[queue[at]]
-            if rec.state is _QUEUED and rec.lane is lane:
-                skip -= 1
-            at += 1
-        for offset, sid in enumerate(ids):
-            queue.insert(at + offset, sid)
-        if len(ids) == 1:
-            cuts.append(1)
-        else:
-            half = (len(ids) + 1) // 2
-            cuts.append(half)
-            cuts.append(len(ids) - half)
+        """Put a failed batch back at the head of ``lane`` as two parts (``Lanes.split``)."""
+        self._lanes.split(lane, ids)
         self._log.info("sessionfsm.batch_split", batch_id=batch_id, sessions=len(ids))
 
     def _release_due(self, now: float) -> None:
-        retry = self._retry
-        sessions = self._sessions
+        lanes = self._lanes
         step = self._step
-        while retry and retry[0][0] <= now:
-            at, sid = heapq.heappop(retry)
-            rec = sessions[sid]
-            if rec.state is not _BACKOFF or rec.retry_at != at:
-                continue  # defensive: an entry from before a recovery
+        while (rec := lanes.pop_due(now)) is not None:
             self._fire(rec, "elapsed", step.load(now))
 
     def _drain_redrive(self, now: float) -> None:
-        last = self._redrive_last
-        if last is not None and now - last < self.policy.tick_interval_s:
+        paced = self._paced
+        taken = paced.take(now, self.policy.tick_interval_s)
+        if not taken:
             return
-        self._redrive_last = now
-        schedule, sessions = self._redrive, self._sessions
+        sessions = self._sessions
         step = self._step.load(now)
-        done = 0
-        while schedule and done < self._redrive_per_tick:
-            sid = next(iter(schedule))
-            del schedule[sid]
+        for sid in taken:
             self._fire(sessions[sid], "redriven", step)
-            done += 1
-        if done:
-            self._log.info("sessionfsm.redriven", sessions=done, paced=True, left=len(schedule))
+        self._log.info(
+            "sessionfsm.redriven", sessions=len(taken), paced=True, left=len(paced.scheduled)
+        )
 
     def _to_front(self, session_ids: list[str]) -> None:
         """Put sessions back at the head of their queues, in the order given.
@@ -1174,51 +1104,14 @@ class Engine:
         by an outage, or the process died with them in flight), and a relay
         flap must not send them to the back.
         """
-        sessions, ready, placed = self._sessions, self._ready, self._placed
-        for sid in reversed(session_ids):
-            ready[sessions[sid].lane].appendleft(sid)
-        placed.extend((sid, True) for sid in session_ids)
-
-    def _has_ready(self, lane: Lane) -> bool:
-        queue = self._ready[lane]
-        sessions = self._sessions
-        while queue:
-            rec = sessions[queue[0]]
-            if rec.state is _QUEUED and rec.lane is lane:
-                return True
-            queue.popleft()  # stale: promoted to incremental, or already sent
-        return False
-
-    def _lane_open(self, lane: Lane, now: float) -> bool:
-        stamp = self._stamps[lane]
-        return stamp is None or now - stamp >= self._lane_interval[lane]
-
-    def _earliest_lane_time(self) -> float:
-        times = []
-        for lane in Lane:
-            if self._has_ready(lane):
-                stamp = self._stamps[lane]
-                times.append(-math.inf if stamp is None else stamp + self._lane_interval[lane])
-        return min(times)
-
-    def _pick_lane(self, now: float) -> Lane | None:
-        # Incremental first, but only if it really has a ready session: a lane
-        # whose sessions are all backed off has none in its deque, so it can
-        # never shadow the other lane (invariant 6).
-        for lane in (_INCREMENTAL, _BACKFILL):
-            if self._lane_open(lane, now) and self._has_ready(lane):
-                return lane
-        return None
+        self._lanes.to_front(session_ids)
+        self._journal.placed.extend((sid, True) for sid in session_ids)
 
     def _form(self, lane: Lane, now: float, probe: bool = False) -> Batch:
-        queue = self._ready[lane]
+        lanes = self._lanes
+        queue = lanes.ready[lane]
         sessions = self._sessions
-        size = self._lane_size[lane]
-        cuts = self._cuts[lane]
-        part = bool(cuts)
-        if part:
-            # The next part of a split batch goes out as a batch of its own.
-            size = min(size, cuts.popleft())
+        size, part = lanes.batch_size(lane)
         step = self._step.load(now)
         ids: list[str] = []
         while queue and len(ids) < size:
@@ -1236,13 +1129,11 @@ class Engine:
             queue.popleft()
             self._fire(rec, "sent", step)
             ids.append(sid)
-        # Only called when _has_ready(lane) was true, so ids is never empty,
-        # and the throttle is stamped only for a real batch (invariant 9).
-        self._stamps[lane] = now
-        if cuts and not self._has_ready(lane):
-            cuts.clear()  # the parts left refer to sessions no longer queued
-        batch_id = self._next_batch_id
-        self._next_batch_id += 1
+        # Only called when the lane had a ready session, so ids is never
+        # empty, and the throttle is stamped only for a real batch (invariant 9).
+        lanes.stamp(lane, now)
+        batches = self._batches
+        batch_id = batches.take_id()
         deadline = now + self.policy.ack_timeout_s
         batch = Batch(
             id=batch_id,
@@ -1253,102 +1144,20 @@ class Engine:
             part=part,
             probe=probe,
         )
-        self._batches[batch_id] = _OpenBatch(batch, self._link_losses, self._accepted)
-        heapq.heappush(self._deadlines, (deadline, batch_id))
-        if self._listening is not None:
-            self._listening.batch_events.append(
+        batches.add(batch, self._link_losses, self._blame.accepted)
+        journal = self._journal
+        if journal.listeners:
+            journal.batch_events.append(
                 BatchEvent(event="sent", batch_id=batch_id, lane=lane, sessions=len(ids))
             )
         return batch
 
-    def _close(self, batch_id: int, later: str) -> None:
-        """Forget an open batch; a later ack for it counts as ``later``."""
-        del self._batches[batch_id]
-        if batch_id == self._probe:
-            self._probe = None
-        closed = self._closed
-        closed[batch_id] = later
-        if len(closed) > _CLOSED_MEMORY:
-            del closed[next(iter(closed))]
-
-    def _changes(self, start: int) -> list[Change]:
-        return [
-            Change(
-                session_id=rec.id,
-                source=source,
-                target=target,
-                event=event,
-                reason=reason,
-                at=self._now,
-                attempt=attempts,
-            )
-            for rec, source, target, event, reason, attempts in self._pending[start:]
-        ]
-
     def _commit(self, changes: list[Change] | None = None) -> None:
-        """React, in one place: log what changed and hand it to the store.
-
-        ``changes``, if given, are this call's whole pending list already
-        turned into ``Change`` rows, so they are not built twice.
-        """
-        pending = self._pending
-        listening = self._listening
-        if (
-            not pending
-            and not self._link_changed
-            and not self._unsaved
-            and (listening is None or not listening.batch_events)
-        ):
-            return
-        log = self._log
-        for rec, source, state, _event, reason, _attempts in pending if self._logging else ():
-            if state is _BACKOFF and source is _IN_FLIGHT:
-                # At most one info line per deferral.
-                index = CHARGED_REASONS.index(reason) if reason else -1
-                log.info(
-                    "sessionfsm.deferred",
-                    session_id=rec.id,
-                    reason=reason,
-                    count=rec.counts[index] if index >= 0 else None,
-                    retry_at=rec.retry_at,
-                )
-            elif state is _DEAD and source is _IN_FLIGHT:
-                log.warning(
-                    "sessionfsm.dead_lettered",
-                    session_id=rec.id,
-                    reason=rec.dead_letter_reason,
-                    attempts=rec.attempts,
-                )
-        placed = self._placed
-        if changes is None and (self._store is not None or listening is not None):
-            changes = self._changes(0)
-        if self._store is not None:
-            assert changes is not None
-            changed = list({id(rec): rec for rec, *_ in pending}.values())
-            if self._unsaved:
-                listed = {rec.id for rec in changed}
-                changed.extend(r for sid, r in self._unsaved.items() if sid not in listed)
-            self._store.save(
-                Delta(
-                    sessions=changed,
-                    changes=changes,
-                    link=self._link,
-                    stamps={lane.value: at for lane, at in self._stamps.items()},
-                    next_batch_id=self._next_batch_id,
-                    now=self._now,
-                    **_queue_order(placed),
-                )
-            )
-        report = None
-        if listening is not None and changes is not None:
-            report = self._report(listening, changes)
-        pending.clear()
-        placed.clear()
-        self._link_changed = False
-        self._unsaved.clear()
-        if report is not None:
-            assert listening is not None
-            self._notify(listening.listeners, report)
+        """React, in one place: the journal hands this call's changes to the
+        log, the store and the listeners (``Journal.commit``)."""
+        self._journal.commit(
+            self._now, self._link, self._lanes.stamps, self._batches.next_id, changes
+        )
 
     def _withdraw(self, formed: list[Batch], stamps: dict[Lane, float | None]) -> None:
         """Take back the batches of a tick whose save failed: they never left.
@@ -1363,64 +1172,19 @@ class Engine:
         in memory and the next successful save writes it.
         """
         sessions = self._sessions
-        withdrawn: list[str] = []
-        taken: set[int] = set()
+        records: list[SessionRecord] = []
         for batch in formed:
-            del self._batches[batch.id]
             for sid in batch.session_ids:
                 rec = sessions[sid]
                 rec.state = _QUEUED
                 rec.attempts -= 1
-                taken.add(id(rec))
-                withdrawn.append(sid)
-                self._unsaved[sid] = rec
-        self._by_state[_IN_FLIGHT] -= len(withdrawn)
-        self._by_state[_QUEUED] += len(withdrawn)
-        self._to_front(withdrawn)
-        self._stamps.update(stamps)
-        self._pending[:] = [
-            entry for entry in self._pending if not (entry[3] == "sent" and id(entry[0]) in taken)
-        ]
-        gone = {batch.id for batch in formed}
-        if self._probe in gone:
-            self._probe = None  # never sent: the probing link may form it again
-        listening = self._listening
-        if listening is not None:
-            # The listeners never hear of a send that did not happen.
-            listening.batch_events[:] = [
-                e for e in listening.batch_events if not (e.event == "sent" and e.batch_id in gone)
-            ]
-
-    def _report(self, listening: _Listening, changes: list[Change]) -> Report:
-        """This call's journal for the listeners; clears what only they need."""
-        before = listening.link_before
-        events = listening.batch_events
-        # Positional, and the lists as they are (a listener must not change
-        # them): this runs once per call on every engine that has listeners.
-        report = Report(
-            self._now,
-            changes,
-            [row[0].lane for row in self._pending],
-            tuple(events) if events else (),
-            before,
-            link_view(self._link) if before is not None else None,
-        )
-        events.clear()
-        listening.link_before = None
-        return report
-
-    def _notify(self, listeners: tuple[Listener, ...], report: Report) -> None:
-        for listener in listeners:
-            try:
-                listener(report)
-            except Exception as exc:
-                # Metrics or a dashboard must never break the service.
-                self._log.error(
-                    "sessionfsm.listener_failed",
-                    listener=repr(listener),
-                    error=repr(exc),
-                    exc_info=True,
-                )
+                records.append(rec)
+        self._batches.withdraw({batch.id for batch in formed})
+        self._by_state[_IN_FLIGHT] -= len(records)
+        self._by_state[_QUEUED] += len(records)
+        self._to_front([rec.id for rec in records])
+        self._lanes.stamps.update(stamps)
+        self._journal.withdraw(formed, records)
 
     def _recover(self, snapshot: Snapshot) -> None:
         """Rebuild from a store: in-flight sessions go back to the queue.
@@ -1433,9 +1197,10 @@ class Engine:
         if snapshot.now is not None:
             self._now = snapshot.now
         horizon = (snapshot.now if snapshot.now is not None else 0.0) + self.policy.max_backoff_s
-        self._next_batch_id = max(1, snapshot.next_batch_id)
+        lanes = self._lanes
+        self._batches.next_id = max(1, snapshot.next_batch_id)
         for lane in Lane:
-            self._stamps[lane] = snapshot.stamps.get(lane.value)
+            lanes.stamps[lane] = snapshot.stamps.get(lane.value)
         self._link = snapshot.link
         requeued: list[SessionRecord] = []
         for rec in snapshot.sessions:
@@ -1452,17 +1217,17 @@ class Engine:
                 continue
             self._by_state[state] += 1
             if state is _QUEUED:
-                self._ready[rec.lane].append(rec.id)
+                lanes.ready[rec.lane].append(rec.id)
             elif state is _BACKOFF:
                 if rec.retry_at is None or rec.retry_at > horizon:
                     rec.retry_at = horizon
-                self._retry.append((rec.retry_at, rec.id))
+                lanes.retry.append((rec.retry_at, rec.id))
             elif state is _DEAD:
                 self._dead[rec.id] = None
-        heapq.heapify(self._retry)
+        heapify(lanes.retry)
         self._to_front([rec.id for rec in requeued])
         # In queue order, so that a store keeps them first in line in this order.
-        self._pending.extend(
+        self._journal.pending.extend(
             (rec, _IN_FLIGHT, _QUEUED, "recovered", None, rec.attempts) for rec in requeued
         )
         if requeued:
@@ -1485,9 +1250,9 @@ class Engine:
                     for sid in queue
                     if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
                 )
-                for lane, queue in self._ready.items()
+                for lane, queue in self._lanes.ready.items()
             },
-            retry=tuple(sorted(self._retry)),
+            retry=tuple(sorted(self._lanes.retry)),
             batches=tuple(
                 OpenBatchState(
                     id=bid,
@@ -1499,24 +1264,24 @@ class Engine:
                     losses=ob.losses,
                     accepted=ob.accepted,
                 )
-                for bid, ob in self._batches.items()
+                for bid, ob in self._batches.open.items()
             ),
-            closed=dict(self._closed),
-            next_batch_id=self._next_batch_id,
-            stamps=dict(self._stamps),
+            closed=dict(self._batches.closed),
+            next_batch_id=self._batches.next_id,
+            stamps=dict(self._lanes.stamps),
             link=msgspec.structs.replace(self._link),
             link_losses=self._link_losses,
             redrive=RedriveState(
-                scheduled=tuple(self._redrive),
-                per_tick=self._redrive_per_tick,
-                last=self._redrive_last,
+                scheduled=tuple(self._paced.scheduled),
+                per_tick=self._paced.per_tick,
+                last=self._paced.last,
             ),
             blame=BlameState(
-                accepted=self._accepted,
-                marks=dict(self._marks),
-                refusing_since=self._refusing_since,
-                cuts={lane: tuple(cuts) for lane, cuts in self._cuts.items()},
-                probe=self._probe,
+                accepted=self._blame.accepted,
+                marks=dict(self._blame.marks),
+                refusing_since=self._blame.refusing_since,
+                cuts={lane: tuple(cuts) for lane, cuts in self._lanes.cuts.items()},
+                probe=self._batches.probe,
             ),
             anomalies=dict(self._anomalies),
         )
@@ -1525,24 +1290,65 @@ class Engine:
         """A deep, independent copy of this engine, between calls.
 
         It shares only what never changes (the policy, and a compiled runtime
-        with its table); everything else, the random generator included, is
-        copied, so the copy and the original diverge only by the calls each
-        gets. The copy has no store and no listeners: it persists nothing and
-        reports to nobody. For tools that explore alternatives (the model
-        checker); never on a hot path.
+        with its table) and, when the policy never draws from it (no jitter),
+        the random generator and the per-event scratch that holds it;
+        everything else is copied, room by room, so the copy and the original
+        diverge only by the calls each gets. The copy has no
+        store and no listeners: it persists nothing and reports to nobody.
+        For tools that explore alternatives (the model checker); never on a
+        hot path.
         """
-        if self._pending or self._placed or self._link_changed:
+        journal = self._journal
+        if journal.pending or journal.placed or journal.link_changed:
             raise UsageError("Engine.clone() is for an engine between calls")
-        memo: dict[int, Any] = {id(self.policy): self.policy, id(self._log): self._log}
-        for runtime in (self._runtime, self._link_runtime):
-            if isinstance(runtime, CompiledRuntime):
-                memo[id(runtime)] = runtime
-        memo[id(self._store)] = None
-        memo[id(self._listening)] = None
-        twin = copy.deepcopy(self, memo)
-        twin._store = None
+        runtime, link_runtime = self._runtime, self._link_runtime
+        if not (isinstance(runtime, CompiledRuntime) and isinstance(link_runtime, CompiledRuntime)):
+            # A runtime with state of its own (the reference one holds a
+            # python-statemachine per record) is copied with the records.
+            memo: dict[int, Any] = {id(self.policy): self.policy, id(self._log): self._log}
+            memo[id(journal)] = None
+            twin = copy.deepcopy(self, memo)
+            twin._journal = journal.copy(twin._sessions)
+            twin._store_closed = False
+            return twin
+        # Field by field, in __init__'s order, never through __dict__: an
+        # instance whose __dict__ was ever built reads its attributes slower.
+        rng, step = self._rng, self._step
+        if self._draws:
+            rng = random.Random.__new__(type(rng))
+            rng.setstate(self._rng.getstate())
+            step = _copy_step(step, rng)
+        # else nothing draws from the rng, and the Step is refilled before
+        # every event (and a call never runs inside another engine's call).
+        twin = object.__new__(type(self))
+        twin.policy = self.policy
+        twin._rng = rng
+        twin._log = self._log
+        twin._runtime = runtime
+        twin._link_runtime = link_runtime
+        twin._step = step
+        twin._draws = self._draws
+        # A Struct's __copy__ (shallow: a record holds only immutable values)
+        # is missing from msgspec's stubs.
+        sessions = {sid: rec.__copy__() for sid, rec in self._sessions.items()}  # type: ignore[attr-defined]
+        twin._sessions = sessions
+        twin._lanes = self._lanes.copy(sessions)
+        twin._batches = self._batches.copy()
+        twin._blame = self._blame.copy()
+        twin._paced = self._paced.copy()
+        twin._journal = journal.copy(sessions)
+        twin._now = self._now
+        twin._link = self._link.__copy__()  # type: ignore[attr-defined]
+        twin._link_losses = self._link_losses
+        twin._by_state = _copy_counter(self._by_state)
+        twin._dead = self._dead.copy()
+        twin._anomalies = _copy_counter(self._anomalies)
         twin._store_closed = False
-        twin._listening = None
+        if type(self) is not Engine:
+            # A subclass's own attributes: copied deeply, never shared.
+            for name, value in vars(self).items():
+                if name not in _FIELDS:
+                    setattr(twin, name, copy.deepcopy(value))
         return twin
 
     def debug_state(self) -> dict[str, Any]:
@@ -1558,24 +1364,24 @@ class Engine:
         return {
             "sessions": {sid: msgspec.to_builtins(rec) for sid, rec in sessions.items()},
             "link": msgspec.to_builtins(self._link),
-            "stamps": dict(self._stamps),
-            "batches": {bid: ob.batch.session_ids for bid, ob in self._batches.items()},
-            "pending": {bid: tuple(ob.pending) for bid, ob in self._batches.items()},
+            "stamps": dict(self._lanes.stamps),
+            "batches": {bid: ob.batch.session_ids for bid, ob in self._batches.open.items()},
+            "pending": {bid: tuple(ob.pending) for bid, ob in self._batches.open.items()},
             "ready": {
                 lane: tuple(
                     sid
                     for sid in queue
                     if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
                 )
-                for lane, queue in self._ready.items()
+                for lane, queue in self._lanes.ready.items()
             },
             "anomalies": dict(self._anomalies),
             "blame": (
-                self._accepted,
-                dict(self._marks),
-                self._refusing_since,
-                {lane.value: list(cuts) for lane, cuts in self._cuts.items()},
-                self._probe,
+                self._blame.accepted,
+                dict(self._blame.marks),
+                self._blame.refusing_since,
+                {lane.value: list(cuts) for lane, cuts in self._lanes.cuts.items()},
+                self._batches.probe,
             ),
         }
 

@@ -29,6 +29,7 @@ from sessionfsm import (
     machine,
 )
 from sessionfsm.machine import CHARGED_REASONS, LinkRecord, SessionRecord, Step, bury, settle
+from sessionfsm.rooms import Blame, Lanes, PacedRedrive, Rooms
 from sessionfsm.runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, Table
 from sessionfsm.tools import check as checker
 from sessionfsm.tools.check import (
@@ -45,8 +46,10 @@ QUEUED, BACKOFF = SessionState.QUEUED, SessionState.BACKOFF
 INCREMENTAL = Lane.INCREMENTAL
 
 # --------------------------------------------------------------------------
-# Planted flaws. Each is a subclass of the real engine or a copy of the real
-# transition table with one effect swapped; the real modules stay untouched.
+# Planted flaws. Each is a subclass of one of the engine's rooms (passed in
+# through ``Engine(rooms=...)``) or a copy of the real transition table with
+# one effect swapped (through ``Engine(runtime=...)``); the real modules stay
+# untouched.
 # --------------------------------------------------------------------------
 
 
@@ -116,37 +119,52 @@ stale_counter_after_dead_letter = _with_table(_flawed_bury)
 
 
 class _Quiet(Engine):
+    #: The engine's rooms; a planted flaw replaces one of them.
+    rooms = Rooms()
+
     def __init__(self, policy: Policy) -> None:
-        super().__init__(policy, rng=random.Random(0), log=False)
+        super().__init__(policy, rng=random.Random(0), log=False, rooms=self.rooms)
 
 
-class BackfillSkipped(_Quiet):
+class _IncrementalFirstLanes(Lanes):
     """Flaw (b): the incremental lane is chosen whenever it holds sessions at
     all, so a tick whose incremental sessions are all backed off sends nothing."""
 
-    def _pick_lane(self, now: float) -> Lane | None:
-        if self._lane_open(INCREMENTAL, now) and any(
+    def pick(self, now: float) -> Lane | None:
+        if self.is_open(INCREMENTAL, now) and any(
             rec.lane is INCREMENTAL and rec.state in (QUEUED, BACKOFF)
-            for rec in self._sessions.values()
+            for rec in self.sessions.values()
         ):
-            return INCREMENTAL if self._has_ready(INCREMENTAL) else None
-        return super()._pick_lane(now)
+            return INCREMENTAL if self.has_ready(INCREMENTAL) else None
+        return super().pick(now)
 
 
-class ThrottleStampedEmpty(_Quiet):
+class BackfillSkipped(_Quiet):
+    """Flaw (b), in an engine: see ``_IncrementalFirstLanes``."""
+
+    rooms = Rooms(lanes=_IncrementalFirstLanes)
+
+
+class _EagerStampLanes(Lanes):
     """Flaw (c): the incremental throttle is stamped as soon as the lane is
     considered, even when all its sessions are backed off and no batch forms."""
 
-    def _pick_lane(self, now: float) -> Lane | None:
+    def pick(self, now: float) -> Lane | None:
         if (
-            self._lane_open(INCREMENTAL, now)
-            and not self._has_ready(INCREMENTAL)
+            self.is_open(INCREMENTAL, now)
+            and not self.has_ready(INCREMENTAL)
             and any(
-                rec.lane is INCREMENTAL and rec.state is BACKOFF for rec in self._sessions.values()
+                rec.lane is INCREMENTAL and rec.state is BACKOFF for rec in self.sessions.values()
             )
         ):
-            self._stamps[INCREMENTAL] = now
-        return super()._pick_lane(now)
+            self.stamps[INCREMENTAL] = now
+        return super().pick(now)
+
+
+class ThrottleStampedEmpty(_Quiet):
+    """Flaw (c), in an engine: see ``_EagerStampLanes``."""
+
+    rooms = Rooms(lanes=_EagerStampLanes)
 
 
 class _NeverResumes:
@@ -244,17 +262,21 @@ def test_check_strips_jitter_from_the_policy() -> None:
     assert result.policy.rate_limited.backoff.jitter is False
 
 
-class StaleScheduleEntry(_Quiet):
-    """A flaw the checker found in the engine, planted back: a redrive by hand
-    leaves the session's paced-redrive entry, so when the session is
-    dead-lettered again (for any reason) the schedule revives a dead letter
-    that no schedule_redrive covered."""
+class _StickySchedule(PacedRedrive):
+    """A flaw the checker found in the engine, planted back: a session that
+    leaves the dead letters other than by the paced redrive itself (by hand,
+    here) keeps its paced-redrive entry, so when the session is dead-lettered
+    again (for any reason) the schedule revives a dead letter that no
+    schedule_redrive covered."""
 
-    def redrive(self, session_id: str, now: float) -> None:
-        scheduled = session_id in self._redrive
-        super().redrive(session_id, now)
-        if scheduled:
-            self._redrive[session_id] = None
+    def drop(self, session_id: str) -> None:
+        pass
+
+
+class StaleScheduleEntry(_Quiet):
+    """The stale schedule entry, in an engine: see ``_StickySchedule``."""
+
+    rooms = Rooms(redrive=_StickySchedule)
 
 
 def test_check_one_session_paced_redrive_holds() -> None:
@@ -541,18 +563,34 @@ def test_cli_check_reports_progress_by_default(
     assert quiet.stderr == ""
 
 
+class _NoSharedFailure(Blame):
+    """Before blame: no answer is ever a shared failure, so one failure
+    answered for a whole batch is charged to every session in it. The
+    engine's own deadline keeps the real rule (in the relay model, which never
+    answers AckTimeout, an AckTimeout is always that deadline)."""
+
+    def verdict(
+        self,
+        answered: int,
+        failed: int,
+        whole: bool,
+        alike: bool,
+        failure: acks.Ack,
+        past_bound: bool,
+    ) -> tuple[bool, bool]:
+        if isinstance(failure, acks.AckTimeout):
+            return super().verdict(answered, failed, whole, alike, failure, past_bound)
+        return False, False
+
+
 class ChargeEveryone(_Quiet):
     """Before blame: one failure answered for a whole batch is charged to
     every session in it, and every refusal counts (no evidence needed)."""
 
+    rooms = Rooms(blame=_NoSharedFailure)
+
     def __init__(self, policy: Policy) -> None:
         super().__init__(msgspec.structs.replace(policy, max_relay_refusal_s=0.0))
-
-    def on_ack(self, batch_id: int, ack: Any, now: float) -> Any:
-        open_batch = self._batches.get(batch_id)
-        if open_batch is not None and not isinstance(ack, dict):
-            ack = dict.fromkeys(open_batch.pending, ack)
-        return super().on_ack(batch_id, ack, now)
 
 
 def test_inv11_inv12_inv13_relay_model_two_sessions_holds() -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 
 import sessionfsm.engine
+import sessionfsm.rooms.journal
 from sessionfsm import (
     Engine,
     Lane,
@@ -161,7 +162,8 @@ def test_no_listener_builds_no_report(
     def forbidden(*args: Any, **kw: Any) -> Any:
         raise AssertionError("built a report nobody listens to")
 
-    monkeypatch.setattr(sessionfsm.engine, "Report", forbidden)
+    # The journal builds reports, the engine batch events.
+    monkeypatch.setattr(sessionfsm.rooms.journal, "Report", forbidden)
     monkeypatch.setattr(sessionfsm.engine, "BatchEvent", forbidden)
     engine = Engine(small_policy, log=False)
     engine.enqueue("a")

@@ -48,13 +48,11 @@ numbers in the README say which bounds were proven and how long it took.
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 import random
 import time
 from array import array
-from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +62,8 @@ import click
 import msgspec
 
 from sessionfsm import acks
-from sessionfsm._errors import InvariantViolation
-from sessionfsm.engine import Batch, Engine, _OpenBatch
+from sessionfsm._errors import InvariantViolation, UsageError
+from sessionfsm.engine import Batch, Engine
 from sessionfsm.machine import (
     CHARGED_REASONS,
     REASON_INDEX,
@@ -247,41 +245,23 @@ class CheckResult:
 # --------------------------------------------------------------------------
 
 
-def _dup_batch(value: _OpenBatch) -> _OpenBatch:
-    twin = object.__new__(_OpenBatch)
-    for name in _OpenBatch.__slots__:
-        setattr(twin, name, getattr(value, name))
-    twin.pending = dict(value.pending)
-    return twin
-
-
-def _dup_counter(value: Counter[Any]) -> Counter[Any]:
-    twin: Counter[Any] = dict.__new__(Counter)
-    dict.update(twin, value)
-    return twin
-
-
-# Attributes copied by hand in clone_engine, and those shared as they are:
-# immutable values, the stateless compiled runtimes, the logger, the rng (the
-# search uses no jitter, so nothing draws from it) and the per-event scratch
-# ``Step``, which holds nothing between calls.
+# The engine's fields: those copied (room by room) by ``Engine.clone``, and
+# those shared as they are: immutable values, the stateless compiled
+# runtimes, the logger, the rng (the search uses no jitter, so nothing draws
+# from it) and the per-event scratch ``Step``, which holds nothing between
+# calls.
 _COPIED: Final = frozenset(
     {
         "_sessions",
-        "_ready",
+        "_lanes",
         "_batches",
-        "_retry",
-        "_deadlines",
-        "_closed",
-        "_stamps",
-        "_dead",
-        "_by_state",
-        "_anomalies",
+        "_blame",
+        "_paced",
+        "_journal",
         "_link",
-        "_redrive",
-        "_placed",
-        "_marks",
-        "_cuts",
+        "_by_state",
+        "_dead",
+        "_anomalies",
     }
 )
 # What an engine shares with every copy of it, left out of a frozen one.
@@ -289,77 +269,32 @@ _CONSTANT: Final = (
     "policy",
     "_rng",
     "_log",
-    "_logging",
     "_runtime",
     "_link_runtime",
     "_step",
-    "_lane_size",
-    "_lane_interval",
-    "_store",
+    "_draws",
     # Only close() sets it, and the checker's engines have no store to close.
     "_store_closed",
 )
-_SHARED: Final = frozenset(_CONSTANT) | frozenset(
-    {
-        "_pending",
-        # Empty between calls without a store (it holds records only after a
-        # failed save), like _pending.
-        "_unsaved",
-        "_link_changed",
-        "_next_batch_id",
-        "_now",
-        "_link_losses",
-        "_redrive_per_tick",
-        "_redrive_last",
-        "_accepted",
-        "_refusing_since",
-        "_probe",
-    }
-)
-_IMMUTABLE: Final = (int, float, str, type(None), tuple, frozenset)
+_SHARED: Final = frozenset(_CONSTANT) | frozenset({"_now", "_link_losses"})
 
 
 def clone_engine(engine: Engine) -> Engine:
     """An independent copy of ``engine``, which must have no store.
 
-    Many times faster than ``copy.deepcopy``, which it matches: records,
-    queues, heaps and batches are copied; the policy, the stateless compiled
-    runtimes, the logger and the rng are shared. An attribute it does not
+    ``Engine.clone``, which copies room by room: records, queues, heaps and
+    batches are copied; the policy, the stateless compiled runtimes, the
+    logger and (with no jitter) the rng are shared. An attribute it does not
     know (a subclass's, say) is deep-copied.
     """
-    old = engine.__dict__
-    if old["_store"] is not None or old["_pending"]:
+    if engine.store is not None:
         raise ValueError("clone_engine needs an engine without a store, between calls")
-    if not isinstance(old["_runtime"], CompiledRuntime):
+    if not isinstance(engine._runtime, CompiledRuntime):
         raise ValueError("clone_engine needs the compiled runtime")
-    new = object.__new__(type(engine))
-    state = new.__dict__
-    state.update(old)
-    state["_pending"] = []
-    state["_placed"] = []  # per-call scratch, empty between calls like _pending
-    state["_sessions"] = {sid: rec.__copy__() for sid, rec in old["_sessions"].items()}
-    state["_ready"] = {lane: deque(q) for lane, q in old["_ready"].items()}
-    state["_batches"] = {bid: _dup_batch(ob) for bid, ob in old["_batches"].items()}
-    state["_retry"] = old["_retry"][:]
-    state["_deadlines"] = old["_deadlines"][:]
-    state["_closed"] = old["_closed"].copy()
-    state["_stamps"] = old["_stamps"].copy()
-    state["_dead"] = old["_dead"].copy()
-    state["_by_state"] = _dup_counter(old["_by_state"])
-    state["_anomalies"] = _dup_counter(old["_anomalies"])
-    state["_link"] = old["_link"].__copy__()
-    if "_redrive" in old:
-        state["_redrive"] = old["_redrive"].copy()
-    if "_marks" in old:
-        state["_marks"] = old["_marks"].copy()
-        state["_cuts"] = {lane: deque(c) for lane, c in old["_cuts"].items()}
-    for name in old.keys() - _COPIED - _SHARED - {"_listening"}:
-        value = old[name]
-        if not isinstance(value, _IMMUTABLE):
-            state[name] = copy.deepcopy(value)
-    # Set only while somebody listens to the original; a copy has no listeners.
-    state.pop("_listening", None)
-    return new
+    try:
+        return engine.clone()
+    except UsageError:
+        raise ValueError("clone_engine needs an engine without a store, between calls") from None
 
 
 class _Frozen:
@@ -516,7 +451,7 @@ class _Model:
             return self._relay_actions(engine, shadow or _Shadow())
         out = list(self._always)
         action = self._action
-        for ob in engine._batches.values():
+        for ob in engine._batches.open.values():
             bid = ob.batch.id
             for kind in ACK_KINDS:
                 out.append(action("ack", bid, kind))
@@ -526,7 +461,7 @@ class _Model:
                         out.append(action("ack_session", bid, sid, kind))
         for sid in engine._dead:
             out.append(action("redrive", sid))
-        if self.paced_redrive and engine._dead.keys() - engine._redrive.keys():
+        if self.paced_redrive and engine._dead.keys() - engine._paced.scheduled.keys():
             out.append(("schedule_redrive",))
         return out
 
@@ -544,7 +479,7 @@ class _Model:
             ob.batch.deadline <= soon
             and not shadow.throttling
             and not any(sid in shadow.bad for sid in ob.pending)
-            for ob in engine._batches.values()
+            for ob in engine._batches.open.values()
         ):
             out.append(("advance",))
         for sid in self.ids:
@@ -553,7 +488,7 @@ class _Model:
                     for nature in ("good", "bad"):
                         out.append(action("enqueue", sid, lane.value, nature))
         out.append(("throttle_off",) if shadow.throttling else ("throttle_on",))
-        for ob in engine._batches.values():
+        for ob in engine._batches.open.values():
             ids = tuple(ob.pending)
             for style in RELAY_STYLES:
                 out.append(action("answer", ob.batch.id, style, self._answer(ids, style, shadow)))
@@ -650,7 +585,7 @@ class _Model:
             retry = rec.retry_at
             if retry is not None:
                 retry = round(retry - now, _DIGITS) if retry > now else 0.0
-            mark = engine._marks.get(sid)
+            mark = engine._blame.marks.get(sid)
             parts.append(
                 (
                     rec.state,
@@ -659,7 +594,7 @@ class _Model:
                     retry,
                     rec.dirty,
                     sid in changed,
-                    None if mark is None else mark < engine._accepted,
+                    None if mark is None else mark < engine._blame.accepted,
                     sid in shadow.marked,
                     sid in shadow.witnessed,
                     sid in shadow.bad,
@@ -670,12 +605,12 @@ class _Model:
             parts.append(
                 tuple(
                     sid
-                    for sid in engine._ready[lane]
+                    for sid in engine._lanes.ready[lane]
                     if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
                 )
             )
         # The release order, in which ties in retry_at are broken by session id.
-        retry_heap = engine._retry
+        retry_heap = engine._lanes.retry
         if retry_heap:
             parts.append(
                 tuple(
@@ -696,23 +631,23 @@ class _Model:
                     tuple(ob.pending),
                     ob.losses != losses,
                     bid in lost,
-                    ob.accepted < engine._accepted,
-                    bid == engine._probe,
+                    ob.accepted < engine._blame.accepted,
+                    bid == engine._batches.probe,
                 )
-                for bid, ob in engine._batches.items()
+                for bid, ob in engine._batches.open.items()
             )
         )
         bound = self.policy.max_relay_refusal_s
         parts.append(
             (
-                tuple(tuple(engine._cuts[lane]) for lane in _LANES),
-                self._since(engine._refusing_since, now, bound),
+                tuple(tuple(engine._lanes.cuts[lane]) for lane in _LANES),
+                self._since(engine._blame.refusing_since, now, bound),
                 self._since(shadow.refusing_since, now, bound),
                 shadow.throttling,
             )
         )
         stamp = self._stamp
-        stamps = engine._stamps
+        stamps = engine._lanes.stamps
         link = engine._link
         resume = link.resume_at
         if resume is not None:
@@ -729,17 +664,15 @@ class _Model:
             )
         )
         # The paced redrive: who is scheduled, and whether it drained this tick.
-        queue = tuple(engine._redrive)
-        last = engine._redrive_last
+        queue = tuple(engine._paced.scheduled)
+        last = engine._paced.last
         if last is not None and now - last >= self.tick_s:
             last = None
         elif last is not None:
             last = round(last - now, _DIGITS)
         # Dead letters are scheduled oldest first, so their order matters then.
         dead = tuple(engine._dead) if self.paced_redrive else ()
-        parts.append(
-            (queue, engine._redrive_per_tick if queue else 0, last, dead, shadow.scheduled)
-        )
+        parts.append((queue, engine._paced.per_tick if queue else 0, last, dead, shadow.scheduled))
         intern = self._intern
         codes = [intern.get(part) for part in parts]
         if None in codes:
@@ -775,7 +708,7 @@ class _Model:
         # Only a session still in flight carries a stale ack.
         sessions = after._sessions
         changed = {sid for sid in changed if sessions[sid].state is _IN_FLIGHT}
-        open_now = after._batches.keys()
+        open_now = after._batches.open.keys()
         if action[0] == "relay_unavailable" or action[-1] == "RelayUnavailable":
             lost = frozenset(open_now)
         else:
@@ -850,19 +783,19 @@ class _Model:
         kind = action[0]
         if kind == "ack":
             answered: str = action[2]
-            return dict.fromkeys(before._batches[action[1]].pending, answered)
+            return dict.fromkeys(before._batches.open[action[1]].pending, answered)
         if kind == "ack_session":
             return {action[2]: action[3]}
         if kind == "answer":
             answer = action[3]
             if isinstance(answer, str):
-                return dict.fromkeys(before._batches[action[1]].pending, answer)
+                return dict.fromkeys(before._batches.open[action[1]].pending, answer)
             return dict(answer)
         received: dict[str, str] = {}
         if batches is not None:
             # The engine times out overdue batches: charged, unless the link
             # was lost after the batch left (the outage ate its ack).
-            for bid, ob in before._batches.items():
+            for bid, ob in before._batches.open.items():
                 if ob.batch.deadline <= now:
                     why = "RelayUnavailable" if bid in shadow.lost else "AckTimeout"
                     received.update(dict.fromkeys(ob.pending, why))
@@ -891,7 +824,7 @@ class _Model:
         whole = kind == "ack" or (kind == "answer" and isinstance(action[3], str))
         if kind == "tick" or kind == "advance":
             # Each overdue batch is judged on its own, as one whole answer.
-            for ob in before._batches.values():
+            for ob in before._batches.open.values():
                 group = {sid: failed[sid] for sid in ob.pending if sid in failed}
                 if group:
                     groups.append(group)
@@ -996,7 +929,7 @@ class _Model:
         # schedule entry the tick used up, dead before it or dead-lettered by it.
         revived: set[str] = set()
         if ticked:
-            for sid in before._redrive.keys() - after._redrive.keys():
+            for sid in before._paced.scheduled.keys() - after._paced.scheduled.keys():
                 got = received.get(sid)
                 died = got is not None and self._exhausts(old[sid], got)
                 if new[sid].state is not _DEAD and (old[sid].state is _DEAD or died):
@@ -1009,12 +942,12 @@ class _Model:
                         "schedule_redrive covered it since it was last dead-lettered",
                     )
                 )
-            if len(revived) > before._redrive_per_tick:
+            if len(revived) > before._paced.per_tick:
                 found.append(
                     (
                         "paced_redrive_as_scheduled",
                         f"a tick revived {sorted(revived)}, more than "
-                        f"{before._redrive_per_tick} per tick",
+                        f"{before._paced.per_tick} per tick",
                     )
                 )
 
@@ -1060,11 +993,11 @@ class _Model:
             found.extend(self._check_tick(after, batches, shadow_after, now))
             found.extend(self._check_probe(before, after, batches, now))
         for i, lane in enumerate(_LANES):
-            if after._stamps[lane] != shadow_after.stamps[i]:
+            if after._lanes.stamps[lane] != shadow_after.stamps[i]:
                 found.append(
                     (
                         "inv9_stamp_only_with_batch",
-                        f"{lane} throttle stamped {after._stamps[lane]} by {kind}, but its "
+                        f"{lane} throttle stamped {after._lanes.stamps[lane]} by {kind}, but its "
                         f"last batch was formed at {shadow_after.stamps[i]}",
                     )
                 )
@@ -1078,7 +1011,7 @@ class _Model:
         if state is LinkState.UP or state is LinkState.PAUSED:
             return []  # a charge or an Ok re-opened the link in this tick
         allowed = 1 if state is LinkState.PROBING else 0
-        probes = sum(ob.batch.probe for ob in after._batches.values())
+        probes = sum(ob.batch.probe for ob in after._batches.open.values())
         if len(batches) > allowed or any(not b.probe for b in batches) or probes > 1:
             return [
                 (
@@ -1306,7 +1239,7 @@ class _Model:
                     )
                 )
             return found
-        if len(after._batches) >= policy.max_in_flight:
+        if len(after._batches.open) >= policy.max_in_flight:
             return found
         for i, lane in enumerate(_LANES):
             stamp = shadow.stamps[i]
@@ -1318,7 +1251,7 @@ class _Model:
                     (
                         "inv6_no_starvation",
                         f"a tick at {now:g} left {lane} sessions {waiting} unsent while that "
-                        f"lane may send ({len(after._batches)} of {policy.max_in_flight} "
+                        f"lane may send ({len(after._batches.open)} of {policy.max_in_flight} "
                         "batches open, link up)",
                     )
                 )
