@@ -1320,10 +1320,9 @@ class Engine:
                     attempts=rec.attempts,
                 )
         placed = self._placed
-        if changes is None and (self._store is not None or listening is not None):
-            changes = self._changes(0)
         if self._store is not None:
-            assert changes is not None
+            if changes is None:
+                changes = self._changes(0)
             changed = list({id(rec): rec for rec, *_ in pending}.values())
             if self._unsaved:
                 listed = {rec.id for rec in changed}
@@ -1340,7 +1339,7 @@ class Engine:
                 )
             )
         report = None
-        if listening is not None and changes is not None:
+        if listening is not None:
             report = self._report(listening, changes)
         pending.clear()
         placed.clear()
@@ -1391,19 +1390,30 @@ class Engine:
                 e for e in listening.batch_events if not (e.event == "sent" and e.batch_id in gone)
             ]
 
-    def _report(self, listening: _Listening, changes: list[Change]) -> Report:
-        """This call's journal for the listeners; clears what only they need."""
+    def _report(self, listening: _Listening, changes: list[Change] | None) -> Report:
+        """This call's journal for the listeners; clears what only they need.
+
+        ``changes`` are the call's ``Change`` rows if the store or ``on_ack``
+        needed them; the report builds them from its rows only if a listener
+        reads them, so a store-less engine builds none for its listeners.
+        """
         before = listening.link_before
         events = listening.batch_events
         # Positional, and the lists as they are (a listener must not change
         # them): this runs once per call on every engine that has listeners.
+        # A row is a plain tuple (see ``listeners.Row``), cheaper than a
+        # Change to build and to read; the lane is taken now, at the end of
+        # the call.
         report = Report(
             self._now,
-            changes,
-            [row[0].lane for row in self._pending],
+            [
+                (rec.id, rec.lane, event, source, target, reason, attempts)
+                for rec, source, target, event, reason, attempts in self._pending
+            ],
             tuple(events) if events else (),
             before,
             link_view(self._link) if before is not None else None,
+            changes,
         )
         events.clear()
         listening.link_before = None
