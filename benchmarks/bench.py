@@ -1551,12 +1551,12 @@ def rows(report: Report) -> list[tuple[str, str, str, str, str]]:
         out.append(
             (f"listeners: {names.get(impl, impl)}", _n(lc.sessions), _fmt(us), "-", "µs/ack")
         )
-    for label, value, (low, high) in (
+    for label, ratio, (low, high) in (
         ("Prometheus / none", lc.prometheus_over_none, lc.prometheus_over_none_range),
         ("OpenTelemetry / none", lc.otel_over_none, lc.otel_over_none_range),
     ):
         spread = f"{_fmt(low)} - {_fmt(high)}"
-        out.append((f"  {label}", _n(lc.sessions), _fmt(value), spread, "x"))
+        out.append((f"  {label}", _n(lc.sessions), _fmt(ratio), spread, "x"))
     return out
 
 
