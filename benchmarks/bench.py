@@ -84,6 +84,14 @@ What is measured
    enqueue (a record, a dict insert and a deque append); and on a new SQLite
    file, N sessions with one ``enqueue_many`` (one transaction) against
    ``enqueue`` one call (one transaction) each, for at most 10k of them.
+
+6. **Listener cost**: the per-ack workload of :mod:`benchmarks.bench_listeners`
+   (its own module, runnable alone) through an engine with no listener, one
+   with a listener that does nothing, one with the Prometheus metrics and one
+   with the OpenTelemetry metrics attached, interleaved round by round. The
+   target is the median of the per-round ratios Prometheus / none; it has
+   its own number of rounds (``listener_rounds``), because single rounds of
+   it spread widely on a shared machine.
 """
 
 from __future__ import annotations
@@ -111,6 +119,7 @@ from typing import Any, Final, Protocol
 import click
 import msgspec
 
+from benchmarks.bench_listeners import ListenerCost, listener_cost
 from sessionfsm import acks
 from sessionfsm.engine import Engine
 from sessionfsm.machine import CHARGED_REASONS, Lane, LinkRecord, SessionRecord, SessionState
@@ -270,6 +279,8 @@ class Sizes(msgspec.Struct, frozen=True):
     store_deltas_sessions: int
     store_recovery_sessions: int
     startup_sessions: int
+    listener_sessions: int
+    listener_rounds: int
 
 
 FULL: Final = Sizes(
@@ -283,6 +294,8 @@ FULL: Final = Sizes(
     store_deltas_sessions=20_000,
     store_recovery_sessions=1_000_000,
     startup_sessions=1_000_000,
+    listener_sessions=20_000,
+    listener_rounds=21,
 )
 QUICK: Final = Sizes(
     repeat=3,
@@ -295,6 +308,8 @@ QUICK: Final = Sizes(
     store_deltas_sessions=2_000,
     store_recovery_sessions=10_000,
     startup_sessions=50_000,
+    listener_sessions=2_000,
+    listener_rounds=3,
 )
 
 
@@ -314,6 +329,7 @@ class Report(msgspec.Struct, frozen=True):
     memory: list[MemoryRow]
     store: StoreCost
     startup: Startup
+    listeners: ListenerCost
     targets: list[Target]
     elapsed_s: float
 
@@ -1287,7 +1303,11 @@ def _target(key: str, description: str, op: str, limit: float, value: float | No
 
 
 def evaluate(
-    ack: AckCost, tick: TickCost, mem: Sequence[MemoryRow], store: StoreCost
+    ack: AckCost,
+    tick: TickCost,
+    mem: Sequence[MemoryRow],
+    store: StoreCost,
+    listeners: ListenerCost | None,
 ) -> list[Target]:
     """The performance targets, against what this run measured."""
     lo, hi = tick.rows[0].sessions, tick.rows[-1].sessions
@@ -1336,6 +1356,13 @@ def evaluate(
             "<=",
             3.0,
             store.recovery_over_raw.median if store.recovery_over_raw else None,
+        ),
+        _target(
+            "listener_cost",
+            "per-ack cost: Prometheus metrics attached / no listener",
+            "<=",
+            listeners.target if listeners is not None else 1.5,
+            listeners.prometheus_over_none if listeners is not None else None,
         ),
     ]
 
@@ -1400,19 +1427,22 @@ def run(
     )
     say(f"making {biggest:,} session ids")
     ids = session_ids(biggest)
-    say("1/5 per-ack cost")
+    say("1/6 per-ack cost")
     ack = ack_cost(sizes.ack_sessions, sizes.ack_reference_sessions, sizes.repeat, ids)
-    say("2/5 tick cost")
+    say("2/6 tick cost")
     tick = tick_cost(sizes.tick_sessions, sizes.ticks_per_round, sizes.repeat, ids)
     gc.collect()
-    say("3/5 memory")
+    say("3/6 memory")
     mem = memory(sizes.memory_sessions, sizes.memory_reference_sessions, ids)
-    say("4/5 store")
+    say("4/6 store")
     store = store_cost(
         sizes.store_deltas_sessions, sizes.store_recovery_sessions, sizes.repeat, ids
     )
-    say("5/5 start-up")
+    say("5/6 start-up")
     start = startup(sizes.startup_sessions, sizes.repeat, ids)
+    say("6/6 listener cost")
+    gc.collect()
+    listeners = listener_cost(sizes.listener_sessions, sizes.listener_rounds)
     where = msgspec.structs.replace(where, load_after=_load())
     return Report(
         mode=mode,
@@ -1423,7 +1453,8 @@ def run(
         memory=mem,
         store=store,
         startup=start,
-        targets=evaluate(ack, tick, mem, store),
+        listeners=listeners,
+        targets=evaluate(ack, tick, mem, store, listeners),
         elapsed_s=time.perf_counter() - started,
     )
 
@@ -1514,6 +1545,18 @@ def rows(report: Report) -> list[tuple[str, str, str, str, str]]:
         add("start-up: SQLite, enqueue_many", s.sessions, s.sqlite_many_s, "s")
     if s.sqlite_each_s is not None:
         add("start-up: SQLite, enqueue each", s.sqlite_each_sessions, s.sqlite_each_s, "s")
+    lc = report.listeners
+    names = {"none": "none", "noop": "no-op", "prometheus": "Prometheus", "otel": "OpenTelemetry"}
+    for impl, us in lc.us_per_ack.items():
+        out.append(
+            (f"listeners: {names.get(impl, impl)}", _n(lc.sessions), _fmt(us), "-", "µs/ack")
+        )
+    for label, ratio, (low, high) in (
+        ("Prometheus / none", lc.prometheus_over_none, lc.prometheus_over_none_range),
+        ("OpenTelemetry / none", lc.otel_over_none, lc.otel_over_none_range),
+    ):
+        spread = f"{_fmt(low)} - {_fmt(high)}"
+        out.append((f"  {label}", _n(lc.sessions), _fmt(ratio), spread, "x"))
     return out
 
 

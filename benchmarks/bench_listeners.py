@@ -1,4 +1,4 @@
-"""Per-ack cost of an engine with the Prometheus metrics attached, against none.
+"""Per-ack cost of an engine with the metrics attached, against none.
 
 Self-contained: ``python -m benchmarks.bench_listeners`` (or call
 :func:`listener_cost`). N sessions are enqueued, then ticked and answered from
@@ -8,14 +8,18 @@ at rest, with the default policy and no pause between batches. An *ack* is one
 session answered. The figure is the wall time of the whole run divided by the
 acks, so ticks and enqueues are charged to the acks they lead to.
 
-Three engines run the identical script, interleaved round by round in one
-process (none, Prometheus, none, Prometheus, ...) so that a noisy neighbour
-slows both sides alike: ``none`` (no listener), ``noop`` (one listener that
-does nothing: the cost of the journal itself) and ``prometheus``
+Four engines run the identical script, interleaved round by round in one
+process (none, noop, Prometheus, OpenTelemetry, none, ...) so that a noisy
+neighbour slows every side alike: ``none`` (no listener), ``noop`` (one
+listener that does nothing: the cost of the journal itself), ``prometheus``
 (:class:`sessionfsm.metrics.prometheus.PrometheusMetrics` in its own
-registry, scraped once at the end, outside the timing). Each figure is the
-median of the rounds; the headline is the median of the per-round ratios
-prometheus / none. Target: at most 1.5.
+registry, scraped once at the end, outside the timing) and ``otel``
+(:class:`sessionfsm.metrics.otel.OtelMetrics` on an SDK ``MeterProvider``
+with an in-memory reader, collected once at the end, outside the timing).
+Each figure is the median of the rounds; the headline is the median of the
+per-round ratios prometheus / none. Target: at most 1.5. The OpenTelemetry
+ratio is reported beside it, without a target: most of it is the SDK's
+histogram ``record``, once per answered batch.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class ListenerCost(msgspec.Struct, frozen=True):
     prometheus_over_none: float
     prometheus_over_none_range: tuple[float, float]
     noop_over_none: float
+    otel_over_none: float
+    otel_over_none_range: tuple[float, float]
     target: float = TARGET
 
     @property
@@ -114,10 +120,27 @@ def _engine_prometheus() -> tuple[Engine, Callable[[], object]]:
     return engine, metrics.exposition
 
 
+def _engine_otel() -> tuple[Engine, Callable[[], object]]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from sessionfsm.metrics.otel import OtelMetrics
+
+    engine = Engine(_POLICY, rng=random.Random(0), log=False)
+    reader = InMemoryMetricReader()
+    OtelMetrics(engine, meter_provider=MeterProvider(metric_readers=[reader]))
+    return engine, reader.get_metrics_data
+
+
 def listener_cost(n: int = 20_000, rounds: int = 7) -> ListenerCost:
-    """Run the three engines ``rounds`` times each, interleaved; see the module notes."""
+    """Run the four engines ``rounds`` times each, interleaved; see the module notes."""
     ids = session_ids(n)
-    makers = {"none": _engine_none, "noop": _engine_noop, "prometheus": _engine_prometheus}
+    makers = {
+        "none": _engine_none,
+        "noop": _engine_noop,
+        "prometheus": _engine_prometheus,
+        "otel": _engine_otel,
+    }
     us: dict[str, list[float]] = {name: [] for name in makers}
     answered = 0
     for _ in range(rounds):
@@ -129,8 +152,9 @@ def listener_cost(n: int = 20_000, rounds: int = 7) -> ListenerCost:
             elapsed = time.process_time() - start
             scrape()  # outside the timing: a scrape is the scraper's cost
             us[name].append(elapsed / answered * 1e6)
-    prom = [p / b for p, b in zip(us["prometheus"], us["none"], strict=True)]
-    noop = [p / b for p, b in zip(us["noop"], us["none"], strict=True)]
+    prom = _ratios(us["prometheus"], us["none"])
+    noop = _ratios(us["noop"], us["none"])
+    otel = _ratios(us["otel"], us["none"])
     return ListenerCost(
         sessions=n,
         acks=answered,
@@ -139,7 +163,13 @@ def listener_cost(n: int = 20_000, rounds: int = 7) -> ListenerCost:
         prometheus_over_none=round(statistics.median(prom), 3),
         prometheus_over_none_range=(round(min(prom), 3), round(max(prom), 3)),
         noop_over_none=round(statistics.median(noop), 3),
+        otel_over_none=round(statistics.median(otel), 3),
+        otel_over_none_range=(round(min(otel), 3), round(max(otel), 3)),
     )
+
+
+def _ratios(side: list[float], base: list[float]) -> list[float]:
+    return [s / b for s, b in zip(side, base, strict=True)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(rounds {low:.3f}-{high:.3f}; target <= {cost.target})"
         )
         print(f"  noop / none:       {cost.noop_over_none:.3f}")
+        low, high = cost.otel_over_none_range
+        print(f"  otel / none:       {cost.otel_over_none:.3f} (rounds {low:.3f}-{high:.3f})")
     return 1 if args.check and not cost.ok else 0
 
 

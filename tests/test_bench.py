@@ -30,6 +30,8 @@ TINY = Sizes(
     store_deltas_sessions=100,
     store_recovery_sessions=300,
     startup_sessions=200,
+    listener_sessions=200,
+    listener_rounds=1,
 )
 
 
@@ -196,14 +198,14 @@ def test_store_targets_are_ratios_against_the_raw_baselines() -> None:
         save_over_raw=Stat.of([1.2]),  # ... but close to the raw baseline
         recovery_over_raw=Stat.of([2.0]),
     )
-    targets = bench.evaluate(report.ack, report.tick, report.memory, slow_machine)
+    targets = bench.evaluate(report.ack, report.tick, report.memory, slow_machine, report.listeners)
     by_key = {t.key: t for t in targets}
     assert by_key["store_throughput"].ok
     assert by_key["recovery"].ok
     far_behind = msgspec.structs.replace(
         slow_machine, save_over_raw=Stat.of([2.5]), recovery_over_raw=Stat.of([3.5])
     )
-    lines = bench.missed(bench.evaluate(report.ack, report.tick, report.memory, far_behind))
+    lines = bench.missed(bench.evaluate(report.ack, report.tick, report.memory, far_behind, None))
     assert any(line.startswith("store_throughput:") and "2.5" in line for line in lines)
     assert any(line.startswith("recovery:") and "3.5" in line for line in lines)
 
@@ -235,7 +237,7 @@ def test_report_round_trips_through_json_and_renders() -> None:
     again = msgspec.json.decode(msgspec.json.encode(report), type=Report)
     assert again == report
     names = [row[0] for row in bench.rows(report)]
-    for prefix in ("per ack", "tick", "memory", "store", "start-up"):
+    for prefix in ("per ack", "tick", "memory", "store", "start-up", "listeners"):
         assert any(name.startswith(prefix) for name in names), prefix
     assert [t.key for t in report.targets] == [
         "ack_vs_reference",
@@ -244,6 +246,7 @@ def test_report_round_trips_through_json_and_renders() -> None:
         "memory",
         "store_throughput",
         "recovery",
+        "listener_cost",
     ]
 
 
@@ -256,10 +259,12 @@ def test_check_flags_each_missed_target_by_name() -> None:
         compiled_over_floor=Stat.of([2.0]),
     )
     tick = msgspec.structs.replace(report.tick, engine_growth=Stat.of([3.5]))
-    targets = bench.evaluate(ack, tick, report.memory, report.store)
+    listeners = msgspec.structs.replace(report.listeners, prometheus_over_none=1.7)
+    targets = bench.evaluate(ack, tick, report.memory, report.store, listeners)
     lines = bench.missed(targets)
     assert any(line.startswith("ack_vs_reference:") and "10" in line for line in lines)
     assert any(line.startswith("tick_growth:") and "3.5" in line for line in lines)
+    assert any(line.startswith("listener_cost:") and "1.7" in line for line in lines)
     assert not any(line.startswith("ack_vs_floor:") for line in lines)
 
 
@@ -282,10 +287,15 @@ def test_check_passes_good_numbers_and_refuses_unmeasured_ones() -> None:
         save_over_raw=Stat.of([1.5]),
         recovery_over_raw=Stat.of([2.5]),
     )
-    assert bench.missed(bench.evaluate(ack, tick, memory, good_store)) == []
+    listeners = msgspec.structs.replace(report.listeners, prometheus_over_none=1.2)
+    assert bench.missed(bench.evaluate(ack, tick, memory, good_store, listeners)) == []
     no_store = bench.StoreCost(available=False, note="no store")
-    lines = bench.missed(bench.evaluate(ack, tick, memory, no_store))
-    assert [line.split(":")[0] for line in lines] == ["store_throughput", "recovery"]
+    lines = bench.missed(bench.evaluate(ack, tick, memory, no_store, None))
+    assert [line.split(":")[0] for line in lines] == [
+        "store_throughput",
+        "recovery",
+        "listener_cost",
+    ]
     assert all("not measured" in line for line in lines)
 
 
@@ -299,6 +309,7 @@ def test_cli_check_exits_1_naming_the_missed_target(monkeypatch: pytest.MonkeyPa
             report.tick,
             report.memory,
             report.store,
+            report.listeners,
         ),
     )
     monkeypatch.setattr(bench, "run", lambda *a, **kw: worse)

@@ -19,12 +19,13 @@ def test_every_engine_in_the_benchmark_ends_the_same_way() -> None:
         bench_listeners._engine_none,
         bench_listeners._engine_noop,
         bench_listeners._engine_prometheus,
+        bench_listeners._engine_otel,
     ):
         engine, scrape = make()
         acks = bench_listeners.drive(engine, ids)
         scrape()
         ends.append((acks, [(v.id, v.state, v.attempts) for v in engine.sessions()]))
-    assert ends[0] == ends[1] == ends[2]
+    assert ends[0] == ends[1] == ends[2] == ends[3]
     assert ends[0][0] > len(ids)  # some failures were retried
 
 
@@ -32,9 +33,10 @@ def test_the_benchmark_reports_medians_and_ratios(capsys: pytest.CaptureFixture[
     """A tiny run prints one JSON object with a per-ack figure per engine and the ratios."""
     assert bench_listeners.main(["--sessions", "200", "--rounds", "1", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
-    assert set(figures["us_per_ack"]) == {"none", "noop", "prometheus"}
+    assert set(figures["us_per_ack"]) == {"none", "noop", "prometheus", "otel"}
     assert all(value > 0 for value in figures["us_per_ack"].values())
     assert figures["prometheus_over_none"] > 0
+    assert figures["otel_over_none"] > 0
     assert figures["target"] == bench_listeners.TARGET == 1.5
 
 

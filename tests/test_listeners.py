@@ -98,7 +98,69 @@ def test_on_ack_reports_the_very_rows_it_returns(small_policy: Policy) -> None:
     engine.enqueue("a")
     batch = engine.tick(0.0)[0]
     returned = engine.on_ack(batch.id, acks.Ok(), now=2.0)
-    assert list(recorder.reports[-1].changes) == returned
+    assert recorder.reports[-1].changes is returned
+
+
+def test_rows_are_the_changes_and_lanes_as_plain_tuples(small_policy: Policy) -> None:
+    """Each row is its Change's fields plus the lane, in the Row order, at the report's time."""
+    recorder = _Recorder()
+    engine = Engine(small_policy, log=False, listeners=[recorder])
+    engine.enqueue("a")
+    engine.enqueue("b", Lane.BACKFILL)
+    engine.enqueue("b")  # promoted to incremental, then changed
+    batch = engine.tick(0.0)[0]
+    engine.on_ack(batch.id, {"a": acks.Ok(), "b": acks.RateLimited()}, now=1.0)
+    assert [len(r.rows) for r in recorder.reports] == [1, 1, 2, 2, 2]
+    for report in recorder.reports:
+        assert report.lanes == [row[1] for row in report.rows]
+        assert [
+            (c.session_id, lane, c.event, c.source, c.target, c.reason, c.attempt)
+            for c, lane in zip(report.changes, report.lanes, strict=True)
+        ] == list(report.rows)
+        assert all(c.at == report.now for c in report.changes)
+    sid, lane, event, source, target, _reason, _attempt = recorder.reports[2].rows[0]
+    assert (sid, lane, event) == ("b", Lane.INCREMENTAL, "promoted")
+    assert source is target is SessionState.QUEUED
+
+
+def test_a_storeless_engine_builds_change_rows_only_when_a_listener_reads_them(
+    small_policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a store, enqueue and tick build no Change for a listener that reads only rows."""
+
+    def forbidden(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("built a Change row nobody asked for")
+
+    monkeypatch.setattr(sessionfsm.engine, "Change", forbidden)
+    heard: list[int] = []
+    engine = Engine(small_policy, log=False, listeners=[lambda r: heard.append(len(r.rows))])
+    engine.enqueue("a")
+    engine.enqueue_many(["b", "c"])
+    engine.tick(0.0)
+    assert heard == [1, 2, 3]
+    assert engine.state("a") is SessionState.IN_FLIGHT
+
+
+def test_a_report_hands_the_stores_own_rows_and_builds_them_once(small_policy: Policy) -> None:
+    """With a store, changes are the saved list itself; without, equal rows built once."""
+    saved: list[Any] = []
+
+    class Keeping(MemoryStore):
+        def save(self, delta: Any) -> None:
+            saved.append(delta.changes)
+            super().save(delta)
+
+    with_store, without = _Recorder(), _Recorder()
+    stored = Engine(small_policy, store=Keeping(), log=False, listeners=[with_store])
+    bare = Engine(small_policy, log=False, listeners=[without])
+    for engine in (stored, bare):
+        engine.enqueue("a")
+        engine.enqueue("b")
+        engine.tick(0.0)
+    assert [r.changes for r in with_store.reports] == saved
+    assert all(r.changes is rows for r, rows in zip(with_store.reports, saved, strict=True))
+    assert [r.changes for r in without.reports] == saved
+    assert all(r.changes is r.changes for r in without.reports)
 
 
 def test_batch_events_carry_lane_size_and_latency(small_policy: Policy) -> None:
@@ -263,7 +325,7 @@ def test_listeners_never_change_what_the_engine_does(
         assert _public_state(heard) == _public_state(bare), (step, op)
     heard.check()
     figures = tally.figures()
-    for state, n in heard.counts().items():
+    for state, n in heard.sessions_by_state().items():
         assert sum(v for (s, _), v in figures.sessions.items() if s == state.value) == n
 
 

@@ -147,10 +147,9 @@ class Journal:
                 )
         placed = self.placed
         store = self.store
-        if changes is None and (store is not None or listeners):
-            changes = self.changes(0, now)
         if store is not None:
-            assert changes is not None
+            if changes is None:
+                changes = self.changes(0, now)
             changed = list({id(rec): rec for rec, *_ in pending}.values())
             if self.unsaved:
                 listed = {rec.id for rec in changed}
@@ -167,7 +166,7 @@ class Journal:
                 )
             )
         report = None
-        if listeners and changes is not None:
+        if listeners:
             report = self.report(now, link, changes)
         pending.clear()
         placed.clear()
@@ -176,19 +175,30 @@ class Journal:
         if report is not None:
             self.notify(listeners, report)
 
-    def report(self, now: float, link: LinkRecord, changes: list[Change]) -> Report:
-        """This call's journal for the listeners; clears what only they need."""
+    def report(self, now: float, link: LinkRecord, changes: list[Change] | None) -> Report:
+        """This call's journal for the listeners; clears what only they need.
+
+        ``changes`` are the call's ``Change`` rows if the store or ``on_ack``
+        needed them; the report builds them from its rows only if a listener
+        reads them, so a store-less engine builds none for its listeners.
+        """
         before = self.link_before
         events = self.batch_events
         # Positional, and the lists as they are (a listener must not change
         # them): this runs once per call on every engine that has listeners.
+        # A row is a plain tuple (see ``listeners.Row``), cheaper than a
+        # Change to build and to read; the lane is taken now, at the end of
+        # the call.
         report = Report(
             now,
-            changes,
-            [row[0].lane for row in self.pending],
+            [
+                (rec.id, rec.lane, event, source, target, reason, attempts)
+                for rec, source, target, event, reason, attempts in self.pending
+            ],
             tuple(events) if events else (),
             before,
             link_view(link) if before is not None else None,
+            changes,
         )
         events.clear()
         self.link_before = None
