@@ -1472,6 +1472,30 @@ class Engine:
     def _iter_records(self) -> Iterable[SessionRecord]:
         return self._sessions.values()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (and ``copy``): an engine between calls, without a store.
+
+        The pickle holds the policy, the random generator, the runtimes and
+        every record, queue and open batch; the logger and the per-event
+        scratch are rebuilt when it is loaded. Like a :meth:`clone`, the
+        loaded engine has no store and no listeners. An engine with a store
+        does not pickle: its state lives in the store, so build a new engine
+        on it instead.
+        """
+        if self._store is not None:
+            raise UsageError("an Engine with a store does not pickle; its state is in the store")
+        if self._pending or self._placed or self._link_changed:
+            raise UsageError("an Engine pickles only between calls")
+        state = self.__dict__.copy()
+        for name in ("_log", "_step", "_listening"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._log = get_logger(self._logging)
+        self._step = Step(self.policy, self._rng)
+
     def inspect(self) -> EngineState:
         """A frozen, typed copy of the engine's inner state, for white-box tools
         (the model checker, tests, debugging). O(n); never on a hot path."""
@@ -1519,30 +1543,85 @@ class Engine:
                 probe=self._probe,
             ),
             anomalies=dict(self._anomalies),
+            dead=tuple(self._dead),
         )
 
-    def clone(self) -> Engine:
+    def clone(self, *, rng: random.Random | None = None) -> Engine:
         """A deep, independent copy of this engine, between calls.
 
-        It shares only what never changes (the policy, and a compiled runtime
-        with its table); everything else, the random generator included, is
-        copied, so the copy and the original diverge only by the calls each
-        gets. The copy has no store and no listeners: it persists nothing and
-        reports to nobody. For tools that explore alternatives (the model
-        checker); never on a hot path.
+        It shares only what never changes (the policy, the logger, and a
+        compiled runtime with its table); everything else is copied, so the
+        copy and the original diverge only by the calls each gets. The random
+        generator is copied too, unless you pass the copy's own as ``rng``
+        (copying one costs more than copying the rest of a small engine). An
+        attribute of a subclass is deep-copied. The copy has no
+        store and no listeners: it persists nothing and reports to nobody.
+        For tools that explore alternatives (the model checker); never on a
+        hot path.
         """
         if self._pending or self._placed or self._link_changed:
             raise UsageError("Engine.clone() is for an engine between calls")
-        memo: dict[int, Any] = {id(self.policy): self.policy, id(self._log): self._log}
-        for runtime in (self._runtime, self._link_runtime):
-            if isinstance(runtime, CompiledRuntime):
-                memo[id(runtime)] = runtime
-        memo[id(self._store)] = None
-        memo[id(self._listening)] = None
-        twin = copy.deepcopy(self, memo)
-        twin._store = None
-        twin._store_closed = False
-        twin._listening = None
+        if rng is None:
+            rng = copy.copy(self._rng)
+        sessions = {sid: msgspec.structs.replace(rec) for sid, rec in self._sessions.items()}
+        batches: dict[int, _OpenBatch] = {}
+        for bid, ob in self._batches.items():
+            twin_batch = _OpenBatch(ob.batch, ob.losses, ob.accepted)
+            twin_batch.pending = ob.pending.copy()
+            batches[bid] = twin_batch
+        # A Counter's own copy() runs its constructor; a dict's is several times faster.
+        by_state: Counter[SessionState] = Counter.__new__(Counter)
+        dict.update(by_state, self._by_state)
+        anomalies: Counter[str] = Counter.__new__(Counter)
+        dict.update(anomalies, self._anomalies)
+        copied = {
+            "_rng": rng,
+            "_step": Step(self.policy, rng),
+            "_sessions": sessions,
+            "_ready": {lane: deque(queue) for lane, queue in self._ready.items()},
+            "_retry": self._retry.copy(),
+            "_batches": batches,
+            "_deadlines": self._deadlines.copy(),
+            "_closed": self._closed.copy(),
+            "_stamps": self._stamps.copy(),
+            "_link": msgspec.structs.replace(self._link),
+            "_by_state": by_state,
+            "_dead": self._dead.copy(),
+            "_anomalies": anomalies,
+            "_pending": [],
+            "_placed": [],
+            "_redrive": self._redrive.copy(),
+            "_unsaved": {sid: sessions[sid] for sid in self._unsaved},
+            "_marks": self._marks.copy(),
+            "_cuts": {lane: deque(cuts) for lane, cuts in self._cuts.items()},
+            "_store": None,
+            "_store_closed": False,
+        }
+        twin = object.__new__(type(self))
+        state = twin.__dict__
+        state.update(self.__dict__)
+        state.update(copied)
+        state.pop("_listening", None)
+        # The rest: numbers and such, and what never changes after __init__
+        # (the policy, the logger, the lanes' sizes and intervals, a compiled
+        # runtime), shared as they are; any other runtime and a subclass's own
+        # attributes, deep-copied, with whatever they hold of the engine's
+        # mapped to the copy's (a reference runtime starts afresh: see its
+        # __deepcopy__).
+        constant = {"policy", "_log", "_lane_size", "_lane_interval", "_listening"}
+        shared_types = {int, float, str, bool, type(None), CompiledRuntime}
+        memo: dict[int, Any] | None = None
+        for name in self.__dict__.keys() - copied.keys() - constant:
+            value = state[name]
+            if type(value) in shared_types:
+                continue
+            if memo is None:
+                memo = {id(self.policy): self.policy, id(self._log): self._log}
+                for field, twin_value in copied.items():
+                    memo[id(getattr(self, field))] = twin_value
+                for sid, rec in self._sessions.items():
+                    memo[id(rec)] = sessions[sid]
+            state[name] = copy.deepcopy(value, memo)
         return twin
 
     def debug_state(self) -> dict[str, Any]:
