@@ -1498,36 +1498,42 @@ class Engine:
 
     def inspect(self) -> EngineState:
         """A frozen, typed copy of the engine's inner state, for white-box tools
-        (the model checker, tests, debugging). O(n); never on a hot path."""
+        (the model checker, tests, debugging). O(n); never on a hot path, but
+        cheap enough for a model checker to take after every step."""
         sessions = self._sessions
+        ready = {}
+        for lane, queue in self._ready.items():
+            # Skip the stale entries a promotion leaves behind.
+            ready[lane] = tuple(
+                [
+                    sid
+                    for sid in queue
+                    if (rec := sessions[sid]).state is _QUEUED and rec.lane is lane
+                ]
+            )
         return EngineState(
             now=self._now,
             sessions={sid: msgspec.structs.replace(rec) for sid, rec in sessions.items()},
-            ready={
-                lane: tuple(
-                    sid
-                    for sid in queue
-                    if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
-                )
-                for lane, queue in self._ready.items()
-            },
-            retry=tuple(sorted(self._retry)),
+            ready=ready,
+            retry=tuple(sorted(self._retry)) if self._retry else (),
             batches=tuple(
-                OpenBatchState(
-                    id=bid,
-                    lane=ob.batch.lane,
-                    session_ids=ob.batch.session_ids,
-                    pending=tuple(ob.pending),
-                    deadline=ob.batch.deadline,
-                    probe=ob.batch.probe,
-                    losses=ob.losses,
-                    accepted=ob.accepted,
-                )
-                for bid, ob in self._batches.items()
+                [
+                    OpenBatchState(
+                        id=bid,
+                        lane=ob.batch.lane,
+                        session_ids=ob.batch.session_ids,
+                        pending=tuple(ob.pending),
+                        deadline=ob.batch.deadline,
+                        probe=ob.batch.probe,
+                        losses=ob.losses,
+                        accepted=ob.accepted,
+                    )
+                    for bid, ob in self._batches.items()
+                ]
             ),
-            closed=dict(self._closed),
+            closed=self._closed.copy(),
             next_batch_id=self._next_batch_id,
-            stamps=dict(self._stamps),
+            stamps=self._stamps.copy(),
             link=msgspec.structs.replace(self._link),
             link_losses=self._link_losses,
             redrive=RedriveState(
@@ -1537,7 +1543,7 @@ class Engine:
             ),
             blame=BlameState(
                 accepted=self._accepted,
-                marks=dict(self._marks),
+                marks=self._marks.copy(),
                 refusing_since=self._refusing_since,
                 cuts={lane: tuple(cuts) for lane, cuts in self._cuts.items()},
                 probe=self._probe,

@@ -330,8 +330,8 @@ def _shared_state(engine: Engine, rng: random.Random) -> dict[str, Any]:
 
 class _Frozen:
     """An engine waiting in the search frontier, pickled (through the engine's
-    own pickle protocol) without the parts every state shares: about 0.9 KB
-    instead of 7 KB in memory."""
+    own pickle protocol) without the parts every state shares: about 1.1 KB
+    instead of 7.7 KB in memory (three sessions, one batch open)."""
 
     __slots__ = ("cls", "data", "shared")
 
