@@ -1237,38 +1237,82 @@ class Engine:
     def _iter_records(self) -> Iterable[SessionRecord]:
         return self._sessions.values()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (and ``copy``): an engine between calls, without a store.
+
+        The pickle holds the policy, the random generator, the runtimes and
+        every record, room and open batch; the logger, the per-event scratch
+        and the journal are rebuilt when it is loaded. Like a :meth:`clone`,
+        the loaded engine has no store and no listeners. An engine with a
+        store does not pickle: its state lives in the store, so build a new
+        engine on it instead.
+        """
+        journal = self._journal
+        if journal.store is not None:
+            raise UsageError("an Engine with a store does not pickle; its state is in the store")
+        if journal.pending or journal.placed or journal.link_changed:
+            raise UsageError("an Engine pickles only between calls")
+        # Field by field, never through __dict__ (see clone).
+        state = {
+            name: getattr(self, name)
+            for name in _FIELDS
+            if name not in ("_log", "_step", "_journal")
+        }
+        if type(self) is not Engine:
+            state.update((n, v) for n, v in vars(self).items() if n not in _FIELDS)
+        state["_journal"] = (type(journal), journal.logging, tuple(journal.unsaved))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name != "_journal":
+                setattr(self, name, value)
+        journal_type, logging, unsaved = state["_journal"]
+        self._log = get_logger(logging)
+        self._step = Step(self.policy, self._rng)
+        journal = journal_type(None, self._log, logging)
+        journal.unsaved = {sid: self._sessions[sid] for sid in unsaved}
+        self._journal = journal
+
     def inspect(self) -> EngineState:
         """A frozen, typed copy of the engine's inner state, for white-box tools
-        (the model checker, tests, debugging). O(n); never on a hot path."""
+        (the model checker, tests, debugging). O(n); never on a hot path, but
+        cheap enough for a model checker to take after every step."""
         sessions = self._sessions
+        ready = {}
+        for lane, queue in self._lanes.ready.items():
+            # Skip the stale entries a promotion leaves behind.
+            ready[lane] = tuple(
+                [
+                    sid
+                    for sid in queue
+                    if (rec := sessions[sid]).state is _QUEUED and rec.lane is lane
+                ]
+            )
+        retry = self._lanes.retry
         return EngineState(
             now=self._now,
             sessions={sid: msgspec.structs.replace(rec) for sid, rec in sessions.items()},
-            ready={
-                lane: tuple(
-                    sid
-                    for sid in queue
-                    if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
-                )
-                for lane, queue in self._lanes.ready.items()
-            },
-            retry=tuple(sorted(self._lanes.retry)),
+            ready=ready,
+            retry=tuple(sorted(retry)) if retry else (),
             batches=tuple(
-                OpenBatchState(
-                    id=bid,
-                    lane=ob.batch.lane,
-                    session_ids=ob.batch.session_ids,
-                    pending=tuple(ob.pending),
-                    deadline=ob.batch.deadline,
-                    probe=ob.batch.probe,
-                    losses=ob.losses,
-                    accepted=ob.accepted,
-                )
-                for bid, ob in self._batches.open.items()
+                [
+                    OpenBatchState(
+                        id=bid,
+                        lane=ob.batch.lane,
+                        session_ids=ob.batch.session_ids,
+                        pending=tuple(ob.pending),
+                        deadline=ob.batch.deadline,
+                        probe=ob.batch.probe,
+                        losses=ob.losses,
+                        accepted=ob.accepted,
+                    )
+                    for bid, ob in self._batches.open.items()
+                ]
             ),
-            closed=dict(self._batches.closed),
+            closed=self._batches.closed.copy(),
             next_batch_id=self._batches.next_id,
-            stamps=dict(self._lanes.stamps),
+            stamps=self._lanes.stamps.copy(),
             link=msgspec.structs.replace(self._link),
             link_losses=self._link_losses,
             redrive=RedriveState(
@@ -1284,16 +1328,18 @@ class Engine:
                 probe=self._batches.probe,
             ),
             anomalies=dict(self._anomalies),
+            dead=tuple(self._dead),
         )
 
-    def clone(self) -> Engine:
+    def clone(self, *, rng: random.Random | None = None) -> Engine:
         """A deep, independent copy of this engine, between calls.
 
         It shares only what never changes (the policy, and a compiled runtime
         with its table) and, when the policy never draws from it (no jitter),
         the random generator and the per-event scratch that holds it;
         everything else is copied, room by room, so the copy and the original
-        diverge only by the calls each gets. The copy has no
+        diverge only by the calls each gets. Pass ``rng`` to give the copy a
+        generator of its own choosing instead. The copy has no
         store and no listeners: it persists nothing and reports to nobody.
         For tools that explore alternatives (the model checker); never on a
         hot path.
@@ -1307,14 +1353,26 @@ class Engine:
             # python-statemachine per record) is copied with the records.
             memo: dict[int, Any] = {id(self.policy): self.policy, id(self._log): self._log}
             memo[id(journal)] = None
-            twin = copy.deepcopy(self, memo)
-            twin._journal = journal.copy(twin._sessions)
-            twin._store_closed = False
-            return twin
+            copied = object.__new__(type(self))
+            for name in _FIELDS - {"_journal"}:
+                setattr(copied, name, copy.deepcopy(getattr(self, name), memo))
+            if type(self) is not Engine:
+                for name, value in vars(self).items():
+                    if name not in _FIELDS:
+                        setattr(copied, name, copy.deepcopy(value, memo))
+            copied._journal = journal.copy(copied._sessions)
+            copied._store_closed = False
+            if rng is not None:
+                copied._rng = rng
+                copied._step = Step(self.policy, rng)
+            return copied
         # Field by field, in __init__'s order, never through __dict__: an
         # instance whose __dict__ was ever built reads its attributes slower.
+        given = rng
         rng, step = self._rng, self._step
-        if self._draws:
+        if given is not None:
+            rng, step = given, _copy_step(step, given)
+        elif self._draws:
             rng = random.Random.__new__(type(rng))
             rng.setstate(self._rng.getstate())
             step = _copy_step(step, rng)

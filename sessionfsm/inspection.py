@@ -78,3 +78,6 @@ class EngineState(msgspec.Struct, frozen=True):
     redrive: RedriveState
     blame: BlameState
     anomalies: dict[str, int]
+    #: The dead letters, oldest first: the order ``redrive_all`` and
+    #: ``schedule_redrive`` take them in.
+    dead: tuple[str, ...] = ()

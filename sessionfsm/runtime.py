@@ -78,6 +78,10 @@ class Table:
         """Whether any transition is declared for this event in this state."""
         return (state, event) in self.index
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Table:
+        # A declaration never changes: a copy of an engine shares it.
+        return self
+
 
 def compile_machine(machine: type[StateMachine]) -> Table:
     """You pass a declared machine class; you get its flat transition table.
@@ -164,6 +168,10 @@ class CompiledRuntime:
             nested.setdefault(state, {})[event] = rows
         self._index = nested
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledRuntime:
+        # Stateless: a copy of an engine shares it (``Engine.clone``).
+        return self
+
     def fire(self, record: Any, event: str, step: Step) -> Any:
         rows = self._index[record.state].get(event)
         if rows is None:
@@ -190,6 +198,14 @@ class ReferenceRuntime:
     def __init__(self, table: Table) -> None:
         self.table = table
         self._machines: dict[int, StateMachine] = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ReferenceRuntime:
+        # The machines are keyed by the records' ids, which a copy does not
+        # keep: a copy builds its own, from its own records, as they fire.
+        return ReferenceRuntime(self.table)
+
+    def __reduce__(self) -> tuple[type[ReferenceRuntime], tuple[Table]]:
+        return ReferenceRuntime, (self.table,)
 
     def fire(self, record: Any, event: str, step: Step) -> Any:
         key = id(record)

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import math
+import pickle
 import random
 import re
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from sessionfsm import (
     acks,
     machine,
 )
+from sessionfsm.inspection import EngineState
 from sessionfsm.machine import CHARGED_REASONS, LinkRecord, SessionRecord, Step, bury, settle
 from sessionfsm.rooms import Blame, Lanes, PacedRedrive, Rooms
 from sessionfsm.runtime import LINK_TABLE, SESSION_TABLE, CompiledRuntime, Table
@@ -36,7 +38,6 @@ from sessionfsm.tools.check import (
     CHECK_POLICY,
     INVARIANTS,
     CheckResult,
-    clone_engine,
     explore,
     format_result,
     replay,
@@ -400,22 +401,30 @@ def test_check_reports_an_exception_as_a_crash() -> None:
 
 
 # --------------------------------------------------------------------------
-# Cloning: the search's copies behave exactly like the engine
+# Copies and keys: the search's copies behave exactly like the engine, and
+# its key knows every field of the engine's view
 # --------------------------------------------------------------------------
 
 
-def test_clone_engine_matches_deepcopy() -> None:
-    """A clone and a deep copy of a busy engine stay identical under the same
-    inputs, and the original is untouched by either."""
+def test_search_copies_match_deepcopy() -> None:
+    """A clone with the search's shared generator, a plain clone, a deep copy and
+    a pickled copy of a busy engine stay identical under the same inputs, and the
+    original is untouched by any of them."""
     engine = Engine(CHECK_POLICY, rng=random.Random(0), log=False)
     for sid, lane in (("a", "incremental"), ("b", "incremental"), ("c", "backfill")):
         engine.enqueue(sid, lane, now=0.0)
     (batch,) = engine.tick(0.0)
     engine.on_ack(batch.id, {batch.session_ids[0]: acks.RateLimited()}, now=0.0)
     engine.relay_unavailable(0.5)
-    before = engine.debug_state()
-    twins = [clone_engine(engine), copy.deepcopy(engine)]
+    before = engine.inspect()
+    twins = [
+        engine.clone(rng=random.Random(0)),
+        engine.clone(),
+        copy.deepcopy(engine),
+        pickle.loads(pickle.dumps(engine)),
+    ]
     for twin in twins:
+        assert twin.inspect() == before
         twin.enqueue("a", "incremental", now=1.0)
         twin.enqueue("c", "incremental", now=1.0)
         twin.tick(3.0)
@@ -423,21 +432,29 @@ def test_clone_engine_matches_deepcopy() -> None:
             twin.on_ack(open_batch.id, acks.Ok(), now=3.0)
         twin.tick(6.0)
         twin.check()
-    assert twins[0].debug_state() == twins[1].debug_state()
-    assert engine.debug_state() == before
+    assert twins[0].inspect() != before
+    assert all(twin.inspect() == twins[0].inspect() for twin in twins)
+    assert engine.inspect() == before
 
 
 def test_frozen_frontier_engine_thaws_to_the_same_engine() -> None:
     """An engine frozen in the search frontier thaws into an equal, independent
-    engine of the same class; one that cannot be pickled is kept as it is."""
-    engine = Engine(CHECK_POLICY, rng=random.Random(0), log=False)
+    engine of the same class that shares the policy instead of a copy of it;
+    one that cannot be pickled is kept as it is."""
+    rng = random.Random(0)
+    engine = _Quiet(CHECK_POLICY).clone(rng=rng)
     engine.enqueue("a", now=0.0)
     engine.enqueue("b", "backfill", now=0.0)
     engine.tick(0.0)
-    base = {name: vars(engine)[name] for name in checker._CONSTANT}
-    thawed = checker._thaw(checker._freeze(engine, base))
+    shared = checker._shared_state(engine, rng)
+    assert engine.policy in shared.values()
+    frozen = checker._freeze(engine, shared)
+    assert isinstance(frozen, checker._Frozen)
+    thawed = checker._thaw(frozen)
     assert thawed is not engine
-    assert thawed.debug_state() == engine.debug_state()
+    assert type(thawed) is _Quiet
+    assert thawed.policy is engine.policy
+    assert thawed.inspect() == engine.inspect()
     thawed.tick(5.0)
     thawed.check()
     assert engine.in_flight() != thawed.in_flight()
@@ -445,21 +462,57 @@ def test_frozen_frontier_engine_thaws_to_the_same_engine() -> None:
     class Unpicklable(_Quiet):
         def __init__(self, policy: Policy) -> None:
             super().__init__(policy)
-            self.hook = lambda: None
+            # Each copy has its own list (a lambda alone is shared, as a copy shares it).
+            self.hooks = [lambda: None]
 
     odd = Unpicklable(CHECK_POLICY)
-    assert checker._freeze(odd, {name: vars(odd)[name] for name in checker._CONSTANT}) is odd
+    assert checker._freeze(odd, checker._shared_state(odd, rng)) is odd
 
 
-def test_check_knows_every_engine_attribute() -> None:
-    """Every field of a fresh engine is either copied and keyed by the checker
-    or shared on purpose; a new field fails here until the key is reviewed."""
-    engine = Engine(CHECK_POLICY, log=False)
-    assert set(vars(engine)) == checker._COPIED | checker._SHARED
+def _structs_in(struct: type[msgspec.Struct]) -> set[type[msgspec.Struct]]:
+    """``struct`` and every struct type its fields hold, however deeply nested."""
+    found: set[type[msgspec.Struct]] = set()
+
+    def walk(info: msgspec.inspect.Type) -> None:
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls in found:
+                return
+            found.add(info.cls)
+            for f in info.fields:
+                walk(f.type)
+            return
+        for name in ("type", "key_type", "value_type", "item_type", "item_types", "types"):
+            inner = getattr(info, name, None)
+            for item in inner if isinstance(inner, tuple) else (inner,):
+                if isinstance(item, msgspec.inspect.Type):
+                    walk(item)
+
+    walk(msgspec.inspect.type_info(struct))
+    return found
 
 
-def test_clone_engine_deep_copies_a_subclass_attribute() -> None:
-    """An attribute the clone does not know is deep-copied, never shared."""
+def test_check_key_knows_every_field_of_the_engine_view() -> None:
+    """Every field of ``Engine.inspect()``'s view, and of every struct in it, is
+    either keyed or left out of the state key on purpose; a new field (or a new
+    struct) fails here until the key is reviewed."""
+    structs = _structs_in(EngineState)
+    assert {SessionRecord, LinkRecord} <= structs
+    assert set(checker.KEY_FIELDS) == structs
+    for struct, fields in checker.KEY_FIELDS.items():
+        assert set(fields) == set(struct.__struct_fields__), struct.__name__
+
+    class Grown(msgspec.Struct, frozen=True):
+        fresh: int
+
+    widened = msgspec.defstruct(
+        "Widened", [("extra", Grown)], bases=(EngineState,), frozen=True, kw_only=True
+    )
+    assert _structs_in(widened) - set(checker.KEY_FIELDS) == {widened, Grown}
+
+
+def test_clone_deep_copies_a_subclass_attribute() -> None:
+    """An attribute the engine does not know (a subclass's) is deep-copied by
+    ``Engine.clone()``, never shared."""
 
     class Tagged(_Quiet):
         def __init__(self, policy: Policy) -> None:
@@ -467,7 +520,7 @@ def test_clone_engine_deep_copies_a_subclass_attribute() -> None:
             self.seen: list[str] = []
 
     engine = Tagged(CHECK_POLICY)
-    twin = clone_engine(engine)
+    twin = engine.clone(rng=random.Random(0))
     twin.seen.append("x")
     assert engine.seen == []
     assert type(twin) is Tagged

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import math
+import pickle
+import random
 import re
 import warnings
 from collections.abc import Callable
@@ -15,6 +17,7 @@ import pytest
 
 from sessionfsm import (
     Engine,
+    Exponential,
     Fixed,
     InvalidAck,
     Lane,
@@ -834,3 +837,63 @@ def test_clone_is_independent_and_has_no_store_or_listeners() -> None:
     assert heard == []
     assert engine.inspect() == before
     assert twin.inspect() != before
+
+
+def test_clone_copies_the_generator_unless_given_one() -> None:
+    """A clone draws the same jitter the original would (its generator is a copy
+    of the original's), or draws from the generator you pass."""
+    jittered = ReasonPolicy(threshold=5, backoff=Exponential(base_s=4.0, jitter=True))
+    policy = Policy(batch_size=2, rate_limited=jittered)
+    engine = Engine(policy, rng=random.Random(7), log=False)
+    for sid in ("a", "b"):
+        engine.enqueue(sid, now=0.0)
+    (batch,) = engine.tick(0.0)
+    own = random.Random(99)
+    drawn_before = own.getstate()
+    twins = [engine.clone(), engine.clone(rng=own)]
+    for each in (engine, *twins):
+        # The relay accepted "a": "b"'s refusal is its own, and it backs off.
+        each.on_ack(batch.id, {"a": acks.Ok(), "b": acks.RateLimited()}, now=0.0)
+    retry_at = [e.session("b").retry_at for e in (engine, *twins)]
+    assert retry_at[0] == retry_at[1]
+    assert retry_at[0] is not None
+    assert 0.0 <= retry_at[0] <= 4.0
+    assert own.getstate() != drawn_before
+
+
+def test_clone_of_a_reference_runtime_engine_runs_on_its_own() -> None:
+    """A clone of an engine on the reference runtime (one python-statemachine per
+    record) fires its own machines: both go on alike, the original untouched."""
+    engine = Engine(Policy(batch_size=2), log=False, runtime="reference")
+    for sid in ("a", "b"):
+        engine.enqueue(sid, now=0.0)
+    (batch,) = engine.tick(0.0)
+    engine.on_ack(batch.id, {"a": acks.Ok()}, now=0.0)
+    before = engine.inspect()
+    twins = [engine.clone(), engine.clone()]
+    for twin in twins:
+        twin.on_ack(batch.id, {"b": acks.RateLimited()}, now=1.0)
+        twin.enqueue("a", now=1.0)
+        twin.tick(1.0)
+        twin.check()
+    assert twins[0].inspect() == twins[1].inspect() != before
+    assert twins[0].session("b").state is SessionState.BACKOFF
+    assert engine.inspect() == before
+
+
+def test_engine_pickles_between_calls_without_a_store() -> None:
+    """A pickled engine loads equal to the original and goes on alike, with its
+    logging setting; an engine with a store refuses to pickle."""
+    engine = _busy_engine()
+    loaded = pickle.loads(pickle.dumps(engine))
+    assert type(loaded) is Engine
+    assert loaded.inspect() == engine.inspect()
+    assert loaded.logs is engine.logs
+    for e in (engine, loaded):
+        e.enqueue("a", "incremental", now=1.0)
+        e.tick(3.0)
+        e.check()
+    assert loaded.inspect() == engine.inspect()
+    stored = _busy_engine(MemoryStore())
+    with stored, pytest.raises(UsageError, match="store"):
+        pickle.dumps(stored)

@@ -38,9 +38,12 @@ against two liveness properties. A violation carries the shortest action
 trace from the empty engine; :func:`replay` runs it again and reports the
 same violation, so a trace pastes straight into a regression test.
 
-The search reads the engine's private fields to build its keys and to clone
-it; it is a white-box tool that lives next to the engine on purpose, and a
-test fails when the engine gains a field the key does not know about.
+The search sees the engine only through its public seams: it drives it
+through its API, copies it with ``Engine.clone()``, builds its keys and
+checks from ``Engine.inspect()`` (a frozen :class:`~sessionfsm.inspection.EngineState`)
+and keeps the states still to explore pickled, through the engine's pickle
+protocol. A test fails when that view gains a field the key does not know
+about.
 
 Every state of a small configuration is explored, but only those: the
 numbers in the README say which bounds were proven and how long it took.
@@ -61,20 +64,20 @@ from typing import Any, Final, TypeAlias
 import click
 import msgspec
 
-from sessionfsm import acks
-from sessionfsm._errors import InvariantViolation, UsageError
+from sessionfsm import InvariantViolation, acks
 from sessionfsm.engine import Batch, Engine
+from sessionfsm.inspection import BlameState, EngineState, OpenBatchState, RedriveState
 from sessionfsm.machine import (
     CHARGED_REASONS,
     REASON_INDEX,
     Lane,
+    LinkRecord,
     LinkState,
     SessionRecord,
     SessionState,
 )
 from sessionfsm.machine import INVARIANTS as MACHINE_INVARIANTS
 from sessionfsm.policy import Exponential, Fixed, Policy, ReasonPolicy, load_policy
-from sessionfsm.runtime import CompiledRuntime
 
 __all__ = [
     "ACK_KINDS",
@@ -84,7 +87,6 @@ __all__ = [
     "CheckResult",
     "Replay",
     "Violation",
-    "clone_engine",
     "command",
     "describe_trace",
     "explore",
@@ -173,6 +175,70 @@ _LANES: Final = (Lane.INCREMENTAL, Lane.BACKFILL)
 # Keys round relative times so float noise cannot split one state in two.
 _DIGITS: Final = 6
 
+#: Every field of the engine's view (``Engine.inspect()``) and of the structs
+#: in it, and what the state key does with it: None where the key holds it
+#: (times relative to the clock), otherwise why it is left out. A test fails
+#: when the view gains a field until it is entered here, and so until someone
+#: decides whether the key needs it.
+KEY_FIELDS: Final[dict[type[msgspec.Struct], dict[str, str | None]]] = {
+    EngineState: {
+        "now": "times are relative to the search's clock, which the engine's never passes",
+        "sessions": None,
+        "ready": None,
+        "retry": None,
+        "batches": None,
+        "closed": "no action answers a closed batch",
+        "next_batch_id": "batch ids are left out; a trace replays to the same ones",
+        "stamps": None,
+        "link": None,
+        # As whether each open batch was sent before the link was last lost.
+        "link_losses": None,
+        "redrive": None,
+        "blame": None,
+        "anomalies": "reported, never read back",
+        # Their order, only with paced redrive: schedule_redrive takes it.
+        "dead": None,
+    },
+    SessionRecord: {
+        "id": "the key lists the sessions in a fixed order",
+        "state": None,
+        "lane": None,
+        "counts": None,
+        "retry_at": None,
+        "dirty": None,
+        "attempts": "reported, never read back",
+        "dead_letter_reason": "reported, never read back",
+        "dead_lettered_at": "reported, never read back",
+    },
+    OpenBatchState: {
+        "id": "batch ids are left out; a trace replays to the same ones",
+        "lane": None,
+        "session_ids": "the answered ones are done with it; the pending ones are keyed",
+        "pending": None,
+        "deadline": None,
+        "probe": "the engine never reads it back; blame.probe, keyed, names the probe out",
+        # As whether the link was lost since the batch left.
+        "losses": None,
+        # As whether the relay accepted a session since the batch left.
+        "accepted": None,
+    },
+    LinkRecord: {
+        "state": None,
+        # Capped at the count after which every pause is the same.
+        "failures": None,
+        "resume_at": None,
+    },
+    RedriveState: {"scheduled": None, "per_tick": None, "last": None},
+    BlameState: {
+        # As whether each mark and each open batch is older than the count.
+        "accepted": None,
+        "marks": None,
+        "refusing_since": None,
+        "cuts": None,
+        "probe": None,
+    },
+}
+
 
 # --------------------------------------------------------------------------
 # Results
@@ -241,96 +307,63 @@ class CheckResult:
 
 
 # --------------------------------------------------------------------------
-# Cloning and observing the engine
+# The frontier
 # --------------------------------------------------------------------------
 
+# Values that are the same object in every state without being shared on
+# purpose (small ints, interned strings, None): never part of what is shared.
+_ATOMS: Final = (int, float, str, bool, type(None))
 
-# The engine's fields: those copied (room by room) by ``Engine.clone``, and
-# those shared as they are: immutable values, the stateless compiled
-# runtimes, the logger, the rng (the search uses no jitter, so nothing draws
-# from it) and the per-event scratch ``Step``, which holds nothing between
-# calls.
-_COPIED: Final = frozenset(
-    {
-        "_sessions",
-        "_lanes",
-        "_batches",
-        "_blame",
-        "_paced",
-        "_journal",
-        "_link",
-        "_by_state",
-        "_dead",
-        "_anomalies",
+
+def _shared_state(engine: Engine, rng: random.Random) -> dict[str, Any]:
+    """What every copy of ``engine`` made by the search shares with every other:
+    the entries of its pickled state that two successive clones share (the
+    policy, the runtimes, the generator, ...)."""
+    first = engine.clone(rng=rng)
+    one, two = first.__getstate__(), first.clone(rng=rng).__getstate__()
+    return {
+        name: value
+        for name, value in two.items()
+        if one.get(name) is value and not isinstance(value, _ATOMS)
     }
-)
-# What an engine shares with every copy of it, left out of a frozen one.
-_CONSTANT: Final = (
-    "policy",
-    "_rng",
-    "_log",
-    "_runtime",
-    "_link_runtime",
-    "_step",
-    "_draws",
-    # Only close() sets it, and the checker's engines have no store to close.
-    "_store_closed",
-)
-_SHARED: Final = frozenset(_CONSTANT) | frozenset({"_now", "_link_losses"})
-
-
-def clone_engine(engine: Engine) -> Engine:
-    """An independent copy of ``engine``, which must have no store.
-
-    ``Engine.clone``, which copies room by room: records, queues, heaps and
-    batches are copied; the policy, the stateless compiled runtimes, the
-    logger and (with no jitter) the rng are shared. An attribute it does not
-    know (a subclass's, say) is deep-copied.
-    """
-    if engine.store is not None:
-        raise ValueError("clone_engine needs an engine without a store, between calls")
-    if not isinstance(engine._runtime, CompiledRuntime):
-        raise ValueError("clone_engine needs the compiled runtime")
-    try:
-        return engine.clone()
-    except UsageError:
-        raise ValueError("clone_engine needs an engine without a store, between calls") from None
 
 
 class _Frozen:
-    """An engine waiting in the search frontier, pickled without the parts it
-    shares with every other state: about 0.8 KB instead of 6 KB in memory."""
+    """An engine waiting in the search frontier, pickled (through the engine's
+    own pickle protocol) without the parts every state shares: about 1.1 KB
+    instead of 7.7 KB in memory (three sessions, one batch open)."""
 
-    __slots__ = ("base", "cls", "data")
+    __slots__ = ("cls", "data", "shared")
 
-    def __init__(self, cls: type[Engine], base: dict[str, Any], data: bytes) -> None:
+    def __init__(self, cls: type[Engine], shared: dict[str, Any], data: bytes) -> None:
         self.cls = cls
-        self.base = base
+        self.shared = shared
         self.data = data
 
 
-def _freeze(engine: Engine, base: dict[str, Any]) -> _Frozen | Engine:
-    """``engine``, frozen if it shares ``base``; otherwise as it is."""
-    state = engine.__dict__
-    for name, value in base.items():
-        if state.get(name) is not value:
-            return engine
+def _freeze(engine: Engine, shared: dict[str, Any]) -> _Frozen | Engine:
+    """``engine`` pickled, but for what it shares with ``shared``; or, if it
+    does not pickle (a subclass's attribute, say), ``engine`` as it is."""
     try:
+        state = engine.__getstate__()
         data = pickle.dumps(
-            {name: value for name, value in state.items() if name not in base},
+            {
+                name: value
+                for name, value in state.items()
+                if name not in shared or shared[name] is not value
+            },
             protocol=pickle.HIGHEST_PROTOCOL,
         )
-    except Exception:  # a subclass's attribute that cannot be pickled
+    except Exception:
         return engine
-    return _Frozen(type(engine), base, data)
+    return _Frozen(type(engine), shared, data)
 
 
 def _thaw(frozen: _Frozen | Engine) -> Engine:
     if isinstance(frozen, Engine):
         return frozen
-    engine = object.__new__(frozen.cls)
-    engine.__dict__.update(frozen.base)
-    engine.__dict__.update(pickle.loads(frozen.data))
+    engine = frozen.cls.__new__(frozen.cls)
+    engine.__setstate__({**frozen.shared, **pickle.loads(frozen.data)})
     return engine
 
 
@@ -430,6 +463,9 @@ class _Model:
             _failures_that_matter(policy.relay_throttle),
         )
         self.rng = random.Random(0)
+        # One generator for every copy of the engine: with jitter off nothing
+        # draws from it, and copying one costs more than copying the engine.
+        self.clone_rng = random.Random(0)
         self._intern: dict[Hashable, int] = {}
         self._actions: dict[Action, Action] = {}
         self._always: tuple[Action, ...] = (
@@ -445,27 +481,29 @@ class _Model:
 
     # ------------------------------------------------------------- actions
 
-    def actions(self, engine: Engine, shadow: _Shadow | None = None) -> list[Action]:
+    def actions(self, view: EngineState, shadow: _Shadow | None = None) -> list[Action]:
         """Every action enabled in this state, each tuple shared across states."""
         if self.relay:
-            return self._relay_actions(engine, shadow or _Shadow())
+            return self._relay_actions(view, shadow or _Shadow())
         out = list(self._always)
         action = self._action
-        for ob in engine._batches.open.values():
-            bid = ob.batch.id
+        for ob in view.batches:
+            bid = ob.id
             for kind in ACK_KINDS:
                 out.append(action("ack", bid, kind))
             if len(ob.pending) > 1:
                 for sid in ob.pending:
                     for kind in ACK_KINDS:
                         out.append(action("ack_session", bid, sid, kind))
-        for sid in engine._dead:
+        for sid in view.dead:
             out.append(action("redrive", sid))
-        if self.paced_redrive and engine._dead.keys() - engine._paced.scheduled.keys():
-            out.append(("schedule_redrive",))
+        if self.paced_redrive:
+            scheduled = view.redrive.scheduled
+            if any(sid not in scheduled for sid in view.dead):
+                out.append(("schedule_redrive",))
         return out
 
-    def _relay_actions(self, engine: Engine, shadow: _Shadow) -> list[Action]:
+    def _relay_actions(self, view: EngineState, shadow: _Shadow) -> list[Action]:
         """The relay model: sessions arrive good or bad, the environment turns
         a relay-wide throttle on and off, and the relay answers each batch as
         it would, per session or per request, with or without Retry-After."""
@@ -474,24 +512,25 @@ class _Model:
         # A relay answers a batch of good sessions while it is not throttling:
         # only a batch with a bad session in it (a slow upload, say) or a
         # throttle may go unanswered until the engine's deadline.
-        soon = self.now(1) + engine.now
+        soon = self.now(1) + view.now
         if not any(
-            ob.batch.deadline <= soon
+            ob.deadline is not None
+            and ob.deadline <= soon
             and not shadow.throttling
             and not any(sid in shadow.bad for sid in ob.pending)
-            for ob in engine._batches.open.values()
+            for ob in view.batches
         ):
             out.append(("advance",))
         for sid in self.ids:
-            if sid not in engine._sessions:
+            if sid not in view.sessions:
                 for lane in _LANES:
                     for nature in ("good", "bad"):
                         out.append(action("enqueue", sid, lane.value, nature))
         out.append(("throttle_off",) if shadow.throttling else ("throttle_on",))
-        for ob in engine._batches.open.values():
-            ids = tuple(ob.pending)
+        for ob in view.batches:
+            ids = ob.pending
             for style in RELAY_STYLES:
-                out.append(action("answer", ob.batch.id, style, self._answer(ids, style, shadow)))
+                out.append(action("answer", ob.id, style, self._answer(ids, style, shadow)))
         return out
 
     def _answer(self, ids: tuple[str, ...], style: str, shadow: _Shadow) -> Any:
@@ -563,7 +602,7 @@ class _Model:
             return None
         return round(stamp - now, _DIGITS)
 
-    def key(self, engine: Engine, n: int, shadow: _Shadow) -> Hashable:
+    def key(self, view: EngineState, n: int, shadow: _Shadow) -> Hashable:
         """What decides the engine's future, with times relative to the clock.
 
         A time already passed is clamped to "now" (due, expired, resumable
@@ -575,7 +614,10 @@ class _Model:
         """
         now = self.now(n)
         parts: list[Hashable] = []
-        sessions = engine._sessions
+        sessions = view.sessions
+        blame = view.blame
+        marks = blame.marks
+        accepted = blame.accepted
         changed = shadow.changed
         for sid in self.ids:
             rec = sessions.get(sid)
@@ -585,7 +627,7 @@ class _Model:
             retry = rec.retry_at
             if retry is not None:
                 retry = round(retry - now, _DIGITS) if retry > now else 0.0
-            mark = engine._blame.marks.get(sid)
+            mark = marks.get(sid)
             parts.append(
                 (
                     rec.state,
@@ -594,61 +636,58 @@ class _Model:
                     retry,
                     rec.dirty,
                     sid in changed,
-                    None if mark is None else mark < engine._blame.accepted,
+                    None if mark is None else mark < accepted,
                     sid in shadow.marked,
                     sid in shadow.witnessed,
                     sid in shadow.bad,
                     sid in shadow.exposed,
                 )
             )
+        ready = view.ready
         for lane in _LANES:
-            parts.append(
-                tuple(
-                    sid
-                    for sid in engine._lanes.ready[lane]
-                    if sessions[sid].state is _QUEUED and sessions[sid].lane is lane
-                )
-            )
+            parts.append(ready[lane])
         # The release order, in which ties in retry_at are broken by session id.
-        retry_heap = engine._lanes.retry
-        if retry_heap:
+        retry_order = view.retry
+        if retry_order:
             parts.append(
                 tuple(
                     sid
-                    for at, sid in sorted(retry_heap)
+                    for at, sid in retry_order
                     if sessions[sid].state is _BACKOFF and sessions[sid].retry_at == at
                 )
             )
         else:
             parts.append(())
-        losses = engine._link_losses
+        losses = view.link_losses
         lost = shadow.lost
+        probe = blame.probe
         parts.append(
             tuple(
                 (
-                    ob.batch.lane,
-                    round(ob.batch.deadline - now, _DIGITS) if ob.batch.deadline > now else 0.0,
-                    tuple(ob.pending),
+                    ob.lane,
+                    _until(ob.deadline, now),
+                    ob.pending,
                     ob.losses != losses,
-                    bid in lost,
-                    ob.accepted < engine._blame.accepted,
-                    bid == engine._batches.probe,
+                    ob.id in lost,
+                    ob.accepted < accepted,
+                    ob.id == probe,
                 )
-                for bid, ob in engine._batches.open.items()
+                for ob in view.batches
             )
         )
         bound = self.policy.max_relay_refusal_s
+        cuts = blame.cuts
         parts.append(
             (
-                tuple(tuple(engine._lanes.cuts[lane]) for lane in _LANES),
-                self._since(engine._blame.refusing_since, now, bound),
+                tuple(cuts[lane] for lane in _LANES),
+                self._since(blame.refusing_since, now, bound),
                 self._since(shadow.refusing_since, now, bound),
                 shadow.throttling,
             )
         )
         stamp = self._stamp
-        stamps = engine._lanes.stamps
-        link = engine._link
+        stamps = view.stamps
+        link = view.link
         resume = link.resume_at
         if resume is not None:
             resume = round(resume - now, _DIGITS) if resume > now else 0.0
@@ -664,15 +703,16 @@ class _Model:
             )
         )
         # The paced redrive: who is scheduled, and whether it drained this tick.
-        queue = tuple(engine._paced.scheduled)
-        last = engine._paced.last
+        redrive = view.redrive
+        queue = redrive.scheduled
+        last = redrive.last
         if last is not None and now - last >= self.tick_s:
             last = None
         elif last is not None:
             last = round(last - now, _DIGITS)
         # Dead letters are scheduled oldest first, so their order matters then.
-        dead = tuple(engine._dead) if self.paced_redrive else ()
-        parts.append((queue, engine._paced.per_tick if queue else 0, last, dead, shadow.scheduled))
+        dead = view.dead if self.paced_redrive else ()
+        parts.append((queue, redrive.per_tick if queue else 0, last, dead, shadow.scheduled))
         intern = self._intern
         codes = [intern.get(part) for part in parts]
         if None in codes:
@@ -691,24 +731,24 @@ class _Model:
         self,
         shadow: _Shadow,
         action: Action,
-        before: Engine,
-        after: Engine,
+        before: EngineState,
+        after: EngineState,
         batches: list[Batch] | None,
         now: float,
     ) -> _Shadow:
         stamps = list(shadow.stamps)
         changed = set(shadow.changed)
         if action[0] == "enqueue":
-            rec = before._sessions.get(action[1])
+            rec = before.sessions.get(action[1])
             if rec is not None and rec.state is _IN_FLIGHT:
                 changed.add(action[1])
         for batch in batches or ():
             stamps[_LANES.index(batch.lane)] = now
             changed.difference_update(batch.session_ids)
         # Only a session still in flight carries a stale ack.
-        sessions = after._sessions
+        sessions = after.sessions
         changed = {sid for sid in changed if sessions[sid].state is _IN_FLIGHT}
-        open_now = after._batches.open.keys()
+        open_now = {ob.id for ob in after.batches}
         if action[0] == "relay_unavailable" or action[-1] == "RelayUnavailable":
             lost = frozenset(open_now)
         else:
@@ -717,7 +757,7 @@ class _Model:
         # long as they stay dead.
         scheduled = set(shadow.scheduled)
         if action[0] == "schedule_redrive":
-            scheduled.update(before._dead)
+            scheduled.update(before.dead)
         scheduled = {sid for sid in scheduled if sessions[sid].state is _DEAD}
         # Blame: who got Ok, who failed, in this action.
         marked, witnessed = set(shadow.marked), set(shadow.witnessed)
@@ -745,7 +785,7 @@ class _Model:
         if self.relay and since is not None and now - since >= self.policy.max_relay_refusal_s:
             exposed.update(
                 sid
-                for sid, rec in before._sessions.items()
+                for sid, rec in before.sessions.items()
                 if rec.state is not _SYNCED and rec.state is not _DEAD
             )
         # Only sessions with a mark, or in flight, can be judged: drop the rest.
@@ -774,7 +814,7 @@ class _Model:
     def received(
         self,
         action: Action,
-        before: Engine,
+        before: EngineState,
         batches: list[Batch] | None,
         shadow: _Shadow,
         now: float,
@@ -783,26 +823,31 @@ class _Model:
         kind = action[0]
         if kind == "ack":
             answered: str = action[2]
-            return dict.fromkeys(before._batches.open[action[1]].pending, answered)
+            return dict.fromkeys(_open_batch(before, action[1]).pending, answered)
         if kind == "ack_session":
             return {action[2]: action[3]}
         if kind == "answer":
             answer = action[3]
             if isinstance(answer, str):
-                return dict.fromkeys(before._batches.open[action[1]].pending, answer)
+                return dict.fromkeys(_open_batch(before, action[1]).pending, answer)
             return dict(answer)
         received: dict[str, str] = {}
         if batches is not None:
             # The engine times out overdue batches: charged, unless the link
             # was lost after the batch left (the outage ate its ack).
-            for bid, ob in before._batches.open.items():
-                if ob.batch.deadline <= now:
-                    why = "RelayUnavailable" if bid in shadow.lost else "AckTimeout"
+            for ob in before.batches:
+                if ob.deadline is not None and ob.deadline <= now:
+                    why = "RelayUnavailable" if ob.id in shadow.lost else "AckTimeout"
                     received.update(dict.fromkeys(ob.pending, why))
         return received
 
     def spared(
-        self, action: Action, before: Engine, received: dict[str, str], shadow: _Shadow, now: float
+        self,
+        action: Action,
+        before: EngineState,
+        received: dict[str, str],
+        shadow: _Shadow,
+        now: float,
     ) -> dict[str, str]:
         """Failed sessions that must not be charged, and the invariant that says so.
 
@@ -824,7 +869,7 @@ class _Model:
         whole = kind == "ack" or (kind == "answer" and isinstance(action[3], str))
         if kind == "tick" or kind == "advance":
             # Each overdue batch is judged on its own, as one whole answer.
-            for ob in before._batches.open.values():
+            for ob in before.batches:
                 group = {sid: failed[sid] for sid in ob.pending if sid in failed}
                 if group:
                     groups.append(group)
@@ -843,15 +888,18 @@ class _Model:
                     out[sid] = "inv12_charged_only_on_evidence"
         return out
 
-    def check_state(self, engine: Engine, shadow: _Shadow) -> list[tuple[str, str]]:
-        """Invariants that hold in every state, whatever led to it."""
+    def check_state(
+        self, engine: Engine, view: EngineState, shadow: _Shadow
+    ) -> list[tuple[str, str]]:
+        """Invariants that hold in every state, whatever led to it (``view``
+        is ``engine.inspect()``)."""
         found: list[tuple[str, str]] = []
         try:
             engine.check()
         except InvariantViolation as exc:
             found.append((exc.key, f"Engine.check(): {exc}"))
         policy = self.policy
-        for sid, rec in engine._sessions.items():
+        for sid, rec in view.sessions.items():
             state = rec.state
             if state is _DEAD and (any(rec.counts) or rec.retry_at is not None):
                 found.append(
@@ -892,7 +940,7 @@ class _Model:
                         f"{'was' if sid in shadow.changed else 'was not'} changed since sent",
                     )
                 )
-        link = engine._link
+        link = view.link
         if link.state is LinkState.PAUSED and link.resume_at is None:
             found.append(("inv6_no_starvation", "link paused with no resume time"))
         if link.state is LinkState.THROTTLED and link.resume_at is None:
@@ -902,8 +950,8 @@ class _Model:
     def check_step(
         self,
         action: Action,
-        before: Engine,
-        after: Engine,
+        before: EngineState,
+        after: EngineState,
         batches: list[Batch] | None,
         shadow: _Shadow,
         shadow_after: _Shadow,
@@ -916,8 +964,8 @@ class _Model:
         """
         found: list[tuple[str, str]] = []
         kind = action[0]
-        old = before._sessions
-        new = after._sessions
+        old = before.sessions
+        new = after.sessions
         ticked = batches is not None
 
         # What each session was answered in this action, if anything, and
@@ -929,7 +977,7 @@ class _Model:
         # schedule entry the tick used up, dead before it or dead-lettered by it.
         revived: set[str] = set()
         if ticked:
-            for sid in before._paced.scheduled.keys() - after._paced.scheduled.keys():
+            for sid in set(before.redrive.scheduled).difference(after.redrive.scheduled):
                 got = received.get(sid)
                 died = got is not None and self._exhausts(old[sid], got)
                 if new[sid].state is not _DEAD and (old[sid].state is _DEAD or died):
@@ -942,12 +990,12 @@ class _Model:
                         "schedule_redrive covered it since it was last dead-lettered",
                     )
                 )
-            if len(revived) > before._paced.per_tick:
+            if len(revived) > before.redrive.per_tick:
                 found.append(
                     (
                         "paced_redrive_as_scheduled",
                         f"a tick revived {sorted(revived)}, more than "
-                        f"{before._paced.per_tick} per tick",
+                        f"{before.redrive.per_tick} per tick",
                     )
                 )
 
@@ -993,31 +1041,31 @@ class _Model:
             found.extend(self._check_tick(after, batches, shadow_after, now))
             found.extend(self._check_probe(before, after, batches, now))
         for i, lane in enumerate(_LANES):
-            if after._lanes.stamps[lane] != shadow_after.stamps[i]:
+            if after.stamps[lane] != shadow_after.stamps[i]:
                 found.append(
                     (
                         "inv9_stamp_only_with_batch",
-                        f"{lane} throttle stamped {after._lanes.stamps[lane]} by {kind}, but its "
+                        f"{lane} throttle stamped {after.stamps[lane]} by {kind}, but its "
                         f"last batch was formed at {shadow_after.stamps[i]}",
                     )
                 )
         return found
 
     def _check_probe(
-        self, before: Engine, after: Engine, batches: list[Batch], now: float
+        self, before: EngineState, after: EngineState, batches: list[Batch], now: float
     ) -> list[tuple[str, str]]:
         """Invariant 13: a throttled link waits, then sends one probe at a time."""
-        state = after._link.state
+        state = after.link.state
         if state is LinkState.UP or state is LinkState.PAUSED:
             return []  # a charge or an Ok re-opened the link in this tick
         allowed = 1 if state is LinkState.PROBING else 0
-        probes = sum(ob.batch.probe for ob in after._batches.open.values())
+        probes = sum(ob.probe for ob in after.batches)
         if len(batches) > allowed or any(not b.probe for b in batches) or probes > 1:
             return [
                 (
                     "inv13_one_probe_per_wait",
                     f"a tick at {now:g} left the link {state} (it was "
-                    f"{before._link.state}, resume_at {before._link.resume_at}) and sent "
+                    f"{before.link.state}, resume_at {before.link.resume_at}) and sent "
                     f"{len(batches)} batch(es), {sum(b.probe for b in batches)} marked probe, "
                     f"with {probes} probe(s) out; at most {allowed} allowed",
                 )
@@ -1211,11 +1259,11 @@ class _Model:
         return found
 
     def _check_tick(
-        self, after: Engine, batches: list[Batch], shadow: _Shadow, now: float
+        self, after: EngineState, batches: list[Batch], shadow: _Shadow, now: float
     ) -> list[tuple[str, str]]:
         """After a tick: batches well formed, and nothing left that could go."""
         found: list[tuple[str, str]] = []
-        new = after._sessions
+        new = after.sessions
         policy = self.policy
         sizes = (policy.batch_size, policy.backfill_batch_size)
         for batch in batches:
@@ -1226,7 +1274,7 @@ class _Model:
             for sid in batch.session_ids:
                 if new[sid].lane is not batch.lane:
                     found.append(("inv1_one_place", f"{sid!r} of {new[sid].lane} in {batch.lane}"))
-        link = after._link
+        link = after.link
         if link.state is not LinkState.UP:
             if (link.state is LinkState.PAUSED or link.state is LinkState.THROTTLED) and (
                 link.resume_at is not None and link.resume_at <= now
@@ -1239,7 +1287,7 @@ class _Model:
                     )
                 )
             return found
-        if len(after._batches.open) >= policy.max_in_flight:
+        if len(after.batches) >= policy.max_in_flight:
             return found
         for i, lane in enumerate(_LANES):
             stamp = shadow.stamps[i]
@@ -1251,11 +1299,25 @@ class _Model:
                     (
                         "inv6_no_starvation",
                         f"a tick at {now:g} left {lane} sessions {waiting} unsent while that "
-                        f"lane may send ({len(after._batches.open)} of {policy.max_in_flight} "
+                        f"lane may send ({len(after.batches)} of {policy.max_in_flight} "
                         "batches open, link up)",
                     )
                 )
         return found
+
+
+def _until(at: float | None, now: float) -> float | None:
+    """``at`` relative to ``now``; a time already passed is simply due (0)."""
+    if at is None:
+        return None
+    return round(at - now, _DIGITS) if at > now else 0.0
+
+
+def _open_batch(view: EngineState, batch_id: int) -> OpenBatchState:
+    for ob in view.batches:
+        if ob.id == batch_id:
+            return ob
+    raise KeyError(batch_id)
 
 
 def _counts(counts: tuple[int, ...]) -> dict[str, int]:
@@ -1309,7 +1371,7 @@ class _Graph:
         parent: int,
         via: Action | None,
         depth: int,
-        engine: Engine,
+        view: EngineState,
         ids: Sequence[str],
         shadow: _Shadow | None = None,
     ) -> int:
@@ -1317,7 +1379,7 @@ class _Graph:
         waiting = 0
         bad_alive = good_pending = good_synced = 0
         bad = shadow.bad if shadow is not None else frozenset()
-        sessions = engine._sessions
+        sessions = view.sessions
         for i, sid in enumerate(ids):
             rec = sessions.get(sid)
             if rec is None:
@@ -1428,13 +1490,14 @@ def explore(
         return hit
 
     root = model.factory(policy)
+    root_view = root.inspect()
     shadow0 = _Shadow()
-    visited: dict[Hashable, int] = {model.key(root, 0, shadow0): 0}
-    graph.add(0, None, 0, root, model.ids, shadow0)
+    visited: dict[Hashable, int] = {model.key(root_view, 0, shadow0): 0}
+    graph.add(0, None, 0, root_view, model.ids, shadow0)
     result.checks += 1
     frontier: list[tuple[int, _Frozen | Engine, int, _Shadow] | None] = []
-    base: dict[str, Any] = {n: root.__dict__[n] for n in _CONSTANT if n in root.__dict__}
-    if not report(0, None, model.check_state(root, shadow0)):
+    shared = _shared_state(root, model.clone_rng)
+    if not report(0, None, model.check_state(root, root_view, shadow0)):
         frontier.append((0, root, 0, shadow0))
 
     level = 0
@@ -1450,39 +1513,42 @@ def explore(
             assert entry is not None
             node, frozen, n, shadow = entry
             engine = _thaw(frozen)
+            view = engine.inspect()
             succ: set[int] = set()
             timed: set[int] = set()
             unforced: set[int] = set()
-            for action in model.actions(engine, shadow):
+            for action in model.actions(view, shadow):
                 result.transitions += 1
                 touches = action[0] != "advance" or not model.free_clock
-                child = clone_engine(engine) if touches else engine
+                child = engine.clone(rng=model.clone_rng) if touches else engine
                 try:
                     n2, batches = model.apply(child, n, action)
                 except Exception as exc:  # any exception from a valid call is a bug
                     report(node, action, [("no_crash", f"{type(exc).__name__}: {exc}")])
                     continue
+                after = child.inspect() if touches else view
                 at = model.now(n2)
-                shadow2 = model.next_shadow(shadow, action, engine, child, batches, at)
+                shadow2 = model.next_shadow(shadow, action, view, after, batches, at)
                 result.checks += 1
                 broken = report(
                     node,
                     action,
-                    model.check_step(action, engine, child, batches, shadow, shadow2, at),
+                    model.check_step(action, view, after, batches, shadow, shadow2, at),
                 )
                 for batch in batches or ():
                     graph.served[node] |= 1 << _LANES.index(batch.lane)
-                key = model.key(child, n2, shadow2)
+                key = model.key(after, n2, shadow2)
                 target = visited.get(key)
                 if target is None:
-                    target = graph.add(node, action, level + 1, child, model.ids, shadow2)
+                    target = graph.add(node, action, level + 1, after, model.ids, shadow2)
                     visited[key] = target
                     result.checks += 1
-                    broken = report(target, None, model.check_state(child, shadow2)) or broken
+                    problems = model.check_state(child, after, shadow2)
+                    broken = report(target, None, problems) or broken
                     # A state reached by a broken step is not explored further:
                     # whatever follows is a consequence of the first violation.
                     if not broken:
-                        next_frontier.append((target, _freeze(child, base), n2, shadow2))
+                        next_frontier.append((target, _freeze(child, shared), n2, shadow2))
                 if target != node:
                     succ.add(target)
                     if action[0] == "tick" or action[0] == "advance":
@@ -1679,27 +1745,27 @@ def replay(
         relay=relay,
     )
     engine = model.factory(policy)
+    view = engine.inspect()
     shadow = _Shadow()
     n = 0
     out: list[tuple[int, Violation]] = []
-    for name, message in model.check_state(engine, shadow):
+    for name, message in model.check_state(engine, view, shadow):
         out.append((-1, Violation(name, message, ())))
     for index, action in enumerate(steps):
-        touches = action[0] != "advance" or not model.free_clock
-        before = clone_engine(engine) if touches else engine
         try:
             n, batches = model.apply(engine, n, action)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
             out.append((index, Violation("no_crash", message, steps[: index + 1])))
             break
+        after = engine.inspect()
         at = model.now(n)
-        after = model.next_shadow(shadow, action, before, engine, batches, at)
-        problems = model.check_step(action, before, engine, batches, shadow, after, at)
-        problems += model.check_state(engine, after)
+        shadow_after = model.next_shadow(shadow, action, view, after, batches, at)
+        problems = model.check_step(action, view, after, batches, shadow, shadow_after, at)
+        problems += model.check_state(engine, after, shadow_after)
         for name, message in problems:
             out.append((index, Violation(name, message, steps[: index + 1])))
-        shadow = after
+        view, shadow = after, shadow_after
     return Replay(engine=engine, now=model.now(n), violations=out)
 
 
