@@ -483,7 +483,7 @@ def test_a_healthy_store_verifies_clean(db_path: Path, sessionfsm_cli: Callable[
 
 
 def test_the_read_helpers_refuse_a_damaged_row(db_path: Path) -> None:
-    """session, dead_letters, counts and link name the damage instead of crashing."""
+    """session, dead_letters, sessions_by_state and link name the damage instead of crashing."""
     filled_store(db_path)
     conn = sqlite3.connect(db_path)
     with conn:
@@ -494,7 +494,7 @@ def test_the_read_helpers_refuse_a_damaged_row(db_path: Path) -> None:
     dead = "SELECT id FROM session WHERE state = 'dead_lettered' LIMIT 1"
     with SqliteStore(db_path, readonly=True) as reader:
         for call in (
-            reader.counts,
+            reader.sessions_by_state,
             reader.dead_letters,
             reader.link,
             lambda: reader.session("s000"),
