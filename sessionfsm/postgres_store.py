@@ -502,6 +502,7 @@ class PostgresStore:
         self._stamps: dict[str, float | None] = {}
         self._since_prune = 0
         self._held: list[Delta] | None = None
+        self._held_changes = 0
         self._inbox_done: list[int] = []
         self._save_sql = (
             f"SELECT {self._s}.save(%s::int, %s::text, %s::int8, %s::float8, %s::float8, "
@@ -584,6 +585,7 @@ class PostgresStore:
         self._live()
         if self._held is not None:
             # Serialise now: the engine keeps mutating the same records.
+            self._held_changes += len(delta.changes)
             self._held.append(
                 Delta(
                     sessions=[msgspec.structs.replace(r) for r in delta.sessions],
@@ -606,16 +608,48 @@ class PostgresStore:
         A worker applies a whole inbox drain this way. If the block raises,
         nothing is written; if the final write fails, it raises ``StoreError``.
         """
-        if self._held is not None:
-            raise UsageError("hold() does not nest")
-        self._held = []
+        self.begin_hold()
         try:
             yield
         except BaseException:
-            self._held = None
-            self._inbox_done.clear()
+            self.drop_held()
             raise
+        self.write_held()
+
+    def begin_hold(self) -> None:
+        """Keep the saves from now on, until :meth:`write_held` writes them as one transaction.
+
+        The open form of :meth:`hold`, for a group commit that spans several
+        turns of a loop (a fleet worker holds its ticks while it is busy).
+        Holds do not nest.
+        """
+        if self._held is not None:
+            raise UsageError("hold() does not nest")
+        self._held = []
+        self._held_changes = 0
+
+    @property
+    def holding(self) -> bool:
+        """Whether saves are being kept for :meth:`write_held`."""
+        return self._held is not None
+
+    @property
+    def held_changes(self) -> int:
+        """How many transitions the open hold keeps (0 when not holding)."""
+        return self._held_changes if self._held is not None else 0
+
+    def write_held(self) -> None:
+        """Write every save kept since :meth:`begin_hold` as one fenced transaction.
+
+        The hold ends whatever happens. On ``StoreError`` (``StoreFenced`` when
+        the lease was lost) nothing of it was written: the engine that made
+        those saves is ahead of the store and must be thrown away, and its
+        partition recovered from the store again.
+        """
+        if self._held is None:
+            raise UsageError("write_held() without begin_hold()")
         held, self._held = self._held, None
+        self._held_changes = 0
         if not held and not self._inbox_done:
             return
         if not held:
@@ -628,6 +662,12 @@ class PostgresStore:
                 merged[rec.id] = rec
             changes.extend(d.changes)
         self._write(list(merged.values()), changes, held[-1], held)
+
+    def drop_held(self) -> None:
+        """End the hold writing nothing; the engine that made those saves must be thrown away."""
+        self._held = None
+        self._held_changes = 0
+        self._inbox_done.clear()
 
     def consume_inbox(self, seqs: Sequence[int]) -> None:
         """Delete these inbox rows in the same transaction as the next save."""

@@ -173,6 +173,191 @@ def test_a_stalled_worker_is_fenced_drops_its_partitions_and_sends_nothing(
     w2.stop()
 
 
+def _history_per_transaction(dsn: str, schema: str) -> list[int]:
+    """From the server: how many ``sent``/``acked`` history rows each transaction wrote."""
+    rows = _sql(
+        dsn,
+        f"SELECT count(*) FROM \"{schema}\".history WHERE event IN ('sent', 'acked') "
+        "GROUP BY xmin::text",
+    )
+    return sorted(n for (n,) in rows)
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "max_changes"), [(0.0, 5000), (60.0, 100), (60.0, 1_000_000)]
+)
+def test_a_busy_worker_groups_its_writes_and_writes_all_before_it_sleeps(
+    pg_dsn: str, pg_schema: str, interval_s: float, max_changes: int
+) -> None:
+    """While busy, each partition's ticks are kept and written as one transaction when
+    the group is commit_interval_s old or holds commit_max_changes transitions; before
+    the worker sleeps it writes everything. Every session ends synced either way."""
+    policy = Policy(batch_size=10, incremental_interval_s=0.0, tick_interval_s=0.05)
+    ids = [f"g{i}" for i in range(400)]
+    Coordinator(pg_dsn, schema=pg_schema, partitions=2).close()
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue(ids)
+    relay = Recorder()
+    worker = Worker(
+        pg_dsn,
+        relay.sender("w1"),
+        schema=pg_schema,
+        policy=policy,
+        worker_id="w1",
+        log=False,
+        lease_s=30.0,
+        commit_interval_s=interval_s,
+        commit_max_changes=max_changes,
+    )
+    worker.run(until=lambda: worker.stats.get("sent", 0) >= 40 and not _busy(worker))
+    synced = f"SELECT count(*) FROM \"{pg_schema}\".session WHERE state = 'synced'"
+    assert _sql(pg_dsn, synced) == [(400,)]
+    per_partition = [sum(partition_of(i, 2) == p for i in ids) for p in (0, 1)]
+    # Each session sent once, in batches of 10 per partition.
+    assert len(relay.sent) == sum(-(-n // 10) for n in per_partition)
+    groups = _history_per_transaction(pg_dsn, pg_schema)
+    assert sum(groups) == 800
+    if interval_s == 0:
+        # Written every turn: one batch sent and acked per transaction.
+        assert groups == sorted(2 * len(sids) for *_, sids in relay.sent)
+        assert worker.stats["commits"] >= len(relay.sent)
+    elif max_changes == 100:
+        # Written when a group reaches 100: five turns of one batch each.
+        assert max(groups) <= 100
+        assert len(groups) <= sum(-(-2 * n // 100) for n in per_partition)
+    else:
+        # One group per partition, written when the worker went idle.
+        assert groups == sorted(2 * n for n in per_partition)
+        assert worker.stats["commits"] <= 6  # the inbox, the group, the last turn
+
+
+def _busy(worker: Worker) -> bool:
+    """Whether any owned engine still has sessions to send."""
+    return any(o.engine.sessions_by_state()[SessionState.QUEUED] for o in worker.owned.values())
+
+
+def test_the_group_hold_api_keeps_counts_and_drops(pg_dsn: str, pg_schema: str) -> None:
+    """begin_hold / write_held / drop_held: held saves are counted, written as one
+    transaction, or dropped writing nothing; misuse is a UsageError."""
+    from sessionfsm import Engine, UsageError
+
+    store = PostgresStore(pg_dsn, schema=pg_schema)
+    engine = Engine(POLICY, store=store, log=False)
+    with pytest.raises(UsageError):
+        store.write_held()
+    store.begin_hold()
+    with pytest.raises(UsageError):
+        store.begin_hold()
+    engine.enqueue_many(["a", "b"], now=1.0)
+    assert store.holding
+    assert store.held_changes == 2
+    store.drop_held()
+    assert not store.holding
+    assert store.held_changes == 0
+    assert _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".history') == [(0,)]
+    store.begin_hold()
+    engine.enqueue("c", now=2.0)
+    engine.enqueue("d", now=2.0)
+    store.write_held()
+    rows = _sql(pg_dsn, f'SELECT count(DISTINCT xmin::text), count(*) FROM "{pg_schema}".history')
+    assert rows == [(1, 2)]
+    store.close()
+
+
+def test_a_group_refused_by_the_fence_is_dropped_whole_and_resent_by_the_new_owner(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """A worker that still believes it holds a partition (its clock says so) but has
+    lost it on the server has its whole held group refused: the server records the
+    refusal with the group's size, no row of the old epoch is written, and the new
+    owner recovers those sessions from the store and sends them again."""
+    relay = Recorder()
+    ids = [f"f{i}" for i in range(30)]
+    Coordinator(pg_dsn, schema=pg_schema, partitions=1).close()
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue(ids)
+    w2 = _worker(pg_dsn, pg_schema, relay.sender("w2"), "w2")
+    send_w1 = relay.sender("w1")
+    taken: list[int] = []
+
+    def send(partition: int, epoch: int, batch: Batch) -> acks.Ack:
+        if not taken:
+            # The server expires w1 and its lease early (as a skewed clock
+            # would), and w2 takes the partition while w1 is mid-group.
+            _sql(pg_dsn, f'UPDATE "{pg_schema}".worker SET expires_at = now() WHERE id = %s', "w1")
+            _sql(pg_dsn, f'UPDATE "{pg_schema}".part SET expires_at = now()')
+            w2.step()
+            taken.append(w2.owned[0].epoch)
+        return send_w1(partition, epoch, batch)
+
+    policy = Policy(batch_size=10, incremental_interval_s=0.0, tick_interval_s=0.05)
+    w1 = Worker(
+        pg_dsn, send, schema=pg_schema, policy=policy, worker_id="w1", log=False, lease_s=30.0
+    )
+    w1.step()  # applies the inbox (written), then sends a batch into its group
+    assert w1.owned == {}
+    assert w1.stats["dropped_fenced"] == 1
+    old_epoch = taken[0] - 1
+    refused = _sql(pg_dsn, f'SELECT epoch, current_epoch, changes FROM "{pg_schema}".fence_log')
+    assert refused == [(old_epoch, taken[0], 20)]  # ten sessions sent and acked
+    first = relay.sent[0][3]
+    for _ in range(10):
+        w2.step()
+    synced = f"SELECT count(*) FROM \"{pg_schema}\".session WHERE state = 'synced'"
+    assert _sql(pg_dsn, synced) == [(30,)]
+    assert sorted(name for name, *_, sids in relay.sent if first[0] in sids) == ["w1", "w2"]
+    late = _sql(
+        pg_dsn,
+        f'SELECT count(*) FROM "{pg_schema}".history WHERE epoch = %s AND event <> %s',
+        old_epoch,
+        "enqueued",
+    )
+    assert late == [(0,)]
+    _assert_epochs_only_grow(pg_dsn, pg_schema)
+    w2.stop()
+
+
+def test_inbox_rows_the_engine_refuses_are_logged_and_do_not_stop_the_partition(
+    pg_dsn: str, pg_schema: str, logs: list[dict[str, Any]]
+) -> None:
+    """Rows another writer put in the inbox (an id too long, a wrong partition, an
+    unknown lane) are refused one by one with ``sessionfsm.inbox_row_refused`` and
+    consumed; the good rows around them sync. A producer refuses such an id itself."""
+    from sessionfsm import UsageError
+    from sessionfsm.validation import MAX_SESSION_ID_BYTES
+
+    too_long = "x" * (MAX_SESSION_ID_BYTES + 1)
+    other = next(f"o{i}" for i in range(100) if partition_of(f"o{i}", 2) == 1)
+    mine = next(f"m{i}" for i in range(100) if partition_of(f"m{i}", 2) == 0)
+    Coordinator(pg_dsn, schema=pg_schema, partitions=2).close()
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        with pytest.raises(UsageError, match="at most"):
+            producer.enqueue([too_long])
+        good = [f"k{i}" for i in range(40)]
+        producer.enqueue(good[:20])
+        _sql(
+            pg_dsn,
+            f'INSERT INTO "{pg_schema}".inbox (partition, session_id, lane) VALUES '
+            "(0, %s, 'incremental'), (0, %s, 'incremental'), (0, %s, 'express')",
+            too_long,
+            other,
+            mine,
+        )
+        producer.enqueue(good[20:])
+    worker = Worker(
+        pg_dsn, Recorder().sender("w1"), schema=pg_schema, policy=POLICY, worker_id="w1"
+    )
+    for _ in range(5):
+        worker.step()
+    worker.stop()
+    synced = f"SELECT count(*) FROM \"{pg_schema}\".session WHERE state = 'synced'"
+    assert _sql(pg_dsn, synced) == [(40,)]
+    assert _sql(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".inbox') == [(0,)]
+    assert worker.stats["inbox_refused"] == 3
+    refused = [e for e in logs if e["event"] == "sessionfsm.inbox_row_refused"]
+    assert sorted(e["error"].split(" ")[0] for e in refused) == ["a", "session", "unknown"]
+
+
 def test_a_leaving_worker_hands_over_at_once_and_a_joining_one_gets_a_share(
     pg_dsn: str, pg_schema: str
 ) -> None:

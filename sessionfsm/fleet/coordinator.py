@@ -19,6 +19,7 @@ import psycopg
 from .._errors import StoreConnectionLost, StoreError, UsageError
 from ..machine import Lane
 from ..postgres_store import PostgresStore, connect, partition_of
+from ..validation import check_session_id
 
 __all__ = ["Coordinator", "InboxRow", "Producer", "assign"]
 
@@ -242,8 +243,7 @@ class Producer:
             raise UsageError(f"lane must be one of {', '.join(sorted(_LANES))}, got {lane!r}")
         ids = list(session_ids)
         for sid in ids:
-            if not isinstance(sid, str) or not sid:
-                raise UsageError(f"session id must be a non-empty string, got {sid!r}")
+            check_session_id(sid)  # the engine's own rule, so no worker refuses a row
         if not ids:
             return 0
         n = self.partitions

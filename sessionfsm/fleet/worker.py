@@ -11,8 +11,18 @@ The loop, every ``tick_s`` (sooner when a producer's NOTIFY arrives):
    back to the head of their queue, counters intact);
 3. apply the inbox of each owned partition that has rows, in one fenced
    transaction per partition;
-4. tick each engine and send its batches, passing the answers back; the
-   tick and its answers are one fenced transaction.
+4. tick each engine and send its batches, passing the answers back.
+
+Writes are grouped (a group commit, as queues that batch their completions
+do): a partition's ticks, sends and answers are kept and written as one
+fenced transaction. While a worker is busy (the last turn sent something
+and an engine is due again at once) it goes straight into the next turn,
+and writes each partition's group when it is ``commit_interval_s`` old or
+holds ``commit_max_changes`` transitions; before it sleeps, and before it
+applies an inbox, it writes everything. :meth:`Worker.step` is one turn,
+written at its end. A crash loses at most the unwritten group: those
+sessions are still queued (or in flight) in the store, so the next owner
+sends them again; the relay deduplicates on the idempotency key.
 
 Before every send the worker checks its lease is still valid by its own
 monotonic clock (renewed at ``t`` on the server means valid until at least
@@ -39,13 +49,17 @@ from .. import acks
 from .._errors import StoreError, StoreFenced, UsageError
 from .._log import get_logger
 from ..engine import Batch, Engine
+from ..machine import Lane
 from ..policy import Policy
-from ..postgres_store import Lease, PostgresStore, new_owner_id
+from ..postgres_store import Lease, PostgresStore, new_owner_id, partition_of
 from ..runner import AckResult
 from ..store import DEFAULT_RETENTION, HistoryRetention
-from .coordinator import Coordinator, assign
+from ..validation import session_id_problem
+from .coordinator import Coordinator, InboxRow, assign
 
 __all__ = ["HttpSender", "Send", "Worker"]
+
+_LANE_NAMES: frozenset[str] = frozenset(lane.value for lane in Lane)
 
 #: ``send(partition, epoch, batch)`` -> the relay's answer. Raise
 #: ``ConnectionError`` when the relay cannot be reached.
@@ -53,13 +67,15 @@ Send = Callable[[int, int, Batch], AckResult]
 
 
 class _Owned:
-    __slots__ = ("engine", "epoch", "store", "valid_until")
+    __slots__ = ("engine", "epoch", "held_since", "store", "valid_until")
 
     def __init__(self, engine: Engine, store: PostgresStore, epoch: int, valid_until: float):
         self.engine = engine
         self.store = store
         self.epoch = epoch
         self.valid_until = valid_until
+        #: ``time.monotonic()`` when the open group began.
+        self.held_since = 0.0
 
 
 class Worker:
@@ -68,7 +84,10 @@ class Worker:
     ``send`` delivers a batch to the relay (see :data:`Send`); the epoch it
     gets lets a relay refuse batches of a superseded owner. ``lease_s`` is
     how long a silent worker keeps its partitions; ``heartbeat_s`` (a third of
-    it by default) how often it renews them.
+    it by default) how often it renews them. ``commit_interval_s`` and
+    ``commit_max_changes`` bound a busy worker's group commit: how long, and
+    how many transitions, its unwritten work may grow before it is written
+    (0 writes every turn).
     """
 
     def __init__(
@@ -86,6 +105,8 @@ class Worker:
         inbox_limit: int = 5000,
         history_retention: HistoryRetention | None = DEFAULT_RETENTION,
         synchronous_commit: bool = True,
+        commit_interval_s: float = 0.05,
+        commit_max_changes: int = 5000,
         log: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -98,6 +119,12 @@ class Worker:
         self.tick_s = tick_s if tick_s is not None else self.policy.tick_interval_s
         self.id = worker_id or new_owner_id()
         self.inbox_limit = inbox_limit
+        if not commit_interval_s >= 0:
+            raise UsageError(f"commit_interval_s must be >= 0, got {commit_interval_s!r}")
+        if not commit_max_changes >= 1:
+            raise UsageError(f"commit_max_changes must be >= 1, got {commit_max_changes!r}")
+        self.commit_interval_s = float(commit_interval_s)
+        self.commit_max_changes = int(commit_max_changes)
         self._retention = history_retention
         self._sync_commit = synchronous_commit
         self._log = get_logger(log)
@@ -110,6 +137,7 @@ class Worker:
         self._listen: psycopg.Connection[Any] | None = None
         self._woken: set[int] = set(range(self.partitions))
         self._next_poll = 0.0
+        self._next_listen = 0.0
         #: What happened, by kind: acquired, released, dropped_*, sent, ...
         self.stats: dict[str, int] = {}
         #: Seconds from a producer's enqueue to this worker applying it.
@@ -126,23 +154,55 @@ class Worker:
             while not (until is not None and until()):
                 if limit is not None and time.monotonic() > limit:
                     break
-                self.step()
-                self.wait(self.tick_s)
+                sent = self._turn()
+                pause = self._pause() if sent else self.tick_s
+                if pause > 0:
+                    self.flush()
+                    self.wait(pause)
+                    continue
+                # Busy: keep the groups open, write those that are due, and
+                # look for a producer's NOTIFY now and then without sleeping.
+                self.flush(due_only=True)
+                mono = time.monotonic()
+                if mono >= self._next_listen:
+                    self._next_listen = mono + self.tick_s
+                    self.wait(0)
         finally:
             self.stop()
 
     def step(self) -> None:
-        """One turn of the loop: heartbeat, rebalance, inbox, ticks and sends."""
+        """One turn: heartbeat, rebalance, inbox, ticks and sends; written at its end."""
+        self._turn()
+        self.flush()
+
+    def flush(self, *, due_only: bool = False) -> None:
+        """Write each owned partition's open group (only those due, with ``due_only``).
+
+        A group is due when it is ``commit_interval_s`` old or holds
+        ``commit_max_changes`` transitions. A write that fails drops its
+        partition (see :meth:`step`).
+        """
         mono = time.monotonic()
-        if mono >= self._next_heartbeat:
-            self._heartbeat(mono)
-            self._rebalance()
-        self._drain_inbox()
-        for p in list(self.owned):
-            self._tick(p)
+        for p, owned in list(self.owned.items()):
+            store = owned.store
+            if not store.holding:
+                continue
+            if (
+                due_only
+                and mono - owned.held_since < self.commit_interval_s
+                and store.held_changes < self.commit_max_changes
+            ):
+                continue
+            try:
+                store.write_held()
+            except StoreError as exc:
+                self._lost(p, exc)
+                continue
+            self._count("commits")
 
     def stop(self) -> None:
-        """Give every lease back and leave the fleet (best effort), so others take over now."""
+        """Write what is held, give every lease back and leave the fleet (best effort)."""
+        self.flush()
         for p in list(self.owned):
             self._drop(p, "stopping", release=True)
         with contextlib.suppress(StoreError):
@@ -157,6 +217,34 @@ class Worker:
 
     def _count(self, kind: str, n: int = 1) -> None:
         self.stats[kind] = self.stats.get(kind, 0) + n
+
+    def _turn(self) -> bool:
+        """Heartbeat and rebalance when due, the inbox, then every tick; True if it sent."""
+        mono = time.monotonic()
+        if mono >= self._next_heartbeat:
+            self._heartbeat(mono)
+            self._rebalance()
+        self._drain_inbox()
+        sent = False
+        for p in list(self.owned):
+            sent = self._tick(p) or sent
+        return sent
+
+    def _pause(self) -> float:
+        """Seconds until the first owned engine can do something new (at most ``tick_s``)."""
+        now = self._clock()
+        pause = self.tick_s
+        for owned in self.owned.values():
+            wake = owned.engine.next_wakeup()
+            if wake is not None:
+                pause = min(pause, wake - now)
+        return max(pause, 0.0)
+
+    def _group(self, owned: _Owned) -> None:
+        """Open the partition's group if it is not open yet."""
+        if not owned.store.holding:
+            owned.store.begin_hold()
+            owned.held_since = time.monotonic()
 
     def _heartbeat(self, mono: float) -> None:
         try:
@@ -232,6 +320,11 @@ class Worker:
         owned = self.owned.pop(p, None)
         if owned is None:
             return
+        if owned.store.holding:
+            # Unwritten work of a partition given up: the store keeps the
+            # sessions as it had them, and the next owner sends them again.
+            self._count("unwritten_discarded", owned.store.held_changes)
+            owned.store.drop_held()
         owned.store.close()
         if release:
             with contextlib.suppress(StoreError):
@@ -270,52 +363,89 @@ class Worker:
             owned = self.owned[p]
             now = self._clock()
             try:
-                with owned.store.hold():
-                    owned.store.consume_inbox([r[0] for r in rows])
-                    for _seq, sid, lane, _age in rows:
-                        if lane != "redrive":
-                            owned.engine.enqueue(sid, lane, now=now)
-                            continue
-                        try:
-                            owned.engine.redrive(sid, now)
-                        except UsageError as exc:  # unknown, or not dead-lettered
-                            self._count("redrive_ignored")
-                            self._log.info(
-                                "sessionfsm.redrive_ignored", session_id=sid, why=str(exc)
-                            )
+                # The rows are deleted by the write that records their effect,
+                # so that write comes before the next read of the inbox.
+                self._group(owned)
+                owned.store.consume_inbox([r[0] for r in rows])
+                self._apply_inbox(p, owned.engine, rows, now)
+                owned.store.write_held()
             except StoreError as exc:
                 self._lost(p, exc)
                 continue
+            self._count("commits")
             self.pickup_latencies.extend(r[3] for r in rows)
             self._count("enqueued", len(rows))
             if len(rows) == self.inbox_limit:
                 self._woken.add(p)  # more waiting
 
-    def _tick(self, p: int) -> None:
+    def _apply_inbox(self, p: int, engine: Engine, rows: list[InboxRow], now: float) -> None:
+        """Apply partition ``p``'s inbox rows in order, a run of enqueues in one lane at once.
+
+        A row the engine refuses (a session id, lane or partition that some
+        other writer put in the table) is logged as
+        ``sessionfsm.inbox_row_refused`` and consumed with the rest, so it
+        cannot stop the partition.
+        """
+        good: list[InboxRow] = []
+        for row in rows:
+            seq, sid, lane, _age = row
+            problem = session_id_problem(sid)
+            if problem is None and partition_of(sid, self.partitions) != p:
+                problem = f"session belongs to partition {partition_of(sid, self.partitions)}"
+            if problem is None and lane != "redrive" and lane not in _LANE_NAMES:
+                problem = f"unknown lane {lane!r}"
+            if problem is None:
+                good.append(row)
+                continue
+            self._count("inbox_refused")
+            self._log.warning(
+                "sessionfsm.inbox_row_refused", partition=p, seq=seq, lane=lane, error=problem
+            )
+        i = 0
+        while i < len(good):
+            lane = good[i][2]
+            j = i + 1
+            while j < len(good) and good[j][2] == lane:
+                j += 1
+            ids = [r[1] for r in good[i:j]]
+            i = j
+            if lane != "redrive":
+                engine.enqueue_many(ids, lane, now=now)
+                continue
+            for sid in ids:
+                try:
+                    engine.redrive(sid, now)
+                except UsageError as exc:  # unknown, or not dead-lettered
+                    self._count("redrive_ignored")
+                    self._log.info("sessionfsm.redrive_ignored", session_id=sid, why=str(exc))
+
+    def _tick(self, p: int) -> bool:
+        """Tick partition ``p`` and send its batches into its open group; True if it sent."""
         if not self._valid(p):
-            return
+            return False
         owned = self.owned[p]
         engine = owned.engine
+        sent = False
         try:
-            # One transaction per tick: the tick's sends and their answers are
-            # written together when the block ends (a group commit, as queues
-            # that batch their completions do). A crash before it commits
-            # leaves the sessions queued in the store, so the next owner sends
-            # them again (at least once; the relay deduplicates on the
-            # idempotency key); a fenced commit drops the whole partition.
-            with owned.store.hold():
-                batches = engine.tick(self._clock())
-                for batch in batches:
-                    if not self._valid(p):
-                        return  # lost while sending: send nothing more for it
-                    try:
-                        answer: AckResult = self.send(p, owned.epoch, batch)
-                    except ConnectionError:
-                        answer = acks.RelayUnavailable()
-                    self._count("sent")
-                    engine.on_ack(batch.id, answer, self._clock())
+            # Kept in the partition's group (see flush()). A crash before the
+            # group is written leaves these sessions as the store last had
+            # them, so the next owner sends them again (at least once; the
+            # relay deduplicates on the idempotency key); a fenced write drops
+            # the whole partition.
+            self._group(owned)
+            for batch in engine.tick(self._clock()):
+                if not self._valid(p):
+                    return sent  # lost while sending: send nothing more for it
+                try:
+                    answer: AckResult = self.send(p, owned.epoch, batch)
+                except ConnectionError:
+                    answer = acks.RelayUnavailable()
+                self._count("sent")
+                sent = True
+                engine.on_ack(batch.id, answer, self._clock())
         except StoreError as exc:
             self._lost(p, exc)
+        return sent
 
     def _lost(self, p: int, exc: StoreError) -> None:
         why = "fenced" if isinstance(exc, StoreFenced) else "store_error"
