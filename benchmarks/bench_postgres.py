@@ -142,6 +142,84 @@ def one_engine(dsn: str, *, sessions: int, batch: int, repeat: int) -> dict[str,
     return out
 
 
+# ------------------------------------------------------------- one worker
+
+
+def _worker_run(
+    dsn: str, *, sessions: int, partitions: int, batch: int, commit_interval_s: float
+) -> dict[str, Any]:
+    """One ``Worker`` in this process syncing ``sessions`` a producer enqueued first.
+
+    The relay is a function answering ``Ok`` at once, so the figure is the
+    worker and the database alone. Timed from ``run()`` to its return (every
+    group written, every lease given back); the transitions are counted from
+    the server's history rows (enqueued, sent, acked: three per session).
+    """
+    schema = _schema()
+    Coordinator(dsn, schema=schema, partitions=partitions).close()
+    with Producer(dsn, schema=schema) as producer:
+        for chunk in range(0, sessions, 5000):
+            producer.enqueue(f"s{i}" for i in range(chunk, min(chunk + 5000, sessions)))
+    acked = [0]
+
+    def send(_partition: int, _epoch: int, b: Any) -> acks.Ack:
+        acked[0] += len(b.session_ids)
+        return acks.Ok()
+
+    policy = Policy(batch_size=batch, incremental_interval_s=0.0, tick_interval_s=0.02)
+    worker = Worker(
+        dsn,
+        send,
+        schema=schema,
+        policy=policy,
+        lease_s=30.0,
+        inbox_limit=sessions,
+        commit_interval_s=commit_interval_s,
+        log=False,
+    )
+    start = time.perf_counter()
+    worker.run(until=lambda: acked[0] >= sessions)
+    secs = time.perf_counter() - start
+    rows = _scalar(dsn, f'SELECT count(*) FROM "{schema}".history')
+    synced = _scalar(dsn, f"SELECT count(*) FROM \"{schema}\".session WHERE state = 'synced'")
+    if synced != sessions:  # pragma: no cover - a bug, not a measurement
+        raise RuntimeError(f"one worker: {synced} of {sessions} sessions synced")
+    return {
+        "transitions_s": round(rows / secs),
+        "seconds": round(secs, 3),
+        "commits": worker.stats.get("commits", 0),
+    }
+
+
+def one_worker(
+    dsn: str, *, sessions: int, repeat: int, partitions: int = 8, batch: int | None = None
+) -> dict[str, Any]:
+    """Persisted transitions/s of one fleet worker, medians of ``repeat`` runs, beside
+    the same worker writing every turn (``commit_interval_s=0``) in the same rounds."""
+    batch = batch if batch is not None else Policy().batch_size
+    runs: dict[str, list[dict[str, Any]]] = {"grouped": [], "every_turn": []}
+    for _ in range(repeat):
+        for key, interval in (("grouped", 0.05), ("every_turn", 0.0)):
+            runs[key].append(
+                _worker_run(
+                    dsn,
+                    sessions=sessions,
+                    partitions=partitions,
+                    batch=batch,
+                    commit_interval_s=interval,
+                )
+            )
+    out: dict[str, Any] = {"sessions": sessions, "partitions": partitions, "batch": batch}
+    for key, rs in runs.items():
+        rates = [r["transitions_s"] for r in rs]
+        out[key] = {
+            "transitions_s": round(statistics.median(rates)),
+            "runs_transitions_s": rates,
+            "commits": rs[rates.index(sorted(rates)[(len(rates) - 1) // 2])]["commits"],
+        }
+    return out
+
+
 # ------------------------------------------------------------- the fleet
 
 
@@ -336,6 +414,7 @@ def run(
             one_engine(url, sessions=sessions, batch=Policy().batch_size, repeat=repeat),
         )
         note("one_engine_batch_100", one_engine(url, sessions=sessions, batch=100, repeat=repeat))
+        note("one_worker_default_batch", one_worker(url, sessions=sessions, repeat=repeat))
         note("commit_latency_after", commit_latency(url))
         note("takeover_after_sigkill", takeover(url, partitions=partitions, lease_s=lease_s))
         note("enqueue_to_pickup", pickup(url, enqueues=100))

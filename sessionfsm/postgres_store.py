@@ -64,6 +64,7 @@ advisory lock, so workers that start together migrate once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -503,6 +504,8 @@ class PostgresStore:
         self._since_prune = 0
         self._held: list[Delta] | None = None
         self._held_changes = 0
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future[None] | None = None
         self._inbox_done: list[int] = []
         self._save_sql = (
             f"SELECT {self._s}.save(%s::int, %s::text, %s::int8, %s::float8, %s::float8, "
@@ -582,8 +585,9 @@ class PostgresStore:
         """
         if self.readonly:
             raise StoreError(f"cannot save to store {self._where}: it was opened read-only")
-        self._live()
         if self._held is not None:
+            if getattr(self, "_closed", False):
+                raise StoreError(f"store {self._where} is closed")
             # Serialise now: the engine keeps mutating the same records.
             self._held_changes += len(delta.changes)
             self._held.append(
@@ -638,13 +642,20 @@ class PostgresStore:
         """How many transitions the open hold keeps (0 when not holding)."""
         return self._held_changes if self._held is not None else 0
 
-    def write_held(self) -> None:
+    def write_held(self, *, wait: bool = True) -> None:
         """Write every save kept since :meth:`begin_hold` as one fenced transaction.
 
         The hold ends whatever happens. On ``StoreError`` (``StoreFenced`` when
         the lease was lost) nothing of it was written: the engine that made
         those saves is ahead of the store and must be thrown away, and its
         partition recovered from the store again.
+
+        With ``wait=False`` the write goes to the server from a background
+        thread and the caller goes on, so the next group's work overlaps this
+        one's round trip and the server's work on it (as a queue's
+        asynchronous completer does). At most one is on its way: the next
+        write, and every other call that uses the connection, waits for it
+        first and raises its ``StoreError`` if it failed (:meth:`settle`).
         """
         if self._held is None:
             raise UsageError("write_held() without begin_hold()")
@@ -652,16 +663,40 @@ class PostgresStore:
         self._held_changes = 0
         if not held and not self._inbox_done:
             return
+        self.settle()  # the one before, in order
         if not held:
-            self._drop_inbox()
+            prepared = self._prepare_write([], [], None, [])
+        else:
+            merged: dict[str, SessionRecord] = {}
+            changes: list[Change] = []
+            for d in held:
+                for rec in d.sessions:
+                    merged[rec.id] = rec
+                changes.extend(d.changes)
+            prepared = self._prepare_write(list(merged.values()), changes, held[-1], held)
+        if wait:
+            self._run_write(*prepared)
             return
-        merged: dict[str, SessionRecord] = {}
-        changes: list[Change] = []
-        for d in held:
-            for rec in d.sessions:
-                merged[rec.id] = rec
-            changes.extend(d.changes)
-        self._write(list(merged.values()), changes, held[-1], held)
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"sessionfsm-p{self.partition}"
+            )
+        self._pending = self._writer.submit(self._run_write, *prepared)
+
+    def settle(self) -> None:
+        """Wait for the write :meth:`write_held` left in the background, if any.
+
+        Raises its ``StoreError`` (``StoreFenced`` when the lease was lost) if
+        it failed. Every call that uses the connection settles first.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    @property
+    def writing(self) -> bool:
+        """Whether a background write is still on its way to the server."""
+        return self._pending is not None and not self._pending.done()
 
     def drop_held(self) -> None:
         """End the hold writing nothing; the engine that made those saves must be thrown away."""
@@ -674,7 +709,15 @@ class PostgresStore:
         self._inbox_done.extend(seqs)
 
     def close(self) -> None:
-        """Give back a lease this store took itself, and close. Later calls raise ``StoreError``."""
+        """Give back a lease this store took itself, and close. Later calls raise ``StoreError``.
+
+        A background write still on its way is waited for; its error, if any, is not raised.
+        """
+        with contextlib.suppress(StoreError):
+            self.settle()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         conn = self._conn
         if conn is not None and self._own_lease and self._lease is not None and not conn.broken:
             with contextlib.suppress(psycopg.Error):
@@ -826,6 +869,17 @@ class PostgresStore:
 
         ``last`` is None for a save that only deletes consumed inbox rows.
         """
+        self.settle()
+        self._run_write(*self._prepare_write(sessions, changes, last, placed))
+
+    def _prepare_write(
+        self,
+        sessions: Sequence[SessionRecord],
+        changes: list[Change],
+        last: Delta | None,
+        placed: Sequence[Delta],
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The ``save`` call's parameters, and the counters after it succeeds."""
         p = self.partition
         lease = self._lease
         assert p is not None
@@ -873,7 +927,7 @@ class PostgresStore:
                 keep_after = last.now - keep.max_age_s
         encode = _JSON.encode
         inbox = self._inbox_done
-        params = (
+        params: tuple[Any, ...] = (
             p,
             lease.owner,
             lease.epoch,
@@ -889,22 +943,31 @@ class PostgresStore:
             keep_after,
         )
         inbox.clear()  # consumed by this save, whatever becomes of it
+        since = self._since_prune
+        if last is not None:
+            since = 0 if prune else since + len(changes)
+        return params, (head, tail, stamps, since)
+
+    def _run_write(self, params: tuple[Any, ...], after: tuple[Any, ...]) -> None:
+        """Send one prepared ``save``; on success, move the counters on to ``after``."""
+        lease = self._lease
+        p = self.partition
+        assert lease is not None
+        assert p is not None
         try:
-            row = self._live().execute(self._save_sql, params, prepare=True).fetchone()
+            row = self._conn_now().execute(self._save_sql, params, prepare=True).fetchone()
         except psycopg.Error as exc:
             raise self._error("save to", exc) from exc
         if row is None or row[0] is not True:
             raise StoreFenced(
-                f"cannot save to store {self._where}: partition {p} is no longer held by "
-                f"{lease.owner!r} in epoch {lease.epoch} (its lease ran out or another "
+                f"cannot save to store {self._where}: partition {p} is no longer "
+                f"held by {lease.owner!r} in epoch {lease.epoch} (its lease ran out or another "
                 "worker took it over); nothing was written",
                 partition=p,
                 epoch=lease.epoch,
             )
-        self._head, self._tail = head, tail
-        saved.update(stamps)
-        if last is not None:
-            self._since_prune = 0 if prune else self._since_prune + len(changes)
+        self._head, self._tail, stamps, self._since_prune = after
+        self._stamps.update(stamps)
 
     def _drop_inbox(self) -> None:
         """Delete consumed inbox rows that changed nothing, under the same fence."""
@@ -1057,15 +1120,18 @@ class PostgresStore:
         self._lease = Lease(owner=owner, epoch=int(row[0]))
 
     def _load_counters(self) -> None:
+        # Also called by a background write reconnecting: it must not wait for itself.
         rows = self._query(
             f"SELECT queue_head, queue_tail FROM {self._s}.part WHERE partition = %s",
             (self.partition,),
+            settle=False,
         )
         self._head, self._tail = rows[0]
         self._stamps = dict(
             self._query(
                 f"SELECT name, stamped_at FROM {self._s}.lane WHERE partition = %s",
                 (self.partition,),
+                settle=False,
             )
         )
 
@@ -1080,6 +1146,12 @@ class PostgresStore:
         return " AND partition = %s", (self.partition,)
 
     def _live(self) -> psycopg.Connection[Any]:
+        """The connection, once a background write has finished (its error raised)."""
+        if self._pending is not None:
+            self.settle()
+        return self._conn_now()
+
+    def _conn_now(self) -> psycopg.Connection[Any]:
         if getattr(self, "_closed", False):
             raise StoreError(f"store {self._where} is closed")
         conn = self._conn
@@ -1097,9 +1169,10 @@ class PostgresStore:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
 
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    def _query(self, sql: str, params: tuple[Any, ...], *, settle: bool = True) -> list[Any]:
         try:
-            return self._live().execute(sql, params).fetchall()
+            conn = self._live() if settle else self._conn_now()
+            return conn.execute(sql, params).fetchall()
         except psycopg.Error as exc:
             raise self._error("read", exc) from exc
 

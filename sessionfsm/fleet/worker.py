@@ -157,12 +157,13 @@ class Worker:
                 sent = self._turn()
                 pause = self._pause() if sent else self.tick_s
                 if pause > 0:
-                    self.flush()
+                    self.flush(wait=False)  # written while this worker sleeps
                     self.wait(pause)
                     continue
-                # Busy: keep the groups open, write those that are due, and
-                # look for a producer's NOTIFY now and then without sleeping.
-                self.flush(due_only=True)
+                # Busy: keep the groups open, send those that are due to the
+                # server in the background, and look for a producer's NOTIFY
+                # now and then without sleeping.
+                self.flush(due_only=True, wait=False)
                 mono = time.monotonic()
                 if mono >= self._next_listen:
                     self._next_listen = mono + self.tick_s
@@ -175,30 +176,31 @@ class Worker:
         self._turn()
         self.flush()
 
-    def flush(self, *, due_only: bool = False) -> None:
+    def flush(self, *, due_only: bool = False, wait: bool = True) -> None:
         """Write each owned partition's open group (only those due, with ``due_only``).
 
         A group is due when it is ``commit_interval_s`` old or holds
-        ``commit_max_changes`` transitions. A write that fails drops its
-        partition (see :meth:`step`).
+        ``commit_max_changes`` transitions. With ``wait`` (the default) every
+        write has reached the server when this returns; without it, each goes
+        from its store's background thread (at most one per partition) while
+        the worker goes on, and a failure is found at the start of the next
+        turn. A write that fails drops its partition (see :meth:`step`).
         """
         mono = time.monotonic()
         for p, owned in list(self.owned.items()):
             store = owned.store
-            if not store.holding:
-                continue
-            if (
-                due_only
-                and mono - owned.held_since < self.commit_interval_s
-                and store.held_changes < self.commit_max_changes
-            ):
-                continue
             try:
-                store.write_held()
+                if store.holding and not (
+                    due_only
+                    and mono - owned.held_since < self.commit_interval_s
+                    and store.held_changes < self.commit_max_changes
+                ):
+                    store.write_held(wait=wait)
+                    self._count("commits")
+                if wait:
+                    store.settle()
             except StoreError as exc:
                 self._lost(p, exc)
-                continue
-            self._count("commits")
 
     def stop(self) -> None:
         """Write what is held, give every lease back and leave the fleet (best effort)."""
@@ -220,6 +222,12 @@ class Worker:
 
     def _turn(self) -> bool:
         """Heartbeat and rebalance when due, the inbox, then every tick; True if it sent."""
+        for p, owned in list(self.owned.items()):
+            if not owned.store.writing:  # a background write that ended: did it fail?
+                try:
+                    owned.store.settle()
+                except StoreError as exc:
+                    self._lost(p, exc)
         mono = time.monotonic()
         if mono >= self._next_heartbeat:
             self._heartbeat(mono)
@@ -320,12 +328,19 @@ class Worker:
         owned = self.owned.pop(p, None)
         if owned is None:
             return
-        if owned.store.holding:
+        store = owned.store
+        if store.holding:
             # Unwritten work of a partition given up: the store keeps the
             # sessions as it had them, and the next owner sends them again.
-            self._count("unwritten_discarded", owned.store.held_changes)
-            owned.store.drop_held()
-        owned.store.close()
+            self._count("unwritten_discarded", store.held_changes)
+            store.drop_held()
+        try:
+            store.settle()  # a background write still on its way
+        except StoreFenced as exc:
+            self._refused(p, exc)
+        except StoreError:
+            pass  # the partition is given up either way
+        store.close()
         if release:
             with contextlib.suppress(StoreError):
                 self.coordinator.release(p, self.id, owned.epoch)
@@ -353,6 +368,12 @@ class Worker:
                 woken |= self.coordinator.waiting()
         for p in sorted(woken & set(self.owned)):
             if not self._valid(p):
+                continue
+            try:
+                # The rows a write deletes must be gone before the inbox is read again.
+                self.owned[p].store.settle()
+            except StoreError as exc:
+                self._lost(p, exc)
                 continue
             try:
                 rows = self.coordinator.inbox(p, self.inbox_limit)
@@ -447,8 +468,15 @@ class Worker:
             self._lost(p, exc)
         return sent
 
+    def _refused(self, p: int, exc: StoreFenced) -> None:
+        """The server refused a write of ``p``: this worker lost it (stat ``fenced``)."""
+        self._count("fenced")
+        self._log.warning("sessionfsm.write_fenced", worker=self.id, partition=p, error=str(exc))
+
     def _lost(self, p: int, exc: StoreError) -> None:
         why = "fenced" if isinstance(exc, StoreFenced) else "store_error"
+        if isinstance(exc, StoreFenced):
+            self._refused(p, exc)
         self._log.warning("sessionfsm.partition_lost", worker=self.id, partition=p, error=str(exc))
         self._drop(p, why, release=not isinstance(exc, StoreFenced))
         self._next_heartbeat = 0.0  # rebalance at once: take it back if it is still ours
