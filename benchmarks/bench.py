@@ -92,6 +92,16 @@ What is measured
    target is the median of the per-round ratios Prometheus / none; it has
    its own number of rounds (``listener_rounds``), because single rounds of
    it spread widely on a shared machine.
+
+7. **PostgreSQL and the fleet** (full runs only; needs ``sessionfsm[postgres]``
+   and a server: ``$SESSIONFSM_TEST_DSN`` or a throwaway pgserver), from
+   :mod:`benchmarks.bench_postgres`: persisted transitions/s of one fleet
+   worker at the default batch, beside the same worker writing every turn and
+   one engine on SQLite, interleaved round by round; 1, 2 and 4 worker
+   processes over HTTP; takeover after a SIGKILL against lease + 2 ticks; and
+   enqueue-to-pickup latency. The one-worker target (25k/s) is absolute: it is
+   the fleet issue's, and it depends on the server and its disk, so the
+   latency of one bare commit is printed beside it.
 """
 
 from __future__ import annotations
@@ -281,6 +291,9 @@ class Sizes(msgspec.Struct, frozen=True):
     startup_sessions: int
     listener_sessions: int
     listener_rounds: int
+    #: Section 7, PostgreSQL (0: not run, as with --quick).
+    postgres_sessions: int = 0
+    postgres_fleet_sessions: int = 0
 
 
 FULL: Final = Sizes(
@@ -296,6 +309,8 @@ FULL: Final = Sizes(
     startup_sessions=1_000_000,
     listener_sessions=20_000,
     listener_rounds=21,
+    postgres_sessions=20_000,
+    postgres_fleet_sessions=20_000,
 )
 QUICK: Final = Sizes(
     repeat=3,
@@ -320,6 +335,30 @@ QUICK_NOTE: Final = (
 )
 
 
+class PostgresCost(msgspec.Struct, frozen=True):
+    """Section 7 of ``sessionfsm bench``: PostgreSQL and the fleet (full runs only)."""
+
+    available: bool
+    note: str = ""
+    cores: int = 0
+    server_version: str = ""
+    commit_latency_ms: float | None = None
+    #: One worker, persisted transitions/s (median) and every round's figure.
+    worker: dict[str, Any] = {}
+    #: Aggregate transitions/s of 1, 2 and 4 worker processes over HTTP.
+    fleet: list[dict[str, Any]] = []
+    takeover: dict[str, Any] = {}
+    pickup: dict[str, Any] = {}
+
+    @property
+    def takeover_over_bound(self) -> float | None:
+        """Takeover time / (lease + 2 ticks): the issue's bound is 1."""
+        t = self.takeover
+        if not t:
+            return None
+        return float(t["seconds"]) / (float(t["lease_s"]) + 2 * float(t["tick_s"]))
+
+
 class Report(msgspec.Struct, frozen=True):
     mode: str
     sizes: Sizes
@@ -332,6 +371,8 @@ class Report(msgspec.Struct, frozen=True):
     listeners: ListenerCost
     targets: list[Target]
     elapsed_s: float
+    #: Section 7, full runs only (None with --quick).
+    postgres: PostgresCost | None = None
 
 
 class BenchError(RuntimeError):
@@ -1308,8 +1349,9 @@ def evaluate(
     mem: Sequence[MemoryRow],
     store: StoreCost,
     listeners: ListenerCost | None,
+    postgres: PostgresCost | None = None,
 ) -> list[Target]:
-    """The performance targets, against what this run measured."""
+    """The performance targets, against what this run measured (PostgreSQL's if it ran)."""
     lo, hi = tick.rows[0].sessions, tick.rows[-1].sessions
     compiled = [r for r in mem if r.runtime == "compiled"]
     biggest = max(r.sessions for r in compiled)
@@ -1363,6 +1405,29 @@ def evaluate(
             "<=",
             listeners.target if listeners is not None else 1.5,
             listeners.prometheus_over_none if listeners is not None else None,
+        ),
+        *_postgres_targets(postgres),
+    ]
+
+
+def _postgres_targets(pg: PostgresCost | None) -> list[Target]:
+    if pg is None:  # not asked for (--quick)
+        return []
+    worker = pg.worker.get("grouped") if pg.available else None
+    return [
+        _target(
+            "postgres_worker",
+            "persisted transitions/s, one worker on PostgreSQL, default batch",
+            ">=",
+            25_000.0,
+            None if worker is None else float(worker),
+        ),
+        _target(
+            "postgres_takeover",
+            "takeover after SIGKILL / (lease + 2 ticks)",
+            "<=",
+            1.0,
+            pg.takeover_over_bound if pg.available else None,
         ),
     ]
 
@@ -1427,22 +1492,28 @@ def run(
     )
     say(f"making {biggest:,} session ids")
     ids = session_ids(biggest)
-    say("1/6 per-ack cost")
+    parts = 7 if sizes.postgres_sessions else 6
+    say(f"1/{parts} per-ack cost")
     ack = ack_cost(sizes.ack_sessions, sizes.ack_reference_sessions, sizes.repeat, ids)
-    say("2/6 tick cost")
+    say(f"2/{parts} tick cost")
     tick = tick_cost(sizes.tick_sessions, sizes.ticks_per_round, sizes.repeat, ids)
     gc.collect()
-    say("3/6 memory")
+    say(f"3/{parts} memory")
     mem = memory(sizes.memory_sessions, sizes.memory_reference_sessions, ids)
-    say("4/6 store")
+    say(f"4/{parts} store")
     store = store_cost(
         sizes.store_deltas_sessions, sizes.store_recovery_sessions, sizes.repeat, ids
     )
-    say("5/6 start-up")
+    say(f"5/{parts} start-up")
     start = startup(sizes.startup_sessions, sizes.repeat, ids)
-    say("6/6 listener cost")
+    say(f"6/{parts} listener cost")
     gc.collect()
     listeners = listener_cost(sizes.listener_sessions, sizes.listener_rounds)
+    postgres: PostgresCost | None = None
+    if sizes.postgres_sessions:
+        say(f"7/{parts} PostgreSQL and the fleet")
+        gc.collect()
+        postgres = _postgres(sizes)
     where = msgspec.structs.replace(where, load_after=_load())
     return Report(
         mode=mode,
@@ -1454,8 +1525,24 @@ def run(
         store=store,
         startup=start,
         listeners=listeners,
-        targets=evaluate(ack, tick, mem, store, listeners),
+        targets=evaluate(ack, tick, mem, store, listeners, postgres),
         elapsed_s=time.perf_counter() - started,
+        postgres=postgres,
+    )
+
+
+def _postgres(sizes: Sizes) -> PostgresCost:
+    """Section 7, or why it could not run (psycopg missing, no server)."""
+    try:
+        from benchmarks.bench_postgres import postgres_cost
+    except ImportError as exc:
+        return PostgresCost(
+            available=False, note=f"needs pip install 'sessionfsm[postgres]' pgserver: {exc}"
+        )
+    return postgres_cost(
+        sessions=sizes.postgres_sessions,
+        fleet_sessions=sizes.postgres_fleet_sessions,
+        repeat=min(sizes.repeat, 3),
     )
 
 
@@ -1557,6 +1644,43 @@ def rows(report: Report) -> list[tuple[str, str, str, str, str]]:
     ):
         spread = f"{_fmt(low)} - {_fmt(high)}"
         out.append((f"  {label}", _n(lc.sessions), _fmt(ratio), spread, "x"))
+    out.extend(_postgres_rows(report.postgres))
+    return out
+
+
+def _postgres_rows(pg: PostgresCost | None) -> list[tuple[str, str, str, str, str]]:
+    if pg is None:
+        return []
+    if not pg.available:
+        return [("postgres", "-", "n/a", "-", pg.note)]
+
+    def runs(values: Sequence[float]) -> str:
+        return f"{_fmt(min(values))} - {_fmt(max(values))}"
+
+    w = pg.worker
+    n = _n(int(w["sessions"]))
+    out = [("postgres: one commit alone", "-", _fmt(pg.commit_latency_ms or 0.0), "-", "ms")]
+    for key, label in (
+        ("sqlite", "one engine on SQLite"),
+        ("grouped", "one worker, grouped writes"),
+        ("every_turn", "one worker, a write every turn"),
+    ):
+        out.append((f"postgres: {label}", n, _fmt(w[key]), runs(w[f"{key}_runs"]), "transitions/s"))
+    out.append(("  worker / SQLite", n, _fmt(w["grouped_over_sqlite"]), "-", "x"))
+    for f in pg.fleet:
+        out.append(
+            (
+                f"postgres: {f['workers']} worker processes, HTTP relay",
+                "-",
+                _fmt(f["transitions_s"]),
+                runs(f["runs_transitions_s"]),
+                "transitions/s",
+            )
+        )
+    t = pg.takeover
+    out.append((f"postgres: takeover, lease {t['lease_s']:g} s", "-", _fmt(t["seconds"]), "-", "s"))
+    p = pg.pickup
+    out.append(("postgres: enqueue to pickup", str(p["enqueues"]), _fmt(p["median_ms"]), "-", "ms"))
     return out
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import psycopg
 
+from benchmarks.bench import PostgresCost
 from sessionfsm import Engine, Policy, SqliteStore, Store, acks
 from sessionfsm.fleet import Coordinator, Producer, Worker
 from sessionfsm.postgres_store import PostgresStore
@@ -191,32 +192,56 @@ def _worker_run(
     }
 
 
+def _sqlite_engine(sessions: int, batch: int) -> float:
+    """The same workload on one engine with a ``SqliteStore`` (a commit per call): t/s.
+
+    Enqueued with one ``enqueue_many``, then ticked and answered ``Ok`` until
+    every session is synced; three persisted transitions per session, as the
+    worker's.
+    """
+    policy = Policy(batch_size=batch, incremental_interval_s=0.0)
+    with tempfile.TemporaryDirectory() as tmp, SqliteStore(Path(tmp) / "bench.db") as store:
+        engine = Engine(policy, store=store, rng=random.Random(0), log=False)
+        now = 1.0
+        start = time.perf_counter()
+        engine.enqueue_many([f"s{i}" for i in range(sessions)], now=now)
+        while not engine.idle():
+            now += 0.001
+            for b in engine.tick(now):
+                engine.on_ack(b.id, acks.Ok(), now)
+        secs = time.perf_counter() - start
+    return 3 * sessions / secs
+
+
 def one_worker(
     dsn: str, *, sessions: int, repeat: int, partitions: int = 8, batch: int | None = None
 ) -> dict[str, Any]:
-    """Persisted transitions/s of one fleet worker, medians of ``repeat`` runs, beside
-    the same worker writing every turn (``commit_interval_s=0``) in the same rounds."""
+    """Persisted transitions/s of one fleet worker at its defaults (``grouped``),
+    beside the same worker writing every turn (``every_turn``,
+    ``commit_interval_s=0``) and one engine on SQLite (``sqlite``), interleaved
+    round by round; medians of ``repeat`` rounds."""
     batch = batch if batch is not None else Policy().batch_size
-    runs: dict[str, list[dict[str, Any]]] = {"grouped": [], "every_turn": []}
+    rates: dict[str, list[int]] = {"sqlite": [], "grouped": [], "every_turn": []}
+    commits: dict[str, list[int]] = {"grouped": [], "every_turn": []}
     for _ in range(repeat):
+        rates["sqlite"].append(round(_sqlite_engine(sessions, batch)))
         for key, interval in (("grouped", 0.05), ("every_turn", 0.0)):
-            runs[key].append(
-                _worker_run(
-                    dsn,
-                    sessions=sessions,
-                    partitions=partitions,
-                    batch=batch,
-                    commit_interval_s=interval,
-                )
+            got = _worker_run(
+                dsn,
+                sessions=sessions,
+                partitions=partitions,
+                batch=batch,
+                commit_interval_s=interval,
             )
+            rates[key].append(got["transitions_s"])
+            commits[key].append(got["commits"])
     out: dict[str, Any] = {"sessions": sessions, "partitions": partitions, "batch": batch}
-    for key, rs in runs.items():
-        rates = [r["transitions_s"] for r in rs]
-        out[key] = {
-            "transitions_s": round(statistics.median(rates)),
-            "runs_transitions_s": rates,
-            "commits": rs[rates.index(sorted(rates)[(len(rates) - 1) // 2])]["commits"],
-        }
+    for key, rs in rates.items():
+        out[key] = round(statistics.median(rs))
+        out[f"{key}_runs"] = rs
+    for key, cs in commits.items():
+        out[f"{key}_commits"] = round(statistics.median(cs))
+    out["grouped_over_sqlite"] = round(out["grouped"] / out["sqlite"], 3)
     return out
 
 
@@ -387,6 +412,47 @@ def pickup(dsn: str, *, enqueues: int) -> dict[str, Any]:
         "median_ms": round(1000 * statistics.median(lat), 2),
         "p95_ms": round(1000 * lat[int(0.95 * (len(lat) - 1))], 2),
     }
+
+
+def postgres_cost(
+    *, sessions: int, fleet_sessions: int, repeat: int, dsn: str | None = None
+) -> PostgresCost:
+    """Every figure ``sessionfsm bench`` reports for PostgreSQL, or why there are none."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(_server(dsn))
+        except ImportError as exc:
+            return PostgresCost(available=False, note=f"no PostgreSQL server: {exc}")
+        latency = commit_latency(url)
+        worker = one_worker(url, sessions=sessions, repeat=repeat)
+        took = takeover(url, partitions=8, lease_s=1.0)
+        picked = pickup(url, enqueues=50)
+        fleets = [
+            _median_run(
+                [
+                    fleet(
+                        url,
+                        workers=n,
+                        sessions=fleet_sessions,
+                        partitions=8,
+                        lease_s=5.0,
+                        batch=100,
+                    )
+                    for _ in range(repeat)
+                ]
+            )
+            for n in (1, 2, 4)
+        ]
+        return PostgresCost(
+            available=True,
+            cores=os.cpu_count() or 0,
+            server_version=str(_scalar(url, "SHOW server_version")),
+            commit_latency_ms=latency["median_ms"],
+            worker=worker,
+            fleet=fleets,
+            takeover=took,
+            pickup=picked,
+        )
 
 
 def run(

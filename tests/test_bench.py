@@ -335,3 +335,53 @@ def test_cli_quick_says_it_is_a_smoke_test(monkeypatch: pytest.MonkeyPatch) -> N
     result = CliRunner().invoke(main, ["bench", "--quick"])
     assert result.exit_code == 0, result.output
     assert "--quick is a smoke test" in result.output
+
+
+def test_postgres_section_runs_against_a_real_server_and_feeds_two_targets(
+    pg_dsn: str,
+) -> None:
+    """Section 7 at a tiny size, on the test server: one worker beside SQLite, the
+    fleet of 1, 2 and 4 processes, takeover and pickup; its two targets and its
+    rows come from those figures, and the report still round-trips through JSON."""
+    from benchmarks.bench_postgres import postgres_cost
+
+    pg = postgres_cost(sessions=300, fleet_sessions=300, repeat=1, dsn=pg_dsn)
+    assert pg.available, pg.note
+    w = pg.worker
+    for key in ("sqlite", "grouped", "every_turn"):
+        assert w[key] > 0
+        assert len(w[f"{key}_runs"]) == 1
+    # Grouped writes need fewer commits than one per turn for the same sessions.
+    assert w["grouped_commits"] < w["every_turn_commits"]
+    assert [f["workers"] for f in pg.fleet] == [1, 2, 4]
+    assert all(f["transitions_s"] > 0 for f in pg.fleet)
+    assert pg.takeover["partitions_moved"] >= 1
+    assert pg.takeover_over_bound is not None
+    assert pg.pickup["enqueues"] == 50
+    targets = bench._postgres_targets(pg)
+    assert [t.key for t in targets] == ["postgres_worker", "postgres_takeover"]
+    assert targets[0].value == w["grouped"]
+    report = msgspec.structs.replace(tiny_report(), postgres=pg)
+    assert msgspec.json.decode(msgspec.json.encode(report), type=Report) == report
+    names = [row[0] for row in bench.rows(report)]
+    assert "postgres: one worker, grouped writes" in names
+    assert "postgres: 4 worker processes, HTTP relay" in names
+
+
+def test_postgres_targets_are_unmeasured_without_a_server_and_absent_with_quick() -> None:
+    """No server: both PostgreSQL targets are listed as not measured; --quick
+    (no section 7) adds none."""
+    missing = bench.PostgresCost(available=False, note="no PostgreSQL server")
+    lines = bench.missed(bench._postgres_targets(missing))
+    assert [line.split(":")[0] for line in lines] == ["postgres_worker", "postgres_takeover"]
+    assert all("not measured" in line for line in lines)
+    assert bench._postgres_targets(None) == []
+    slow = bench.PostgresCost(
+        available=True,
+        worker={"grouped": 12_000},
+        takeover={"seconds": 1.5, "lease_s": 1.0, "tick_s": 0.02},
+    )
+    assert [line.split(":")[0] for line in bench.missed(bench._postgres_targets(slow))] == [
+        "postgres_worker",
+        "postgres_takeover",
+    ]
