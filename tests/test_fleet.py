@@ -173,6 +173,25 @@ def test_a_stalled_worker_is_fenced_drops_its_partitions_and_sends_nothing(
     w2.stop()
 
 
+def test_a_dead_workers_partitions_are_taken_when_its_lease_expires_not_at_a_heartbeat(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """A survivor looks again the moment the dead worker's row and leases expire,
+    so takeover does not wait for its own next heartbeat (here never due)."""
+    relay = Recorder()
+    w1 = _worker(pg_dsn, pg_schema, relay.sender("w1"), "w1", partitions=4, lease_s=0.5)
+    w2 = _worker(pg_dsn, pg_schema, relay.sender("w2"), "w2", lease_s=0.5, heartbeat_s=60.0)
+    w1.step()
+    w2.step()  # joins: its share is still w1's
+    assert set(w1.owned) == {0, 1, 2, 3}
+    assert w2.owned == {}
+    # w1 dies (is never stepped again); w2 runs with no heartbeat due for a minute.
+    w2.run(until=lambda: set(w2.owned) == {0, 1, 2, 3}, max_seconds=10.0)
+    owners = _sql(pg_dsn, f'SELECT DISTINCT owner FROM "{pg_schema}".part')
+    assert owners == [("w2",)]
+    assert w2.stats["acquired"] == 4
+
+
 def _history_per_transaction(dsn: str, schema: str) -> list[int]:
     """From the server: how many ``sent``/``acked`` history rows each transaction wrote."""
     rows = _sql(

@@ -111,6 +111,25 @@ class Coordinator:
         )
         return [r[0] for r in rows]
 
+    def next_change_s(self, worker_id: str, wanted: Iterable[int] = ()) -> float | None:
+        """Seconds (by the server's clock) until the next expiry that could change
+        this worker's share: another live worker's heartbeat, or the lease of a
+        partition it wants but someone else holds. None if there is none.
+
+        A worker rebalances again at that moment, so a dead worker's partitions
+        are taken over within a tick of its lease running out, not a heartbeat.
+        """
+        rows = self._run(
+            "SELECT extract(epoch FROM least("
+            f"(SELECT min(expires_at) FROM {self._s}.worker "
+            "WHERE expires_at > clock_timestamp() AND id <> %s), "
+            f"(SELECT min(expires_at) FROM {self._s}.part WHERE partition = ANY(%s::int[]) "
+            "AND expires_at > clock_timestamp())) - clock_timestamp())::float8",
+            (worker_id, sorted(wanted)),
+        )
+        value = rows[0][0] if rows else None
+        return None if value is None else max(float(value), 0.0)
+
     # ------------------------------------------------------------- leases
 
     def heartbeat(self, worker_id: str, lease_s: float, held: dict[int, int]) -> set[int]:

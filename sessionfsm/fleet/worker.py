@@ -8,7 +8,11 @@ The loop, every ``tick_s`` (sooner when a producer's NOTIFY arrives):
    (:func:`~sessionfsm.fleet.coordinator.assign`), give back partitions that
    are no longer this worker's, and try to take the free or expired ones that
    are; a partition taken is recovered from the store (in-flight sessions go
-   back to the head of their queue, counters intact);
+   back to the head of their queue, counters intact). Besides each heartbeat,
+   the worker rebalances the moment another worker's row or a lease it wants
+   expires (:meth:`~sessionfsm.fleet.coordinator.Coordinator.next_change_s`),
+   so a dead worker's partitions are taken within its lease, not a heartbeat
+   later;
 3. apply the inbox of each owned partition that has rows, in one fenced
    transaction per partition;
 4. tick each engine and send its batches, passing the answers back.
@@ -58,6 +62,10 @@ from ..validation import session_id_problem
 from .coordinator import Coordinator, InboxRow, assign
 
 __all__ = ["HttpSender", "Send", "Worker"]
+
+#: How long after a watched expiry a worker looks again: the lease rows of a
+#: dead worker expire a moment after its own row (same transaction, later clock).
+_EXPIRY_SLACK_S = 0.01
 
 _LANE_NAMES: frozenset[str] = frozenset(lane.value for lane in Lane)
 
@@ -134,6 +142,7 @@ class Worker:
         self.partitions = self.coordinator.partitions
         self.owned: dict[int, _Owned] = {}
         self._next_heartbeat = 0.0
+        self._next_rebalance = 0.0
         self._listen: psycopg.Connection[Any] | None = None
         self._woken: set[int] = set(range(self.partitions))
         self._next_poll = 0.0
@@ -232,6 +241,8 @@ class Worker:
         if mono >= self._next_heartbeat:
             self._heartbeat(mono)
             self._rebalance()
+        elif mono >= self._next_rebalance:
+            self._rebalance()
         self._drain_inbox()
         sent = False
         for p in list(self.owned):
@@ -241,7 +252,7 @@ class Worker:
     def _pause(self) -> float:
         """Seconds until the first owned engine can do something new (at most ``tick_s``)."""
         now = self._clock()
-        pause = self.tick_s
+        pause = min(self.tick_s, self._next_rebalance - time.monotonic())
         for owned in self.owned.values():
             wake = owned.engine.next_wakeup()
             if wake is not None:
@@ -274,6 +285,7 @@ class Worker:
                 self._drop(p, "lease_lost")
 
     def _rebalance(self) -> None:
+        self._next_rebalance = float("inf")  # the next heartbeat rebalances anyway
         try:
             live = self.coordinator.live_workers()
         except StoreError:
@@ -285,6 +297,13 @@ class Worker:
             self._drop(p, "rebalanced", release=True)
         for p in sorted(mine - set(self.owned)):
             self._acquire(p)
+        # Look again as soon as another worker or a wanted lease could expire.
+        try:
+            due = self.coordinator.next_change_s(self.id, mine - set(self.owned))
+        except StoreError:
+            return
+        if due is not None:
+            self._next_rebalance = time.monotonic() + due + _EXPIRY_SLACK_S
 
     def _acquire(self, p: int) -> None:
         asked = time.monotonic()
