@@ -86,14 +86,14 @@ def _run_chaos(
     time.sleep(rng.uniform(0.3, 0.8))
     _wait_until_running(service)
     service.send_signal(signal.SIGTERM)
-    assert service.wait(timeout=60) == 0
+    assert service.wait(timeout=60) == 0, service.log_path.read_text()[-4000:]
     with SqliteStore(db, readonly=True) as store:
         assert store.sessions_by_state()[SessionState.IN_FLIGHT] == 0
 
     # The last run, on a well-behaved relay except for throttling, to idle.
     relay.configure(drop_every=0)
     service = start(99, "--until-idle")
-    assert service.wait(timeout=180) == 0
+    assert service.wait(timeout=180) == 0, service.log_path.read_text()[-4000:]
 
 
 def _check(tmp_path: Path, relay: RelayProcess) -> None:
