@@ -531,9 +531,18 @@ def need(module: str) -> Any:
 class RelayProcess:
     """A reference relay running as a separate process on 127.0.0.1."""
 
-    def __init__(self, proc: Any, url: str) -> None:
+    def __init__(self, proc: Any, url: str, log_path: Path | None = None) -> None:
         self.proc = proc
         self.url = url
+        #: Where the relay's stderr goes (a file, never a pipe nobody reads:
+        #: a full pipe would block the relay mid-test).
+        self.log_path = log_path
+
+    def log_tail(self, size: int = 4000) -> str:
+        """The end of the relay's stderr, for a failing assertion's message."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-size:]
 
     def configure(self, **changes: Any) -> dict[str, Any]:
         """Change the relay's behaviour at run time (POST /_relay/config)."""
@@ -568,7 +577,7 @@ def _stop(proc: Any) -> None:
 
 
 @pytest.fixture
-def start_relay() -> Iterator[Callable[..., RelayProcess]]:
+def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     """Start reference relays (``python -m sessionfsm.reference_relay``, or with
     ``via_cli=True`` ``sessionfsm relay``) on free ports; every one is stopped at
     the end of the test."""
@@ -581,20 +590,23 @@ def start_relay() -> Iterator[Callable[..., RelayProcess]]:
 
     def start(*args: str, via_cli: bool = False) -> RelayProcess:
         module = ["sessionfsm", "relay"] if via_cli else ["sessionfsm.reference_relay"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *module, "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+        log_path = tmp_path / f"relay-{len(procs)}.log"
+        with open(log_path, "w") as log:
+            # The relay prints one line on stdout (its address); everything
+            # else it says goes to stderr, into the file.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", *module, "--port", "0", *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=ROOT,
+            )
         procs.append(proc)
         line = proc.stdout.readline() if proc.stdout is not None else ""
         if "listening on" not in line:
             _stop(proc)
-            err = proc.stderr.read() if proc.stderr is not None and not proc.stderr.closed else ""
-            raise RuntimeError(f"the relay did not start: {line!r} {err}")
-        return RelayProcess(proc, line.split()[-1])
+            raise RuntimeError(f"the relay did not start: {line!r} {log_path.read_text()}")
+        return RelayProcess(proc, line.split()[-1], log_path)
 
     yield start
     for proc in procs:

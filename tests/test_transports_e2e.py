@@ -46,6 +46,13 @@ def _wait_until_running(service: Any) -> None:
     raise AssertionError("the service did not start")
 
 
+def _logs(service: Any, relay: RelayProcess) -> str:
+    """The ends of the service's and the relay's logs, for a failure's message."""
+    return (
+        f"service log:\n{service.log_path.read_text()[-4000:]}\nrelay log:\n{relay.log_tail(2000)}"
+    )
+
+
 def _run_chaos(
     transport: str,
     tmp_path: Path,
@@ -86,14 +93,14 @@ def _run_chaos(
     time.sleep(rng.uniform(0.3, 0.8))
     _wait_until_running(service)
     service.send_signal(signal.SIGTERM)
-    assert service.wait(timeout=60) == 0, service.log_path.read_text()[-4000:]
+    assert service.wait(timeout=60) == 0, _logs(service, relay)
     with SqliteStore(db, readonly=True) as store:
         assert store.sessions_by_state()[SessionState.IN_FLIGHT] == 0
 
     # The last run, on a well-behaved relay except for throttling, to idle.
     relay.configure(drop_every=0)
     service = start(99, "--until-idle")
-    assert service.wait(timeout=180) == 0, service.log_path.read_text()[-4000:]
+    assert service.wait(timeout=180) == 0, _logs(service, relay)
 
 
 def _check(tmp_path: Path, relay: RelayProcess) -> None:
