@@ -3,12 +3,15 @@
 1. Persisted transitions per second for one engine on PostgreSQL beside
    SQLite, same workload, same process (medians of ``--repeat`` runs), at the
    default batch size and at 100.
-2. Aggregate throughput with 1, 2 and 4 worker processes on one database,
+2. Persisted transitions per second for one fleet worker at the default
+   batch, writing grouped (its default) and every turn, beside one engine on
+   SQLite with the same workload, interleaved round by round.
+3. Aggregate throughput with 1, 2 and 4 worker processes on one database,
    each sending to one HTTP relay on 127.0.0.1 that answers Ok at once
    (the median of ``--repeat`` runs, every run's rate beside it).
-3. Takeover time after a SIGKILL: from the kill until every partition of
+4. Takeover time after a SIGKILL: from the kill until every partition of
    the killed worker has a new live owner (lease ``--lease-s``).
-4. Enqueue-to-pickup latency: from a producer's commit to the owning
+5. Enqueue-to-pickup latency: from a producer's commit to the owning
    worker applying it (server clock), with NOTIFY.
 
 PostgreSQL is ``--dsn``, else ``sessionfsm.testing.postgres_server()``
