@@ -164,3 +164,32 @@ def test_connects_and_drops_become_link_events(relay_process: RelayProcess) -> N
         acks.RelayUnavailable(),
         LinkEvent.READY,
     ]
+
+
+def test_a_send_right_after_the_connect_event_goes_out(relay_process: RelayProcess) -> None:
+    """READY is reported from the socket's connect handler, before python-socketio's
+    ``connect()`` returns; a batch sent the moment it arrives is stored and acked,
+    not answered RelayUnavailable (which would pause the link for nothing)."""
+    _, batch = batch_in_flight()
+
+    async def run() -> list[Any]:
+        client = socketio.AsyncClient(reconnection=False)
+        transport = SocketIOTransport(
+            client,
+            payload=lambda sid: {"id": sid},
+            url=relay_process.url,
+            connect_kwargs={"transports": ["websocket"]},
+            clock=lambda: 0.0,
+        )
+        events = transport.link_events()
+        seen: list[Any] = [await events.__anext__()]
+        connecting = asyncio.ensure_future(transport.connect())
+        seen.append(await events.__anext__())
+        seen.append(client.connected)  # still connecting
+        seen.append(await transport.send(batch))
+        await connecting
+        await transport.aclose()
+        return seen
+
+    assert asyncio.run(run()) == [LinkEvent.UNAVAILABLE, LinkEvent.READY, False, acks.Ok()]
+    assert set(relay_process.state()["stored"]) == set(batch.session_ids)

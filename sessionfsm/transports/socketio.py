@@ -223,16 +223,23 @@ class SocketIOTransport:
         # Start from the socket's state now; what happened before is history.
         while not self._events.empty():
             self._events.get_nowait()
-        yield LinkEvent.READY if self.client.connected else LinkEvent.UNAVAILABLE
+        yield LinkEvent.READY if self._ready() else LinkEvent.UNAVAILABLE
         while True:
             yield await self._events.get()
+
+    def _ready(self) -> bool:
+        # The default namespace is connected: what ``call`` needs. Not
+        # ``client.connected``, which python-socketio sets only after the
+        # connect handlers ran, so a batch sent the moment READY is reported
+        # would be answered RelayUnavailable for nothing.
+        return "/" in self.client.namespaces
 
     def _count(self, outcome: str) -> None:
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
 
     async def send(self, batch: Batch) -> AckResult:
         """Call the relay with the batch; return its answer."""
-        if not self.client.connected:
+        if not self._ready():
             self._count("unavailable")
             return acks.RelayUnavailable()
         body, wire = encode_batch(
