@@ -138,6 +138,69 @@ def test_producers_enqueue_from_anywhere_and_the_owner_syncs_them(
     worker.stop()
 
 
+def test_a_workers_figures_are_scraped_as_prometheus_metrics(
+    pg_dsn: str,
+    pg_schema: str,
+    parse_exposition: Callable[[str], dict[tuple[str, frozenset[tuple[str, str]]], float]],
+) -> None:
+    """FleetMetrics serves the worker's own figures over real HTTP: partitions
+    owned, sessions by state, what it did (commits, enqueues, drops) and the
+    enqueue-to-pickup histogram, agreeing with the worker and the server."""
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from sessionfsm.metrics.prometheus import FLEET_METRIC_NAMES, FleetMetrics
+
+    relay = Recorder()
+    worker = _worker(pg_dsn, pg_schema, relay.sender("w1"), "w1", partitions=4)
+    metrics = FleetMetrics(worker, registry=CollectorRegistry())
+
+    def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        with (
+            metrics.serve(port=0) as server,
+            urllib.request.urlopen(server.url, timeout=10) as response,
+        ):
+            return parse_exposition(response.read().decode())
+
+    def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+        return samples[name, frozenset(labels.items())]
+
+    before = scrape()
+    assert value(before, "sessionfsm_fleet_partitions_owned") == 0
+    assert value(before, "sessionfsm_fleet_pickup_seconds_count") == 0
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue(f"s{i}" for i in range(30))
+        for _ in range(20):
+            worker.step()
+    samples = scrape()
+    names = {name for name, _ in samples}
+    for family in FLEET_METRIC_NAMES:
+        assert any(n == family or n.startswith(family + "_") for n in names), family
+    assert value(samples, "sessionfsm_fleet_partitions_owned") == 4
+    assert value(samples, "sessionfsm_fleet_sessions", state="synced") == 30
+    assert value(samples, "sessionfsm_fleet_sessions", state="queued") == 0
+    assert value(samples, "sessionfsm_fleet_events_total", kind="enqueued") == 30
+    assert value(samples, "sessionfsm_fleet_events_total", kind="acquired") == 4
+    assert (
+        value(samples, "sessionfsm_fleet_events_total", kind="commits") == worker.stats["commits"]
+    )
+    assert value(samples, "sessionfsm_fleet_pickup_seconds_count") == 30
+    assert value(samples, "sessionfsm_fleet_pickup_seconds_sum") == pytest.approx(
+        sum(worker.pickup_latencies)
+    )
+    assert value(samples, "sessionfsm_fleet_pickup_seconds_bucket", le="+Inf") == 30
+    reader = PostgresStore(pg_dsn, schema=pg_schema, readonly=True, partition=None)
+    assert reader.sessions_by_state()[SessionState.SYNCED] == 30
+    reader.close()
+    worker.stop()
+    after = scrape()
+    assert value(after, "sessionfsm_fleet_partitions_owned") == 0
+    assert value(after, "sessionfsm_fleet_events_total", kind="dropped_stopping") == 4
+    assert value(after, "sessionfsm_fleet_sessions", state="synced") == 0
+    metrics.close()
+
+
 def test_a_stalled_worker_is_fenced_drops_its_partitions_and_sends_nothing(
     pg_dsn: str, pg_schema: str
 ) -> None:
@@ -434,6 +497,13 @@ LEASE_S = 1.0
 
 
 def _spawn(dsn: str, schema: str, relay: RecordingRelay, name: str) -> subprocess.Popen[str]:
+    return _start_worker(dsn, schema, relay, name)[0]
+
+
+def _start_worker(
+    dsn: str, schema: str, relay: RecordingRelay, name: str, *extra: str
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """A worker process (``python -m sessionfsm.fleet``), and its ready line."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -453,14 +523,17 @@ def _spawn(dsn: str, schema: str, relay: RecordingRelay, name: str) -> subproces
             "50",
             "--worker-id",
             name,
+            *extra,
         ],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert proc.stdout is not None
-    assert json.loads(proc.stdout.readline()) == {"ready": name}
-    return proc
+    ready = json.loads(proc.stdout.readline())
+    assert ready["ready"] == name
+    assert set(ready) == ({"ready", "metrics"} if "--metrics-port" in extra else {"ready"})
+    return proc, ready
 
 
 def _reap(procs: dict[str, subprocess.Popen[str]]) -> None:
@@ -661,6 +734,34 @@ def test_workers_killed_stopped_added_and_disconnected_lose_nothing(
         }
     )
     print("fleet run:", json.dumps(figures, sort_keys=True))
+
+
+def test_a_worker_process_serves_its_metrics(
+    pg_dsn: str,
+    pg_schema: str,
+    recording_relay: RecordingRelay,
+    parse_exposition: Callable[[str], dict[tuple[str, frozenset[tuple[str, str]]], float]],
+) -> None:
+    """``python -m sessionfsm.fleet --metrics-port 0`` names its metrics URL in its
+    ready line and serves its figures there while it runs."""
+    import urllib.request
+
+    Coordinator(pg_dsn, schema=pg_schema, partitions=4).close()
+    proc, ready = _start_worker(pg_dsn, pg_schema, recording_relay, "m", "--metrics-port", "0")
+    try:
+        assert ready["metrics"].startswith("http://127.0.0.1:")
+
+        def owned() -> float:
+            with urllib.request.urlopen(ready["metrics"], timeout=10) as response:
+                samples = parse_exposition(response.read().decode())
+            return samples["sessionfsm_fleet_partitions_owned", frozenset()]
+
+        _until(lambda: owned() == 4, "the worker to report its 4 partitions")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert json.loads(out.splitlines()[-1])["stats"]["acquired"] == 4
 
 
 def test_fleet_status_shows_leases_heartbeats_and_fencing(

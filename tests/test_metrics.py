@@ -18,7 +18,7 @@ import pytest
 from sessionfsm import Batch, Engine, Lane, LinkState, Policy, SessionState, UsageError, acks
 from sessionfsm.metrics import Tally
 from sessionfsm.metrics.otel import INSTRUMENT_NAMES, OtelMetrics
-from sessionfsm.metrics.prometheus import METRIC_NAMES, PrometheusMetrics
+from sessionfsm.metrics.prometheus import FLEET_METRIC_NAMES, METRIC_NAMES, PrometheusMetrics
 from sessionfsm.runner import AckResult, Runner
 from sessionfsm.testing import FakeClock, ScriptedRelay
 
@@ -375,7 +375,7 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(
 def test_documentation_lists_every_metric() -> None:
     """docs/observability.md names every Prometheus family and OpenTelemetry instrument."""
     doc = (ROOT / "docs" / "observability.md").read_text(encoding="utf-8")
-    for name in (*METRIC_NAMES, *INSTRUMENT_NAMES):
+    for name in (*METRIC_NAMES, *INSTRUMENT_NAMES, *FLEET_METRIC_NAMES):
         assert f"`{name}`" in doc, name
 
 

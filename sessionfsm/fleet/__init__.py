@@ -9,6 +9,15 @@ See ``docs/scaling-out.md``.
 from __future__ import annotations
 
 from .coordinator import Coordinator, Producer, assign
-from .worker import HttpSender, Send, Worker
+from .worker import PICKUP_BUCKETS, HttpSender, Send, Worker, WorkerFigures
 
-__all__ = ["Coordinator", "HttpSender", "Producer", "Send", "Worker", "assign"]
+__all__ = [
+    "PICKUP_BUCKETS",
+    "Coordinator",
+    "HttpSender",
+    "Producer",
+    "Send",
+    "Worker",
+    "WorkerFigures",
+    "assign",
+]

@@ -1,12 +1,16 @@
 """``python -m sessionfsm.fleet``: run one worker against an HTTP relay until SIGTERM.
 
-On the way out it gives its leases back and prints its figures as one JSON
-line on stdout. Logs go to stderr as JSON lines at ``--log-level``.
+It prints ``{"ready": worker id}`` as one JSON line on stdout once it has
+joined (with ``"metrics": url`` when ``--metrics-port`` serves its Prometheus
+metrics, :class:`~sessionfsm.metrics.prometheus.FleetMetrics`). On the way
+out it gives its leases back and prints its figures as one JSON line on
+stdout. Logs go to stderr as JSON lines at ``--log-level``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -30,7 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the worker's Prometheus metrics on this port (0: a free one; "
+        "needs the prometheus extra)",
+    )
+    parser.add_argument("--metrics-addr", default="127.0.0.1")
     args = parser.parse_args(argv)
+    if args.metrics_port is not None:
+        try:
+            from ..metrics.prometheus import FleetMetrics
+        except ImportError:
+            parser.error(
+                "--metrics-port needs prometheus_client: pip install 'sessionfsm[prometheus]'"
+            )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -66,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         tick_s=args.tick_s,
         worker_id=args.worker_id,
     )
-    print(json.dumps({"ready": worker.id}), flush=True)
-    worker.run(until=lambda: bool(stopping))
+    ready: dict[str, Any] = {"ready": worker.id}
+    with contextlib.ExitStack() as stack:
+        if args.metrics_port is not None:
+            from prometheus_client import CollectorRegistry
+
+            metrics = FleetMetrics(worker, registry=CollectorRegistry())
+            server = stack.enter_context(metrics.serve(args.metrics_port, args.metrics_addr))
+            ready["metrics"] = server.url
+        print(json.dumps(ready), flush=True)
+        worker.run(until=lambda: bool(stopping))
     print(json.dumps({"worker": worker.id, "stats": worker.stats}), flush=True)
     return 0
 

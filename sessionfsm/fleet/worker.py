@@ -39,21 +39,25 @@ too; the rebalance takes it again, with a new epoch, if it is still ours.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
+import msgspec
 import psycopg
 
 from .. import acks
 from .._errors import StoreError, StoreFenced, UsageError
 from .._log import get_logger
 from ..engine import Batch, Engine
-from ..machine import Lane
+from ..machine import Lane, SessionState
+from ..metrics import Histogram
 from ..policy import Policy
 from ..postgres_store import Lease, PostgresStore, new_owner_id, partition_of
 from ..runner import AckResult
@@ -61,7 +65,16 @@ from ..store import DEFAULT_RETENTION, HistoryRetention
 from ..validation import session_id_problem
 from .coordinator import Coordinator, InboxRow, assign
 
-__all__ = ["HttpSender", "Send", "Worker"]
+__all__ = ["PICKUP_BUCKETS", "HttpSender", "Send", "Worker", "WorkerFigures"]
+
+#: Upper bounds (seconds) of the enqueue-to-pickup histogram's buckets; the
+#: last, +Inf, is implied. From a NOTIFY on a quiet server (about a
+#: millisecond) to a pickup that waited for the inbox poll or a takeover.
+PICKUP_BUCKETS: Final[tuple[float, ...]] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+#: How many of the latest pickup latencies ``Worker.pickup_latencies`` keeps.
+_RECENT_PICKUPS: Final = 10_000
+#: At most this often a running worker refreshes :meth:`Worker.figures`.
+_FIGURES_EVERY_S: Final = 1.0
 
 #: How long after a watched expiry a worker looks again: the lease rows of a
 #: dead worker expire a moment after its own row (same transaction, later clock).
@@ -72,6 +85,20 @@ _LANE_NAMES: frozenset[str] = frozenset(lane.value for lane in Lane)
 #: ``send(partition, epoch, batch)`` -> the relay's answer. Raise
 #: ``ConnectionError`` when the relay cannot be reached.
 Send = Callable[[int, int, Batch], AckResult]
+
+
+class WorkerFigures(msgspec.Struct, frozen=True):
+    """A consistent copy of a worker's figures (:meth:`Worker.figures`), for metrics."""
+
+    worker: str
+    #: Partition -> the epoch this worker holds it in, for those it owns now.
+    partitions: dict[int, int]
+    #: Sessions of those partitions in each state (every state present).
+    sessions: dict[str, int]
+    #: What happened, by kind, since the worker started (``Worker.stats``).
+    events: dict[str, int]
+    #: Seconds from a producer's enqueue to this worker applying it.
+    pickup: Histogram
 
 
 class _Owned:
@@ -147,10 +174,15 @@ class Worker:
         self._woken: set[int] = set(range(self.partitions))
         self._next_poll = 0.0
         self._next_listen = 0.0
-        #: What happened, by kind: acquired, released, dropped_*, sent, ...
+        #: What happened, by kind: acquired, dropped_*, fenced, commits, sent, ...
         self.stats: dict[str, int] = {}
-        #: Seconds from a producer's enqueue to this worker applying it.
-        self.pickup_latencies: list[float] = []
+        #: Seconds from a producer's enqueue to this worker applying it: the
+        #: latest 10,000 (all of them are counted in :meth:`figures`).
+        self.pickup_latencies: deque[float] = deque(maxlen=_RECENT_PICKUPS)
+        self._pickup_counts = [0] * (len(PICKUP_BUCKETS) + 1)
+        self._pickup_total = 0.0
+        self._next_figures = 0.0
+        self._figures = self._snapshot()
 
     # ------------------------------------------------------------- running
 
@@ -184,6 +216,15 @@ class Worker:
         """One turn: heartbeat, rebalance, inbox, ticks and sends; written at its end."""
         self._turn()
         self.flush()
+        self._figures = self._snapshot()
+
+    def figures(self) -> WorkerFigures:
+        """The worker's figures, safe to read from any thread (a metrics scrape).
+
+        A copy the worker itself makes: at most a second old while it runs,
+        current after :meth:`step` and :meth:`stop`.
+        """
+        return self._figures
 
     def flush(self, *, due_only: bool = False, wait: bool = True) -> None:
         """Write each owned partition's open group (only those due, with ``due_only``).
@@ -223,6 +264,7 @@ class Worker:
             with contextlib.suppress(psycopg.Error):
                 self._listen.close()
             self._listen = None
+        self._figures = self._snapshot()
 
     # ------------------------------------------------------------ internals
 
@@ -247,7 +289,27 @@ class Worker:
         sent = False
         for p in list(self.owned):
             sent = self._tick(p) or sent
+        if mono >= self._next_figures:
+            self._next_figures = mono + _FIGURES_EVERY_S
+            self._figures = self._snapshot()
         return sent
+
+    def _snapshot(self) -> WorkerFigures:
+        sessions = dict.fromkeys((state.value for state in SessionState), 0)
+        for owned in self.owned.values():
+            for state, n in owned.engine.sessions_by_state().items():
+                sessions[state.value] += n
+        return WorkerFigures(
+            worker=self.id,
+            partitions={p: owned.epoch for p, owned in sorted(self.owned.items())},
+            sessions=sessions,
+            events=dict(self.stats),
+            pickup=Histogram(
+                bounds=PICKUP_BUCKETS,
+                counts=tuple(self._pickup_counts),
+                total=self._pickup_total,
+            ),
+        )
 
     def _pause(self) -> float:
         """Seconds until the first owned engine can do something new (at most ``tick_s``)."""
@@ -413,10 +475,16 @@ class Worker:
                 self._lost(p, exc)
                 continue
             self._count("commits")
-            self.pickup_latencies.extend(r[3] for r in rows)
+            for row in rows:
+                self._picked_up(row[3])
             self._count("enqueued", len(rows))
             if len(rows) == self.inbox_limit:
                 self._woken.add(p)  # more waiting
+
+    def _picked_up(self, seconds: float) -> None:
+        self.pickup_latencies.append(seconds)
+        self._pickup_counts[bisect.bisect_left(PICKUP_BUCKETS, seconds)] += 1
+        self._pickup_total += seconds
 
     def _apply_inbox(self, p: int, engine: Engine, rows: list[InboxRow], now: float) -> None:
         """Apply partition ``p``'s inbox rows in order, a run of enqueues in one lane at once.

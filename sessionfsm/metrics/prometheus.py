@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import (
@@ -31,9 +31,18 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..engine import Engine
-from . import DEFAULT_LATENCY_BUCKETS, Tally
+from . import DEFAULT_LATENCY_BUCKETS, Histogram, Tally
 
-__all__ = ["METRIC_NAMES", "MetricsServer", "PrometheusMetrics"]
+if TYPE_CHECKING:  # the fleet needs the postgres extra; these metrics only read it
+    from ..fleet import Worker
+
+__all__ = [
+    "FLEET_METRIC_NAMES",
+    "METRIC_NAMES",
+    "FleetMetrics",
+    "MetricsServer",
+    "PrometheusMetrics",
+]
 
 #: Every family this module exports (sample names add ``_total``, ``_bucket``, ...).
 METRIC_NAMES: Final[tuple[str, ...]] = (
@@ -52,8 +61,42 @@ METRIC_NAMES: Final[tuple[str, ...]] = (
     "sessionfsm_anomalies_total",
 )
 
+#: Every family :class:`FleetMetrics` exports.
+FLEET_METRIC_NAMES: Final[tuple[str, ...]] = (
+    "sessionfsm_fleet_partitions_owned",
+    "sessionfsm_fleet_sessions",
+    "sessionfsm_fleet_events_total",
+    "sessionfsm_fleet_pickup_seconds",
+)
 
-class PrometheusMetrics(Collector):
+
+class _Exported(Collector):
+    """What every exporter here shares: its registry, a scrape, a file, a server."""
+
+    registry: CollectorRegistry
+
+    def close(self) -> None:
+        """Leave the registry."""
+        self.registry.unregister(self)
+
+    def exposition(self) -> bytes:
+        """The registry's text exposition, as a scrape would return it."""
+        return generate_latest(self.registry)
+
+    def write(self, path: str | Path) -> None:
+        """Write :meth:`exposition` to ``path`` (for a finished simulation, say)."""
+        Path(path).write_bytes(self.exposition())
+
+    def serve(self, port: int = 9464, addr: str = "127.0.0.1") -> MetricsServer:
+        """Serve the registry on ``http://addr:port/metrics`` from a thread.
+
+        Uses prometheus_client's own server. ``port=0`` picks a free port
+        (see ``MetricsServer.port``). Close it, or use it as a context manager.
+        """
+        return MetricsServer(self.registry, port, addr)
+
+
+class PrometheusMetrics(_Exported):
     """The engine's figures as Prometheus metrics.
 
     You pass the engine (or a ``tally`` you attached yourself), and optionally
@@ -83,23 +126,7 @@ class PrometheusMetrics(Collector):
     def close(self) -> None:
         """Stop listening to the engine and leave the registry."""
         self.tally.detach()
-        self.registry.unregister(self)
-
-    def exposition(self) -> bytes:
-        """The registry's text exposition, as a scrape would return it."""
-        return generate_latest(self.registry)
-
-    def write(self, path: str | Path) -> None:
-        """Write :meth:`exposition` to ``path`` (for a finished simulation, say)."""
-        Path(path).write_bytes(self.exposition())
-
-    def serve(self, port: int = 9464, addr: str = "127.0.0.1") -> MetricsServer:
-        """Serve the registry on ``http://addr:port/metrics`` from a thread.
-
-        Uses prometheus_client's own server. ``port=0`` picks a free port
-        (see ``MetricsServer.port``). Close it, or use it as a context manager.
-        """
-        return MetricsServer(self.registry, port, addr)
+        super().close()
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         """Render the tally's figures (called by the registry on each scrape)."""
@@ -146,12 +173,7 @@ class PrometheusMetrics(Collector):
             labels=["lane"],
         )
         for lane, hist in sorted(f.ack_latency.items()):
-            cumulative = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, n in zip((*hist.bounds, float("inf")), hist.counts, strict=True):
-                cumulative += n
-                buckets.append((_bound(bound), cumulative))
-            latency.add_metric([lane], buckets, sum_value=hist.total)
+            latency.add_metric([lane], _buckets(hist), sum_value=hist.total)
         yield latency
         oldest = GaugeMetricFamily(
             "sessionfsm_oldest_queued_seconds",
@@ -203,6 +225,66 @@ class PrometheusMetrics(Collector):
         for kind, n in sorted(f.anomalies.items()):
             anomalies.add_metric([kind], n)
         yield anomalies
+
+
+class FleetMetrics(_Exported):
+    """A fleet worker's own figures as Prometheus metrics.
+
+    You pass the :class:`~sessionfsm.fleet.Worker` (and optionally the
+    ``registry``); each scrape reads :meth:`Worker.figures`, a copy the
+    worker makes itself, so scraping from the server's thread never touches
+    a running engine. The families (:data:`FLEET_METRIC_NAMES`) carry no
+    worker id: Prometheus's ``instance`` label tells workers apart, and an id
+    that changes at every start would grow the series without end.
+    """
+
+    def __init__(self, worker: Worker, *, registry: CollectorRegistry = REGISTRY) -> None:
+        self.worker = worker
+        self.registry = registry
+        registry.register(self)
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        """Render the worker's figures (called by the registry on each scrape)."""
+        f = self.worker.figures()
+        yield GaugeMetricFamily(
+            "sessionfsm_fleet_partitions_owned",
+            "Partitions this worker holds the lease of now.",
+            value=len(f.partitions),
+        )
+        sessions = GaugeMetricFamily(
+            "sessionfsm_fleet_sessions",
+            "Sessions of the partitions this worker owns, in each state.",
+            labels=["state"],
+        )
+        for state, n in f.sessions.items():
+            sessions.add_metric([state], n)
+        yield sessions
+        events = CounterMetricFamily(
+            "sessionfsm_fleet_events",
+            "What the worker did or met, by kind: acquired, dropped_<why>, fenced "
+            "(a write the server refused), commits, sent, enqueued, inbox_refused, "
+            "heartbeat_failed, unwritten_discarded, ...",
+            labels=["kind"],
+        )
+        for kind, n in sorted(f.events.items()):
+            events.add_metric([kind], n)
+        yield events
+        pickup = HistogramMetricFamily(
+            "sessionfsm_fleet_pickup_seconds",
+            "Seconds from a producer's enqueue to this worker applying it (server clock).",
+        )
+        pickup.add_metric([], _buckets(f.pickup), sum_value=f.pickup.total)
+        yield pickup
+
+
+def _buckets(hist: Histogram) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs, +Inf last, as Prometheus takes them."""
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, n in zip((*hist.bounds, float("inf")), hist.counts, strict=True):
+        cumulative += n
+        buckets.append((_bound(bound), cumulative))
+    return buckets
 
 
 def _bound(bound: float) -> str:
