@@ -755,6 +755,51 @@ def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Callabl
         store.close()
 
 
+class CannedHttp:
+    """A real HTTP server on 127.0.0.1 that answers each POST with the next
+    ``(status, headers, body)`` of ``replies`` and keeps each request body in
+    ``bodies``; for unit tests of a sender's reply mapping."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.replies: list[tuple[int, dict[str, str], bytes]] = []
+        self.bodies: list[bytes] = []
+        canned = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                canned.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                status, headers, body = canned.replies.pop(0)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/batch"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def canned_http() -> Iterator[CannedHttp]:
+    """A :class:`CannedHttp` server, stopped at the end of the test."""
+    server = CannedHttp()
+    yield server
+    server.close()
+
+
 class RecordingRelay:
     """A relay on 127.0.0.1 for fleet tests: a real HTTP server on a free port.
 

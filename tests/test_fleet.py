@@ -25,11 +25,12 @@ import psycopg
 import pytest
 
 from sessionfsm import Policy, SessionState, acks
-from sessionfsm._errors import StoreFenced
+from sessionfsm._errors import InvalidAck, StoreFenced
 from sessionfsm.engine import Batch
 from sessionfsm.fleet import Coordinator, Producer, Worker, assign
 from sessionfsm.postgres_store import PostgresStore, partition_of
-from tests.conftest import RecordingRelay
+from sessionfsm.testing import FakeClock
+from tests.conftest import CannedHttp, RecordingRelay, batch_in_flight
 
 POLICY = Policy(
     batch_size=50,
@@ -71,9 +72,8 @@ class Recorder:
 
 def _worker(dsn: str, schema: str, send: Any, name: str, **kw: Any) -> Worker:
     kw.setdefault("lease_s", 5.0)
-    return Worker(
-        dsn, send, schema=schema, policy=POLICY, worker_id=name, log=False, tick_s=0.05, **kw
-    )
+    kw.setdefault("log", False)
+    return Worker(dsn, send, schema=schema, policy=POLICY, worker_id=name, tick_s=0.05, **kw)
 
 
 def _assert_epochs_only_grow(dsn: str, schema: str) -> int:
@@ -199,6 +199,108 @@ def test_a_workers_figures_are_scraped_as_prometheus_metrics(
     assert value(after, "sessionfsm_fleet_events_total", kind="dropped_stopping") == 4
     assert value(after, "sessionfsm_fleet_sessions", state="synced") == 0
     metrics.close()
+
+
+def test_a_send_that_fails_or_answers_garbage_does_not_stop_the_worker(
+    pg_dsn: str, pg_schema: str, logs: list[dict[str, Any]]
+) -> None:
+    """A send that raises an error other than "unreachable", or answers something
+    that is not an ack, is logged and counted and its batch times out at its
+    deadline; an unreachable relay is RelayUnavailable. The worker goes on, and
+    every session is synced in the end, none dead-lettered."""
+    clock = FakeClock(1000.0)
+    calls: list[tuple[str, ...]] = []
+
+    def send(_partition: int, _epoch: int, batch: Batch) -> Any:
+        calls.append(batch.session_ids)
+        if len(calls) == 1:
+            raise ValueError("a bug in the service's send")
+        if len(calls) == 2:
+            return "ok"  # not an ack
+        if len(calls) == 3:
+            raise ConnectionRefusedError("the relay is down")
+        return acks.Ok()
+
+    worker = _worker(pg_dsn, pg_schema, send, "w1", partitions=1, clock=clock, log=True)
+    with Producer(pg_dsn, schema=pg_schema) as producer:
+        producer.enqueue([f"s{i}" for i in range(5)])
+    worker.step()
+    assert worker.figures().sessions["in_flight"] == 5  # the failed send: no answer
+    for _ in range(30):
+        if worker.figures().sessions["synced"] == 5:
+            break
+        clock.advance(POLICY.ack_timeout_s + 1)  # past every deadline and pause
+        worker.step()
+    assert worker.figures().sessions == {
+        "queued": 0,
+        "in_flight": 0,
+        "backoff": 0,
+        "synced": 5,
+        "dead_lettered": 0,
+    }
+    assert worker.stats["send_failed"] == 1
+    assert worker.stats["invalid_ack"] == 1
+    events = [e["event"] for e in logs]
+    assert events.count("sessionfsm.send_failed") == 1
+    assert events.count("sessionfsm.invalid_ack") == 1
+    assert "sessionfsm.link_paused" in events  # the refused connection
+    worker.stop()
+
+
+def test_http_sender_maps_replies_as_the_http_transport_does(
+    canned_http: CannedHttp, logs: list[dict[str, Any]]
+) -> None:
+    """HttpSender posts the batch with its partition and epoch and maps each reply
+    status by the HTTP transport's table: a culprit's 413 and a 429 reach the
+    blame rules as such, and nothing the relay sends is taken as a crash."""
+    from sessionfsm.fleet import HttpSender
+
+    _, batch = batch_in_flight(("a", "b"))
+    ok = acks.encode(acks.BatchAck(batch_id=batch.id, ack=acks.Ok()))
+    per_session = acks.encode(
+        acks.BatchAck(batch_id=batch.id, sessions={"a": acks.Ok(), "b": acks.AckTimeout()})
+    )
+    canned_http.replies = [
+        (200, {}, ok),
+        (200, {}, per_session),
+        (204, {}, b""),
+        (408, {}, b""),
+        (413, {}, b"too large"),
+        (429, {"Retry-After": "7"}, b""),
+        (503, {}, b""),
+        (409, {}, b"superseded epoch"),
+        (401, {}, b""),
+        (418, {}, b""),
+    ]
+    send = HttpSender(canned_http.url, timeout=10)
+    got = [send(3, 5, batch) for _ in range(len(canned_http.replies))]
+    assert got == [
+        acks.Ok(),
+        {"a": acks.Ok(), "b": acks.AckTimeout()},
+        acks.Ok(),
+        acks.AckTimeout(),
+        acks.PayloadTooLarge(),
+        acks.RateLimited(retry_after_s=7.0),
+        acks.RelayUnavailable(),
+        acks.RelayUnavailable(),
+        acks.RelayUnavailable(),
+        {},
+    ]
+    assert json.loads(canned_http.bodies[0]) == {
+        "partition": 3,
+        "epoch": 5,
+        "batch_id": batch.id,
+        "sessions": ["a", "b"],
+    }
+    events = [e["event"] for e in logs]
+    assert events == ["sessionfsm.http_refused", "sessionfsm.http_unexpected_status"]
+    canned_http.replies = [(200, {}, b"{not json"), (200, {}, b'{"batch_id": 1}')]
+    for _ in range(2):
+        with pytest.raises(InvalidAck):
+            send(3, 5, batch)
+    canned_http.close()
+    with pytest.raises(ConnectionError):
+        send(3, 5, batch)
 
 
 def test_a_stalled_worker_is_fenced_drops_its_partitions_and_sends_nothing(

@@ -46,22 +46,23 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import msgspec
 import psycopg
 
 from .. import acks
-from .._errors import StoreError, StoreFenced, UsageError
+from .._errors import InvalidAck, StoreError, StoreFenced, UsageError
 from .._log import get_logger
 from ..engine import Batch, Engine
 from ..machine import Lane, SessionState
 from ..metrics import Histogram
 from ..policy import Policy
 from ..postgres_store import Lease, PostgresStore, new_owner_id, partition_of
-from ..runner import AckResult
+from ..runner import AckResult, means_unavailable
 from ..store import DEFAULT_RETENTION, HistoryRetention
+from ..transports.status import outcome_of, parse_retry_after
 from ..validation import session_id_problem
 from .coordinator import Coordinator, InboxRow, assign
 
@@ -83,7 +84,12 @@ _EXPIRY_SLACK_S = 0.01
 _LANE_NAMES: frozenset[str] = frozenset(lane.value for lane in Lane)
 
 #: ``send(partition, epoch, batch)`` -> the relay's answer. Raise
-#: ``ConnectionError`` when the relay cannot be reached.
+#: ``ConnectionError`` (or an error :func:`~sessionfsm.runner.means_unavailable`
+#: knows, such as httpx's ``ConnectError``) when the relay cannot be reached:
+#: the batch is answered ``RelayUnavailable``, charged to nobody. Any other
+#: error is logged (``sessionfsm.send_failed``) and the batch left unanswered,
+#: to time out; a malformed answer is logged (``sessionfsm.invalid_ack``) and
+#: left unanswered too. Neither stops the worker.
 Send = Callable[[int, int, Batch], AckResult]
 
 
@@ -544,16 +550,47 @@ class Worker:
             for batch in engine.tick(self._clock()):
                 if not self._valid(p):
                     return sent  # lost while sending: send nothing more for it
-                try:
-                    answer: AckResult = self.send(p, owned.epoch, batch)
-                except ConnectionError:
-                    answer = acks.RelayUnavailable()
                 self._count("sent")
                 sent = True
-                engine.on_ack(batch.id, answer, self._clock())
+                answer = self._send(p, owned.epoch, batch)
+                if answer is None:
+                    continue  # no answer: the engine times the batch out at its deadline
+                try:
+                    engine.on_ack(batch.id, answer, self._clock())
+                except (InvalidAck, UsageError) as exc:
+                    self._invalid(p, batch, exc)
         except StoreError as exc:
             self._lost(p, exc)
         return sent
+
+    def _send(self, p: int, epoch: int, batch: Batch) -> AckResult | None:
+        """``send``'s answer; ``RelayUnavailable`` if it could not reach the relay,
+        None (logged) if it failed otherwise, as the asyncio runner does."""
+        try:
+            return self.send(p, epoch, batch)
+        except InvalidAck as exc:  # the relay's answer could not be read
+            self._invalid(p, batch, exc)
+            return None
+        except Exception as exc:
+            if means_unavailable(exc):
+                return acks.RelayUnavailable()
+            self._count("send_failed")
+            self._log.error(
+                "sessionfsm.send_failed",
+                worker=self.id,
+                partition=p,
+                batch_id=batch.id,
+                error=repr(exc),
+                exc_info=True,
+            )
+            return None
+
+    def _invalid(self, p: int, batch: Batch, exc: Exception) -> None:
+        """A malformed answer: logged, and the batch left to time out."""
+        self._count("invalid_ack")
+        self._log.warning(
+            "sessionfsm.invalid_ack", worker=self.id, partition=p, batch_id=batch.id, error=str(exc)
+        )
 
     def _refused(self, p: int, exc: StoreFenced) -> None:
         """The server refused a write of ``p``: this worker lost it (stat ``fenced``)."""
@@ -593,16 +630,32 @@ class Worker:
 
 
 class HttpSender:
-    """Posts each batch as JSON to a relay URL and decodes its ``BatchAck`` answer.
+    """Posts each batch as JSON to a relay URL: a worker's blocking ``send``.
 
-    The body is ``{"partition", "epoch", "batch_id", "sessions": [...]}``. A
-    refused connection, a timeout or a 5xx/409 answer is ``ConnectionError``
-    (the relay is unavailable: never charged to a session).
+    The body is ``{"partition", "epoch", "batch_id", "sessions": [ids]}``;
+    the epoch is the fencing token, for a relay that refuses a superseded
+    owner. The reply status means what it means for
+    :class:`~sessionfsm.transports.http.HttpTransport`
+    (:data:`~sessionfsm.transports.status.STATUS_TABLE`): a 2xx body holds the
+    acks (empty: ``Ok`` for every session), 408 is ``AckTimeout``, 413
+    ``PayloadTooLarge``, 429 ``RateLimited`` with its ``Retry-After`` (capped
+    at ``retry_after_cap_s``), 502/503/504 ``RelayUnavailable``, 401/403
+    ``RelayUnavailable`` with an error log (the relay refuses *us*). 409 is a
+    relay refusing a superseded epoch: ``RelayUnavailable``, charged to
+    nobody. Any other status leaves the batch unanswered, to time out; a
+    refused connection or a timeout is ``ConnectionError``; a 2xx body that
+    is not an answer is ``InvalidAck`` (the worker logs both).
+
+    Built on the standard library (one connection per batch), so a worker
+    needs no HTTP client library; a service that wants keep-alive, TLS
+    settings or auth passes its own ``send``.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, retry_after_cap_s: float = 3600.0):
         self.url = url
         self.timeout = timeout
+        self.retry_after_cap_s = retry_after_cap_s
+        self._log = get_logger(True)
 
     def __call__(self, partition: int, epoch: int, batch: Batch) -> AckResult:
         body = json.dumps(
@@ -618,12 +671,48 @@ class HttpSender:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                data = reply.read()
+                return self.answer(batch, reply.status, _lower(reply.headers), reply.read())
         except urllib.error.HTTPError as exc:
-            raise ConnectionError(f"relay answered {exc.code}") from exc
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            with exc:
+                return self.answer(batch, exc.code, _lower(exc.headers), exc.read())
+        except (urllib.error.URLError, OSError) as exc:
             raise ConnectionError(str(exc)) from exc
-        message = acks.decode_message(data)
-        payload = message.ack if message.ack is not None else message.sessions
-        assert payload is not None
-        return payload
+
+    def answer(
+        self, batch: Batch, status: int, headers: Mapping[str, str], content: bytes
+    ) -> AckResult:
+        """The batch's answer from one reply (``headers`` with lower-case names);
+        ``InvalidAck`` for an unreadable 2xx body."""
+        if status == 409:
+            return acks.RelayUnavailable()  # a superseded epoch: this owner is gone
+        outcome = outcome_of(status)
+        if outcome == "body":
+            if not content.strip():
+                return acks.Ok()
+            message = acks.decode_message(content)
+            payload = message.ack if message.ack is not None else message.sessions
+            if payload is None:
+                raise InvalidAck(
+                    f"batch {batch.id}: the relay's answer has neither ack nor sessions"
+                )
+            return payload
+        if outcome == "AckTimeout":
+            return acks.AckTimeout()
+        if outcome == "PayloadTooLarge":
+            return acks.PayloadTooLarge()
+        if outcome == "RateLimited":
+            raw = headers.get("retry-after")
+            retry = parse_retry_after(raw, time.time(), self.retry_after_cap_s)
+            return acks.RateLimited(retry_after_s=retry)
+        if outcome == "refused":
+            self._log.error("sessionfsm.http_refused", batch_id=batch.id, status=status)
+            return acks.RelayUnavailable()
+        if outcome == "RelayUnavailable":
+            return acks.RelayUnavailable()
+        self._log.warning("sessionfsm.http_unexpected_status", batch_id=batch.id, status=status)
+        return {}
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    """A reply's headers by lower-case name."""
+    return {str(k).lower(): str(v) for k, v in headers.items()} if headers is not None else {}
