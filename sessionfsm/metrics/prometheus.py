@@ -262,7 +262,8 @@ class FleetMetrics(_Exported):
         events = CounterMetricFamily(
             "sessionfsm_fleet_events",
             "What the worker did or met, by kind: acquired, dropped_<why>, fenced "
-            "(a write the server refused), commits, sent, enqueued, inbox_refused, "
+            "(a write the server refused), commits, sent, send_failed, invalid_ack, "
+            "enqueued, inbox_refused, "
             "heartbeat_failed, unwritten_discarded, ...",
             labels=["kind"],
         )
