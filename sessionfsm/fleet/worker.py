@@ -62,7 +62,7 @@ from ..policy import Policy
 from ..postgres_store import Lease, PostgresStore, new_owner_id, partition_of
 from ..runner import AckResult, means_unavailable
 from ..store import DEFAULT_RETENTION, HistoryRetention
-from ..transports.status import outcome_of, parse_retry_after
+from ..transports.status import answer_of_status, outcome_of
 from ..validation import session_id_problem
 from .coordinator import Coordinator, InboxRow, assign
 
@@ -696,21 +696,16 @@ class HttpSender:
                     f"batch {batch.id}: the relay's answer has neither ack nor sessions"
                 )
             return payload
-        if outcome == "AckTimeout":
-            return acks.AckTimeout()
-        if outcome == "PayloadTooLarge":
-            return acks.PayloadTooLarge()
-        if outcome == "RateLimited":
-            raw = headers.get("retry-after")
-            retry = parse_retry_after(raw, time.time(), self.retry_after_cap_s)
-            return acks.RateLimited(retry_after_s=retry)
-        if outcome == "refused":
-            self._log.error("sessionfsm.http_refused", batch_id=batch.id, status=status)
-            return acks.RelayUnavailable()
-        if outcome == "RelayUnavailable":
-            return acks.RelayUnavailable()
-        self._log.warning("sessionfsm.http_unexpected_status", batch_id=batch.id, status=status)
-        return {}
+        return answer_of_status(
+            outcome,
+            status,
+            headers,
+            content,
+            batch_id=batch.id,
+            now=time.time(),
+            cap_s=self.retry_after_cap_s,
+            log=self._log,
+        )
 
 
 def _lower(headers: Any) -> dict[str, str]:

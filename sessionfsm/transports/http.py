@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any
 
 import httpx
 
@@ -32,18 +32,17 @@ from .._errors import InvalidAck, UsageError
 from .._log import get_logger
 from ..engine import Batch
 from ..runner import AckResult
-from .status import STATUS_TABLE, outcome_of, parse_retry_after
+from .status import (
+    PREVIEW,
+    STATUS_TABLE,
+    answer_of_status,
+    outcome_of,
+    parse_retry_after,
+    preview,
+)
 from .wire import PayloadFn, VersionFn, encode_batch, idempotency_key
 
 __all__ = ["STATUS_TABLE", "HttpTransport", "outcome_of", "parse_retry_after"]
-
-#: How much of a bad reply body goes into the log.
-_PREVIEW: Final = 200
-
-
-def _preview(data: bytes) -> str:
-    text = data[:_PREVIEW].decode("utf-8", "replace")
-    return text + ("..." if len(data) > _PREVIEW else "")
 
 
 class HttpTransport:
@@ -164,38 +163,16 @@ class HttpTransport:
         self._count(outcome)
         if outcome == "body":
             return self._decode_body(batch, status, headers, content)
-        if outcome == "AckTimeout":
-            return acks.AckTimeout()
-        if outcome == "PayloadTooLarge":
-            return acks.PayloadTooLarge()
-        if outcome == "RateLimited":
-            raw = headers.get("retry-after")
-            retry = parse_retry_after(raw, self._clock(), self._cap)
-            if raw is not None and retry is None:
-                self._log.warning(
-                    "sessionfsm.http_retry_after_ignored",
-                    batch_id=batch.id,
-                    retry_after=raw[:_PREVIEW],
-                )
-            return acks.RateLimited(retry_after_s=retry)
-        if outcome == "refused":
-            self._log.error(
-                "sessionfsm.http_refused",
-                batch_id=batch.id,
-                status=status,
-                body=_preview(content),
-                hint="check the transport's credentials; sending pauses, nobody is charged",
-            )
-            return acks.RelayUnavailable()
-        if outcome == "RelayUnavailable":
-            return acks.RelayUnavailable()
-        self._log.warning(
-            "sessionfsm.http_unexpected_status",
+        return answer_of_status(
+            outcome,
+            status,
+            headers,
+            content,
             batch_id=batch.id,
-            status=status,
-            body=_preview(content),
+            now=self._clock(),
+            cap_s=self._cap,
+            log=self._log,
         )
-        return {}
 
     def _decode_body(
         self, batch: Batch, status: int, headers: Mapping[str, str], content: bytes
@@ -211,8 +188,8 @@ class HttpTransport:
                 batch_id=batch.id,
                 status=status,
                 content_type=headers.get("content-type", ""),
-                error=str(exc)[:_PREVIEW],
-                body=_preview(content),
+                error=str(exc)[:PREVIEW],
+                body=preview(content),
             )
             return {}
         # An HTTP reply belongs to its request, so its batch_id is not checked:

@@ -11,9 +11,23 @@ from __future__ import annotations
 import email.utils
 import math
 import re
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
-__all__ = ["STATUS_TABLE", "outcome_of", "parse_retry_after"]
+from .. import acks
+from ..runner import AckResult
+
+__all__ = [
+    "PREVIEW",
+    "STATUS_TABLE",
+    "answer_of_status",
+    "outcome_of",
+    "parse_retry_after",
+    "preview",
+]
+
+#: How much of a bad reply body goes into the log.
+PREVIEW: Final = 200
 
 #: What each reply status means, row by row, as the docs' table shows it.
 #: ``body``: the reply body's per-session acks, or ``Ok`` for all if empty;
@@ -74,3 +88,56 @@ def parse_retry_after(value: str | None, now: float, cap_s: float) -> float | No
     if not math.isfinite(seconds):
         return cap_s
     return min(max(seconds, 0.0), cap_s)
+
+
+def preview(data: bytes) -> str:
+    """The start of a reply body, for a log line."""
+    text = data[:PREVIEW].decode("utf-8", "replace")
+    return text + ("..." if len(data) > PREVIEW else "")
+
+
+def answer_of_status(
+    outcome: str,
+    status: int,
+    headers: Mapping[str, str],
+    content: bytes,
+    *,
+    batch_id: int,
+    now: float,
+    cap_s: float,
+    log: Any,
+) -> AckResult:
+    """The answer an outcome of :func:`outcome_of` other than ``body`` means.
+
+    ``headers`` are looked up by lower-case name; ``now`` is wall-clock
+    seconds (for an HTTP-date ``Retry-After``), capped at ``cap_s``. An
+    unreadable ``Retry-After``, a refusal (401, 403) and an unexpected status
+    are logged; the last is left unanswered (an empty mapping). Never raises.
+    """
+    if outcome == "AckTimeout":
+        return acks.AckTimeout()
+    if outcome == "PayloadTooLarge":
+        return acks.PayloadTooLarge()
+    if outcome == "RateLimited":
+        raw = headers.get("retry-after")
+        retry = parse_retry_after(raw, now, cap_s)
+        if raw is not None and retry is None:
+            log.warning(
+                "sessionfsm.http_retry_after_ignored", batch_id=batch_id, retry_after=raw[:PREVIEW]
+            )
+        return acks.RateLimited(retry_after_s=retry)
+    if outcome == "refused":
+        log.error(
+            "sessionfsm.http_refused",
+            batch_id=batch_id,
+            status=status,
+            body=preview(content),
+            hint="check the transport's credentials; sending pauses, nobody is charged",
+        )
+        return acks.RelayUnavailable()
+    if outcome == "RelayUnavailable":
+        return acks.RelayUnavailable()
+    log.warning(
+        "sessionfsm.http_unexpected_status", batch_id=batch_id, status=status, body=preview(content)
+    )
+    return {}
